@@ -1,0 +1,1 @@
+"""loxi-mirror: a transparent eBPF fast path for Linux networking."""
