@@ -1,0 +1,261 @@
+"""Netlink watcher: dump, then stream rtnetlink events into a queue.
+
+Parsing (message -> model object) is pure and lives in the parse_* functions;
+NetlinkWatcher only owns sockets and the reader thread.  The event socket is
+bound before the dump so nothing falls between the two; replaying the queued
+events over the dump converges because every message is a full upsert.  On
+ENOBUFS (events lost) the watcher asks for a full resync.
+"""
+
+import errno
+import logging
+import os
+import socket
+import threading
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import rtnl
+
+from . import model as m
+
+log = logging.getLogger(__name__)
+
+RCVBUF = 32 << 20  # burst of 20k routes overruns the default buffer
+SO_RCVBUFFORCE = 33
+
+GROUPS = (
+    rtnl.RTMGRP_LINK
+    | rtnl.RTMGRP_IPV4_IFADDR
+    | rtnl.RTMGRP_IPV4_ROUTE
+    | rtnl.RTMGRP_NEIGH
+    | rtnl.RTMGRP_IPV4_RULE
+    | (1 << (rtnl.RTNLGRP_IPV4_NETCONF - 1))  # forwarding / rp_filter changes
+)
+
+# Rule attributes that do not select packets or change the lookup.
+_RULE_NEUTRAL_ATTRS = {"FRA_PRIORITY", "FRA_TABLE", "FRA_PROTOCOL", "FRA_UNSPEC"}
+_RULE_UNSET = 0xFFFFFFFF
+# Route attributes whose meaning the translator fully handles.
+_ROUTE_ATTRS = {"RTA_TABLE", "RTA_DST", "RTA_PREFSRC", "RTA_OIF", "RTA_GATEWAY", "RTA_PRIORITY",
+                "RTA_METRICS", "RTA_MULTIPATH", "RTA_CACHEINFO", "RTA_PREF"}  # FRA_SUPPRESS_PREFIXLEN / _IFGROUP "not set"
+
+
+def parse_link(msg) -> m.Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+    return m.Link(
+        index=msg["index"],
+        name=msg.get_attr("IFLA_IFNAME") or "",
+        kind=kind,
+        mac=msg.get_attr("IFLA_ADDRESS"),
+        mtu=msg.get_attr("IFLA_MTU") or 0,
+        flags=msg["flags"],
+        link_type=msg["ifi_type"],
+        master=msg.get_attr("IFLA_MASTER") or 0,
+        peer_in_other_netns=msg.get_attr("IFLA_LINK_NETNSID") is not None,
+    )
+
+
+def parse_address(msg) -> m.Address:
+    addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+    return m.Address(index=msg["index"], address=addr, prefixlen=msg["prefixlen"])
+
+
+def parse_route(msg) -> m.Route:
+    # Anything else (nexthop objects arrive as UNKNOWN RTA_NH_ID, lwtunnel
+    # encap, RTA_VIA, realms ...) changes forwarding in ways not mirrored.
+    unsupported = sorted({name for name, _ in msg["attrs"] if name not in _ROUTE_ATTRS})
+    multipath = msg.get_attr("RTA_MULTIPATH")
+    if multipath:
+        hops = tuple(
+            m.Nexthop(oif=nh["oif"], gateway=nh.get_attr("RTA_GATEWAY"), flags=nh["flags"])
+            for nh in multipath
+        )
+    elif msg.get_attr("RTA_OIF") is not None or msg.get_attr("RTA_GATEWAY") is not None:
+        hops = (m.Nexthop(oif=msg.get_attr("RTA_OIF") or 0, gateway=msg.get_attr("RTA_GATEWAY"),
+                          flags=msg["flags"] & 0xFF),)
+    else:
+        hops = ()
+    metrics = msg.get_attr("RTA_METRICS")
+    mtu = (metrics.get_attr("RTAX_MTU") if metrics else None) or 0
+    return m.Route(
+        table=msg.get_attr("RTA_TABLE") or msg["table"],
+        dst=msg.get_attr("RTA_DST") or "0.0.0.0",
+        dst_len=msg["dst_len"],
+        type=msg["type"],
+        tos=msg["tos"],
+        priority=msg.get_attr("RTA_PRIORITY") or 0,
+        nexthops=hops,
+        mtu=mtu,
+        unsupported=tuple(unsupported),
+    )
+
+
+def parse_neighbor(msg) -> m.Neighbor:
+    return m.Neighbor(
+        ifindex=msg["ifindex"],
+        dst=msg.get_attr("NDA_DST"),
+        mac=msg.get_attr("NDA_LLADDR"),
+        state=msg["state"],
+    )
+
+
+def parse_rule(msg) -> m.Rule:
+    selectors = set()
+    for name, value in msg["attrs"]:
+        if name in _RULE_NEUTRAL_ATTRS:
+            continue
+        if name.startswith("FRA_SUPPRESS_") and value == _RULE_UNSET:
+            continue
+        selectors.add((name, str(value)))
+    for hdr in ("src_len", "dst_len", "tos", "flags"):
+        if msg[hdr]:
+            selectors.add((hdr, msg[hdr]))
+    if msg["action"] != 1:  # FR_ACT_TO_TBL
+        selectors.add(("action", msg["action"]))
+    table = msg.get_attr("FRA_TABLE") or msg["table"]
+    return m.Rule(priority=msg.get_attr("FRA_PRIORITY") or 0, table=table,
+                  selectors=frozenset(selectors))
+
+
+def apply(state: m.KernelState, msg) -> bool:
+    """Apply one rtnetlink message to the model; True if it may matter.
+
+    RTM_NEWNETCONF carries no object of ours: it tells the caller to re-read
+    the forwarding / rp_filter sysctls, which it does for every batch anyway.
+    """
+    event = msg.get("event")
+    family = msg.get("family")
+    if event == "RTM_NEWLINK":
+        state.set_link(parse_link(msg))
+    elif event == "RTM_DELLINK":
+        state.del_link(msg["index"])
+    elif event in ("RTM_NEWADDR", "RTM_DELADDR") and family == socket.AF_INET:
+        addr = parse_address(msg)
+        if event == "RTM_NEWADDR":
+            state.addresses.add(addr)
+        else:
+            state.addresses.discard(addr)
+    elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and family == socket.AF_INET:
+        route = parse_route(msg)
+        if event == "RTM_NEWROUTE":
+            state.set_route(route)
+        else:
+            state.del_route(route)
+    elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and family == socket.AF_INET:
+        neigh = parse_neighbor(msg)
+        if neigh.dst is None:
+            return False
+        if event == "RTM_NEWNEIGH":
+            state.set_neighbor(neigh)
+        else:
+            state.del_neighbor(neigh)
+    elif event in ("RTM_NEWRULE", "RTM_DELRULE") and family == socket.AF_INET:
+        rule = parse_rule(msg)
+        if event == "RTM_NEWRULE":
+            state.rules.add(rule)
+        else:
+            state.rules.discard(rule)
+    elif event not in ("RTM_NEWNETCONF", "RTM_DELNETCONF"):
+        return False
+    return True
+
+
+def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
+    """Forwarding and effective rp_filter per interface name (this netns)."""
+
+    def read(name, key):
+        try:
+            with open(os.path.join(root, name, key)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    rp_all = read("all", "rp_filter") or 0
+    out = {}
+    for name in names:
+        fwd, rpf = read(name, "forwarding"), read(name, "rp_filter")
+        if fwd is None or rpf is None:
+            continue  # interface vanished meanwhile: next event settles it
+        out[name] = m.LinkSysctls(forwarding=bool(fwd), rp_filter=max(rp_all, rpf))
+    return out
+
+
+def dump(ipr) -> m.KernelState:
+    """A complete KernelState from netlink dumps (sysctls not included)."""
+    state = m.KernelState()
+    for msg in ipr.get_links():
+        state.set_link(parse_link(msg))
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        state.addresses.add(parse_address(msg))
+    for msg in ipr.get_routes(family=socket.AF_INET):  # every table
+        state.set_route(parse_route(msg))
+    for msg in ipr.get_neighbours(family=socket.AF_INET):
+        neigh = parse_neighbor(msg)
+        if neigh.dst is not None:
+            state.set_neighbor(neigh)
+    for msg in ipr.get_rules(family=socket.AF_INET):
+        state.rules.add(parse_rule(msg))
+    return state
+
+
+class NetlinkWatcher:
+    """Reads rtnetlink events in a thread and hands them to `post`.
+
+    post(("netlink", [msgs])) for events, post(("resync", reason)) when
+    events were lost and the caller must dump again.
+    """
+
+    def __init__(self, post):
+        self.post = post
+        self.events = IPRoute(rcvbuf=RCVBUF)
+        try:
+            self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            pass  # keep the (smaller) rcvbuf pyroute2 set
+        self.events.bind(groups=GROUPS)
+        self.requests = IPRoute()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="netlink", daemon=True)
+
+    def dump(self) -> m.KernelState:
+        return dump(self.requests)
+
+    def start(self):
+        self._thread.start()
+
+    def _run(self):
+        while not self._stopping:
+            try:
+                msgs = self.events.get()
+            except OSError as e:
+                if self._stopping:
+                    return
+                if e.errno == errno.ENOBUFS:
+                    log.warning("netlink overrun (ENOBUFS): full resync")
+                    self.post(("resync", "ENOBUFS"))
+                    continue
+                log.error("netlink socket error: %s", e)
+                self.post(("resync", str(e)))
+                continue
+            except Exception as e:  # a message pyroute2 failed to decode
+                if self._stopping:
+                    return
+                log.warning("netlink decode error (%s): full resync", e)
+                self.post(("resync", "decode error"))
+                continue
+            if msgs:
+                self.post(("netlink", msgs))
+
+    def neighbor_use(self, ifindex: int, dst: str):
+        """Tell the kernel the neighbour is in use (NTF_USE), as its own
+        forwarding would: a STALE entry then gets re-confirmed by probes."""
+        self.requests.neigh("change", ifindex=ifindex, dst=dst, flags=0x01, family=socket.AF_INET)
+
+    def close(self):
+        self._stopping = True
+        for sock in (self.events, self.requests):
+            try:
+                sock.close()
+            except Exception:
+                pass

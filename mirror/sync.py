@@ -1,0 +1,201 @@
+"""Reconciler: the only code that writes the BPF maps.
+
+It keeps a shadow of what it wrote, diffs the translator's Desired against
+it and applies the minimal set of updates.  Any map error makes it re-read
+the real maps (full resync) before trying again.  Every lookup miss in the
+datapath punts, so no write order can cause a wrong forward; deletes of
+routes still go first so removed paths stop being used as early as possible.
+"""
+
+import ctypes
+import logging
+import socket
+import struct
+import threading
+
+from .reasons import REASONS
+from .translate import Desired, LinkEntry, RouteEntry
+
+log = logging.getLogger(__name__)
+
+TABLES = ("routes", "neighbors", "links")
+
+
+def ip_to_u32(ip: str) -> int:
+    """IPv4 text -> u32 whose memory holds network byte order."""
+    return struct.unpack("=I", socket.inet_aton(ip))[0]
+
+
+def u32_to_ip(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def mac_to_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def bytes_to_mac(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+class Codec:
+    """Converts between translator values and BCC's ctypes keys/leaves."""
+
+    def __init__(self, tables):
+        self.t = tables
+
+    # routes: (dst, len) <-> lm_route_key, RouteEntry <-> lm_route
+    def route_key(self, prefix):
+        dst, length = prefix
+        return self.t["routes"].Key(length, ip_to_u32(dst))
+
+    def route_leaf(self, e: RouteEntry):
+        gw = ip_to_u32(e.gateway) if e.gateway else 0
+        return self.t["routes"].Leaf(e.action, e.oif, gw, e.mtu)
+
+    def decode_route(self, k, v):
+        gw = u32_to_ip(v.gateway) if v.gateway else None
+        return (u32_to_ip(k.addr), k.prefixlen), RouteEntry(v.action, v.oif, gw, v.mtu)
+
+    # neighbors: (ifindex, ip) <-> lm_neigh_key, MAC <-> lm_neigh
+    def neigh_key(self, key):
+        ifindex, ip = key
+        return self.t["neighbors"].Key(ifindex, ip_to_u32(ip))
+
+    def neigh_leaf(self, mac: str):
+        leaf = self.t["neighbors"].Leaf()
+        ctypes.memmove(leaf.mac, mac_to_bytes(mac), 6)
+        return leaf
+
+    def decode_neigh(self, k, v):
+        return (k.ifindex, u32_to_ip(k.addr)), bytes_to_mac(v.mac)
+
+    # links: ifindex <-> u32, LinkEntry <-> lm_link
+    def link_key(self, ifindex):
+        return self.t["links"].Key(ifindex)
+
+    def link_leaf(self, e: LinkEntry):
+        leaf = self.t["links"].Leaf()
+        ctypes.memmove(leaf.mac, mac_to_bytes(e.mac), 6)
+        leaf.flags, leaf.mtu = e.flags, e.mtu
+        return leaf
+
+    def decode_link(self, k, v):
+        return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu)
+
+
+class Reconciler:
+    def __init__(self, tables):
+        """tables: name -> BCC table for routes, neighbors, links, config, counters."""
+        self.tables = tables
+        self.codec = Codec(tables)
+        self.shadow = Desired()
+        self.lock = threading.Lock()
+        self._deadline_ns = 0
+        self._punt_forward_reason = 0
+        self.resyncs = 0
+
+    # -- maps ------------------------------------------------------------
+    def apply(self, desired: Desired) -> int:
+        """Make the maps equal `desired`; returns how many entries changed."""
+        with self.lock:
+            try:
+                return self._apply(desired)
+            except Exception as e:  # the shadow may now be wrong: re-read
+                log.warning("map update failed (%s): resyncing from the maps", e)
+                self.resyncs += 1
+                self._load_shadow()
+                return self._apply(desired)
+
+    def _apply(self, desired: Desired) -> int:
+        c, t, cur = self.codec, self.tables, self.shadow
+        changes = 0
+        # Tighter global switch first, looser one last.
+        if desired.punt_forward_reason:
+            changes += self._set_punt_reason(desired.punt_forward_reason)
+        changes += self._delete(t["routes"], cur.routes, desired.routes, c.route_key)
+        changes += self._upsert(t["links"], cur.links, desired.links, c.link_key, c.link_leaf)
+        changes += self._upsert(t["neighbors"], cur.neighbors, desired.neighbors, c.neigh_key, c.neigh_leaf)
+        changes += self._upsert(t["routes"], cur.routes, desired.routes, c.route_key, c.route_leaf)
+        changes += self._delete(t["neighbors"], cur.neighbors, desired.neighbors, c.neigh_key)
+        changes += self._delete(t["links"], cur.links, desired.links, c.link_key)
+        if not desired.punt_forward_reason:
+            changes += self._set_punt_reason(0)
+        return changes
+
+    @staticmethod
+    def _upsert(table, current, desired, key_fn, leaf_fn) -> int:
+        n = 0
+        for key, value in desired.items():
+            if current.get(key) != value:
+                table[key_fn(key)] = leaf_fn(value)
+                current[key] = value
+                n += 1
+        return n
+
+    @staticmethod
+    def _delete(table, current, desired, key_fn) -> int:
+        gone = [k for k in current if k not in desired]
+        for key in gone:
+            try:
+                del table[key_fn(key)]
+            except KeyError:
+                pass  # already absent: the goal is reached
+            del current[key]
+        return len(gone)
+
+    def _load_shadow(self):
+        c, t = self.codec, self.tables
+        self.shadow = Desired(
+            routes=dict(c.decode_route(k, v) for k, v in t["routes"].items()),
+            neighbors=dict(c.decode_neigh(k, v) for k, v in t["neighbors"].items()),
+            links=dict(c.decode_link(k, v) for k, v in t["links"].items()),
+        )
+        self._punt_forward_reason = self._config().punt_forward_reason
+
+    # -- config: heartbeat and global punt switch ------------------------
+    def _config(self):
+        return self.tables["config"][ctypes.c_int(0)]
+
+    def _write_config(self):
+        leaf = self.tables["config"].Leaf(self._deadline_ns, self._punt_forward_reason, 0)
+        self.tables["config"][ctypes.c_int(0)] = leaf
+
+    def _set_punt_reason(self, reason: int) -> int:
+        if reason == self._punt_forward_reason:
+            return 0
+        self._punt_forward_reason = reason
+        self._write_config()
+        return 1
+
+    def heartbeat(self, deadline_ns: int):
+        """Fast path on until deadline_ns (CLOCK_MONOTONIC); 0 turns it off."""
+        with self.lock:
+            self._deadline_ns = deadline_ns
+            self._write_config()
+
+    # -- reading ---------------------------------------------------------
+    def counters(self):
+        """{reason name: (packets, bytes)} summed over CPUs."""
+        table = self.tables["counters"]
+        out = {}
+        for reason in REASONS:
+            per_cpu = table[ctypes.c_int(reason.value)]
+            out[reason.name] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
+        return out
+
+    def table_counts(self):
+        return {name: len(self.tables[name].items()) for name in TABLES}
+
+    def read(self, name):
+        """A table's real contents, decoded (for `dump`)."""
+        c, t = self.codec, self.tables
+        decode = {"routes": c.decode_route, "neighbors": c.decode_neigh, "links": c.decode_link}[name]
+        with self.lock:
+            return dict(decode(k, v) for k, v in t[name].items())
+
+    def neighbor_used_ns(self, key):
+        try:
+            return self.tables["neighbors"][self.codec.neigh_key(key)].used_ns
+        except KeyError:
+            return 0

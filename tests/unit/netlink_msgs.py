@@ -1,0 +1,71 @@
+"""Synthesized rtnetlink messages: encoded to wire bytes and decoded again
+by pyroute2, so the parser sees exactly what a socket would hand it."""
+
+from pyroute2.netlink.rtnl import ifaddrmsg, ifinfmsg, ndmsg, rtmsg
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+
+from mirror import model as m
+
+
+def wire(cls, event, fields, attrs):
+    msg = cls()
+    for key, value in fields.items():
+        msg[key] = value
+    msg["attrs"] = attrs
+    msg.encode()
+    out = cls(msg.data)
+    out.decode()
+    out["event"] = event
+    return out
+
+
+def link(index, name, mac="02:00:00:00:00:01", kind="veth", flags=m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP,
+         mtu=1500, netnsid=None, master=None, event="RTM_NEWLINK"):
+    attrs = [("IFLA_IFNAME", name), ("IFLA_ADDRESS", mac), ("IFLA_MTU", mtu)]
+    if kind:
+        attrs.append(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", kind)]}))
+    if netnsid is not None:
+        attrs.append(("IFLA_LINK_NETNSID", netnsid))
+    if master is not None:
+        attrs.append(("IFLA_MASTER", master))
+    return wire(ifinfmsg.ifinfmsg, event, dict(family=0, index=index, flags=flags, ifi_type=1), attrs)
+
+
+def address(index, ip, prefixlen, event="RTM_NEWADDR"):
+    return wire(ifaddrmsg.ifaddrmsg, event, dict(family=2, index=index, prefixlen=prefixlen),
+                [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)])
+
+
+def route(dst, dst_len, oif=None, gateway=None, table=254, rtype=1, priority=None, tos=0, mtu=None,
+          multipath=None, extra=(), event="RTM_NEWROUTE"):
+    attrs = [("RTA_TABLE", table)]
+    if dst_len:
+        attrs.append(("RTA_DST", dst))
+    if oif is not None:
+        attrs.append(("RTA_OIF", oif))
+    if gateway:
+        attrs.append(("RTA_GATEWAY", gateway))
+    if priority is not None:
+        attrs.append(("RTA_PRIORITY", priority))
+    if mtu:
+        attrs.append(("RTA_METRICS", {"attrs": [("RTAX_MTU", mtu)]}))
+    if multipath:
+        attrs.append(("RTA_MULTIPATH", [{"oif": o, "attrs": [("RTA_GATEWAY", g)]} for o, g in multipath]))
+    attrs.extend(extra)
+    return wire(rtmsg.rtmsg, event, dict(family=2, dst_len=dst_len, table=min(table, 255), type=rtype, tos=tos),
+                attrs)
+
+
+def neighbor(ifindex, ip, mac, state=m.NUD_REACHABLE, event="RTM_NEWNEIGH"):
+    attrs = [("NDA_DST", ip)]
+    if mac:
+        attrs.append(("NDA_LLADDR", mac))
+    return wire(ndmsg.ndmsg, event, dict(family=2, ifindex=ifindex, state=state), attrs)
+
+
+def rule(priority, table, extra=(), event="RTM_NEWRULE", action=1):
+    attrs = [("FRA_TABLE", table), ("FRA_SUPPRESS_PREFIXLEN", 0xFFFFFFFF), ("FRA_PROTOCOL", 2)]
+    if priority:
+        attrs.append(("FRA_PRIORITY", priority))
+    attrs.extend(extra)
+    return wire(fibmsg, event, dict(family=2, action=action, table=min(table, 255)), attrs)

@@ -1,0 +1,77 @@
+"""Netlink message -> model parsing and event application (no root)."""
+
+from mirror import model as m
+from mirror import netlink
+
+from netlink_msgs import address, link, neighbor, route, rule
+
+
+def test_link_veth_with_peer_elsewhere():
+    lk = netlink.parse_link(link(3, "veth0", mac="02:aa:00:00:00:03", netnsid=0, mtu=9000))
+    assert (lk.index, lk.name, lk.kind, lk.mac, lk.mtu) == (3, "veth0", "veth", "02:aa:00:00:00:03", 9000)
+    assert lk.peer_in_other_netns and lk.oper_up and lk.master == 0
+
+
+def test_link_physical_down_and_enslaved():
+    lk = netlink.parse_link(link(4, "eth0", kind=None, flags=m.IFF_UP, master=7))
+    assert lk.kind == "" and lk.admin_up and not lk.oper_up and lk.master == 7
+    assert not lk.peer_in_other_netns
+
+
+def test_route_single_nexthop_with_mtu():
+    r = netlink.parse_route(route("10.2.0.0", 24, oif=3, gateway="10.1.0.9", priority=100, mtu=1400))
+    assert r.key == (254, "10.2.0.0", 24, 0, 100)
+    assert r.nexthops == (m.Nexthop(3, "10.1.0.9", 0),) and r.mtu == 1400 and not r.unsupported
+
+
+def test_route_default_and_multipath():
+    r = netlink.parse_route(route("0.0.0.0", 0, multipath=[(3, "10.0.0.1"), (4, "10.0.0.2")]))
+    assert (r.dst, r.dst_len) == ("0.0.0.0", 0)
+    assert [(nh.oif, nh.gateway) for nh in r.nexthops] == [(3, "10.0.0.1"), (4, "10.0.0.2")]
+
+
+def test_route_with_unknown_attributes_is_unsupported():
+    r = netlink.parse_route(route("10.9.0.0", 16, oif=3, extra=[("RTA_FLOW", 5), ("RTA_MARK", 1)]))
+    assert r.unsupported == ("RTA_FLOW", "RTA_MARK")
+
+
+def test_rules_default_vs_custom():
+    assert netlink.parse_rule(rule(32766, 254)) == m.Rule(32766, 254)
+    custom = netlink.parse_rule(rule(100, 100, extra=[("FRA_SRC", "1.2.3.4")]))
+    assert custom.priority == 100 and ("FRA_SRC", "1.2.3.4") in custom.selectors
+    # same priority and table as a default, but it selects packets: custom
+    marked = netlink.parse_rule(rule(32766, 254, extra=[("FRA_FWMARK", 1)]))
+    assert marked.selectors
+
+
+def test_apply_events_converge():
+    st = m.KernelState()
+    for msg in (link(3, "v1"), link(4, "v2"), address(3, "10.1.0.1", 24),
+                route("10.2.0.0", 24, oif=4), neighbor(4, "10.2.0.2", "02:00:00:00:00:22"),
+                rule(0, 255), rule(32766, 254)):
+        assert netlink.apply(st, msg)
+    assert set(st.links) == {3, 4} and len(st.routes) == 1 and len(st.neighbors) == 1 and len(st.rules) == 2
+    netlink.apply(st, route("10.2.0.0", 24, oif=4, event="RTM_DELROUTE"))
+    assert not st.routes
+    netlink.apply(st, neighbor(4, "10.2.0.2", "02:00:00:00:00:33", state=m.NUD_STALE))
+    assert st.neighbors[(4, "10.2.0.2")].mac == "02:00:00:00:00:33"
+    netlink.apply(st, route("10.3.0.0", 24, oif=4))
+    netlink.apply(st, link(4, "v2", event="RTM_DELLINK"))
+    assert set(st.links) == {3} and not st.neighbors and not st.routes  # gone with the link
+
+
+def test_apply_ignores_other_families():
+    st = m.KernelState()
+    msg = neighbor(4, "10.2.0.2", "02:00:00:00:00:22")
+    msg["family"] = 10
+    assert not netlink.apply(st, msg)
+    assert not st.neighbors
+
+
+def test_read_sysctls(tmp_path):
+    for name, fwd, rpf in (("all", 1, 2), ("v1", 1, 0), ("v2", 0, 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "forwarding").write_text(f"{fwd}\n")
+        (tmp_path / name / "rp_filter").write_text(f"{rpf}\n")
+    got = netlink.read_sysctls(["v1", "v2", "gone"], root=str(tmp_path))
+    assert got == {"v1": m.LinkSysctls(True, 2), "v2": m.LinkSysctls(False, 2)}

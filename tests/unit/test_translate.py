@@ -1,0 +1,135 @@
+"""Translator: model -> desired map contents (pure, no root)."""
+
+import pytest
+
+from mirror import model as m
+from mirror.reasons import BY_NAME as R
+from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
+                              RouteEntry, Selection, translate)
+
+UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
+
+
+def node(**over):
+    """A node routing between two pods: v1 (10.1.0.1/24), v2 (10.2.0.1/24)."""
+    st = m.KernelState(netfilter_impact=None)
+    st.set_link(m.Link(1, "lo", "", "00:00:00:00:00:00", 65536, UP, link_type=772))
+    st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True))
+    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True))
+    st.addresses |= {m.Address(3, "10.1.0.1", 24), m.Address(4, "10.2.0.1", 24)}
+    for idx, net, addr in ((3, "10.1.0.0", "10.1.0.1"), (4, "10.2.0.0", "10.2.0.1")):
+        st.set_route(m.Route(m.TABLE_MAIN, net, 24, nexthops=(m.Nexthop(idx),)))
+        st.set_route(m.Route(m.TABLE_LOCAL, addr, 32, type=m.RTN_LOCAL, nexthops=(m.Nexthop(idx),)))
+        st.set_route(m.Route(m.TABLE_LOCAL, net[:-1] + "255", 32, type=m.RTN_BROADCAST, nexthops=(m.Nexthop(idx),)))
+    st.set_route(m.Route(m.TABLE_LOCAL, "127.0.0.0", 8, type=m.RTN_LOCAL, nexthops=(m.Nexthop(1),)))
+    st.set_neighbor(m.Neighbor(3, "10.1.0.2", "02:00:00:00:01:02", m.NUD_REACHABLE))
+    st.set_neighbor(m.Neighbor(4, "10.2.0.2", "02:00:00:00:02:02", m.NUD_STALE))
+    st.rules |= {m.Rule(0, 255), m.Rule(32766, 254), m.Rule(32767, 253)}
+    st.sysctls = {"v1": m.LinkSysctls(True, 0), "v2": m.LinkSysctls(True, 0), "lo": m.LinkSysctls(True, 0)}
+    for k, v in over.items():
+        setattr(st, k, v)
+    return st
+
+
+def test_routed_node():
+    d = translate(node())
+    assert d.attach == {3: "v1", 4: "v2"}  # not lo
+    assert d.links[3].flags == LINK_UP | LINK_FORWARDING | LINK_REDIRECT_PEER and d.links[3].mtu == 1500
+    assert d.routes[("10.2.0.0", 24)] == RouteEntry(R["FORWARDED"], oif=4, gateway=None, mtu=1500)
+    assert d.routes[("10.1.0.1", 32)].action == R["LOCAL"]
+    assert d.routes[("10.1.0.255", 32)].action == R["IP_MULTICAST"]
+    assert d.routes[("127.0.0.0", 8)].action == R["LOCAL"]
+    assert d.neighbors == {(3, "10.1.0.2"): "02:00:00:00:01:02", (4, "10.2.0.2"): "02:00:00:00:02:02"}
+    assert d.punt_forward_reason == 0
+
+
+def test_lowest_metric_wins_and_route_mtu():
+    st = node()
+    st.set_route(m.Route(m.TABLE_MAIN, "10.9.0.0", 16, priority=200, nexthops=(m.Nexthop(3, "10.1.0.2"),)))
+    st.set_route(m.Route(m.TABLE_MAIN, "10.9.0.0", 16, priority=100, mtu=1400, nexthops=(m.Nexthop(4, "10.2.0.2"),)))
+    assert translate(st).routes[("10.9.0.0", 16)] == RouteEntry(R["FORWARDED"], 4, "10.2.0.2", 1400)
+
+
+@pytest.mark.parametrize("route, reason", [
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=6), "ROUTE_UNSUPPORTED"),  # blackhole
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=7), "ROUTE_UNSUPPORTED"),  # unreachable
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3, "10.1.0.2"), m.Nexthop(4, "10.2.0.2"))),
+     "ROUTE_UNSUPPORTED"),  # multipath
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3),), unsupported=("UNKNOWN",)), "ROUTE_UNSUPPORTED"),
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, tos=0x10, nexthops=(m.Nexthop(3),)), "ROUTE_UNSUPPORTED"),
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3, flags=m.RTNH_F_DEAD),)), "ROUTE_UNSUPPORTED"),
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=m.RTN_LOCAL, nexthops=(m.Nexthop(3),)), "LOCAL"),
+])
+def test_routes_the_fast_path_does_not_handle_punt(route, reason):
+    st = node()
+    st.set_route(route)
+    assert translate(st).routes[("10.9.0.0", 16)] == RouteEntry(R[reason])
+
+
+def test_local_table_prefix_wins_over_main_inside_it():
+    st = node()
+    st.set_route(m.Route(m.TABLE_LOCAL, "10.2.0.0", 24, type=m.RTN_LOCAL, nexthops=(m.Nexthop(1),)))  # AnyIP
+    st.set_route(m.Route(m.TABLE_MAIN, "10.2.0.128", 25, nexthops=(m.Nexthop(4),)))
+    d = translate(st)
+    assert d.routes[("10.2.0.0", 24)].action == R["LOCAL"]
+    assert d.routes[("10.2.0.128", 25)].action == R["LOCAL"]
+
+
+def test_addresses_are_local_even_without_local_table_routes():
+    st = node()
+    st.routes = {k: r for k, r in st.routes.items() if r.table != m.TABLE_LOCAL}
+    assert translate(st).routes[("10.2.0.1", 32)].action == R["LOCAL"]
+
+
+def test_other_tables_ignored():
+    st = node()
+    st.set_route(m.Route(100, "10.9.0.0", 16, nexthops=(m.Nexthop(3, "10.1.0.2"),)))
+    assert ("10.9.0.0", 16) not in translate(st).routes
+
+
+def test_netfilter_and_policy_rules_punt_forwarding():
+    assert translate(node(netfilter_impact="filter FORWARD: 1 rule")).punt_forward_reason == R["NETFILTER"]
+    assert translate(node(netfilter_impact="netfilter state not read yet")).punt_forward_reason == R["NETFILTER"]
+    st = node()
+    st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4")})))
+    assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
+    st = node()
+    st.rules.add(m.Rule(32766, 254, frozenset({("FRA_FWMARK", "1")})))
+    assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
+    st = node()
+    st.rules.discard(m.Rule(32767, 253))  # deleting a default rule is fine
+    assert translate(st).punt_forward_reason == 0
+
+
+def test_neighbors_only_valid_states_on_managed_links():
+    st = node()
+    st.set_neighbor(m.Neighbor(3, "10.1.0.3", None, m.NUD_INCOMPLETE))
+    st.set_neighbor(m.Neighbor(3, "10.1.0.4", "02:00:00:00:01:04", m.NUD_FAILED))
+    st.set_neighbor(m.Neighbor(1, "127.0.0.5", "00:00:00:00:00:00", m.NUD_PERMANENT))  # lo: unmanaged
+    for state in (m.NUD_DELAY, m.NUD_PROBE, m.NUD_PERMANENT, m.NUD_NOARP):
+        st.set_neighbor(m.Neighbor(4, f"10.2.0.{state}", "02:00:00:00:02:09", state))
+    keys = set(translate(st).neighbors)
+    assert (3, "10.1.0.3") not in keys and (3, "10.1.0.4") not in keys and (1, "127.0.0.5") not in keys
+    assert {(4, f"10.2.0.{s}") for s in (m.NUD_DELAY, m.NUD_PROBE, m.NUD_PERMANENT, m.NUD_NOARP)} <= keys
+
+
+def test_link_flags_follow_state_and_sysctls():
+    st = node(sysctls={"v1": m.LinkSysctls(False, 1), "v2": m.LinkSysctls(True, 2)})
+    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, m.IFF_UP))  # no carrier, peer here
+    d = translate(st)
+    assert d.links[3].flags == LINK_UP | LINK_REDIRECT_PEER | LINK_RPF_STRICT
+    assert d.links[4].flags == LINK_FORWARDING | LINK_RPF_LOOSE
+    st.sysctls = {}
+    assert not translate(st).links[3].flags & LINK_FORWARDING  # unknown: punt
+
+
+def test_eligibility_and_selection():
+    st = node()
+    st.set_link(m.Link(5, "br0", "bridge", "02:00:00:00:05:01", 1500, UP))
+    st.set_link(m.Link(6, "v3", "veth", "02:00:00:00:06:01", 1500, UP, master=5))
+    st.set_link(m.Link(7, "eth0", "", "02:00:00:00:07:01", 1500, UP))
+    st.set_link(m.Link(8, "tun0", "tun", None, 1500, UP, link_type=65534))
+    assert set(translate(st).attach) == {3, 4, 7}
+    assert set(translate(st, Selection(include="v.*")).attach) == {3, 4}
+    assert set(translate(st, Selection(exclude="v1|eth0")).attach) == {4}
+    assert set(translate(st, Selection(include="v")).attach) == set()  # whole-name match
