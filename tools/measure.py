@@ -1,0 +1,129 @@
+"""Measurements between pod1 (client) and pod2 (server) of a tools/topology.py
+topology. Stdlib only. Servers are started through topo.popen() and stopped
+by PID (topo.kill); nothing else is signalled.
+
+    iperf3(topo, seconds=5, streams=1)  -> {"gbps", "retransmits", ...}
+    ping_rtt(topo, count=2000)         -> {"median_us", "min_us", "avg_us", "max_us", ...}
+    qperf_lat(topo, seconds=3)         -> {"tcp_lat_us": ...}   (None if qperf is missing)
+    summary(values)                    -> {"min", "median", "max", "n"}
+"""
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+
+IPERF_PORT = 5201
+QPERF_PORT = 19765
+
+
+def summary(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"min": None, "median": None, "max": None, "n": 0}
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
+
+
+def warmup(topo, count=3):
+    """A few pings pod1 -> pod2 (resolves ARP, checks connectivity)."""
+    topo.run("pod1", ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", topo.pod2_ip])
+
+
+def iperf3(topo, seconds=5, streams=1, omit=1, port=IPERF_PORT, affinity=None, extra=()):
+    """One iperf3 TCP test pod1 -> pod2. Returns receiver-side Gbit/s.
+
+    affinity=(client_cpu, server_cpu) pins both ends (iperf3 -A c,s)."""
+    srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        topo.wait_listen("pod2", port, proc=srv)
+        cmd = ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-t", str(seconds), "-J"]
+        if omit:
+            cmd += ["-O", str(omit)]
+        if streams > 1:
+            cmd += ["-P", str(streams)]
+        if affinity:
+            cmd += ["-A", f"{affinity[0]},{affinity[1]}"]
+        cp = topo.run("pod1", cmd + list(extra), check=False, timeout=seconds + omit + 30)
+        try:
+            res = json.loads(cp.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 client gave no JSON (rc {cp.returncode}): "
+                               f"{cp.stderr.strip()} {cp.stdout[-300:]}")
+        if res.get("error") or cp.returncode != 0:
+            raise RuntimeError(f"iperf3 failed: {res.get('error') or cp.stderr.strip()}")
+        end = res["end"]
+        recv, sent = end["sum_received"], end["sum_sent"]
+        cpu = end.get("cpu_utilization_percent", {})
+        try:
+            srv.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        return {
+            "gbps": recv["bits_per_second"] / 1e9,
+            "sender_gbps": sent["bits_per_second"] / 1e9,
+            "bytes": recv["bytes"],
+            "retransmits": sent.get("retransmits"),
+            "cpu_host": cpu.get("host_total"),
+            "cpu_remote": cpu.get("remote_total"),
+            "streams": streams,
+            "seconds": seconds,
+        }
+    finally:
+        topo.kill(srv)
+
+
+_RTT = re.compile(r"time=([\d.]+) ms")
+
+
+def ping_rtt(topo, count=2000, interval=None, size=56):
+    """pod1 -> pod2 ICMP echo; per-packet RTTs in microseconds (median is the headline).
+
+    interval=None: adaptive ping (-A, next probe as soon as the reply is in), which
+    measures the hot path; a fixed interval (e.g. 0.002) mostly measures how fast idle
+    CPUs wake up (median ~2x higher and noisier here). ping's resolution is 1 us.
+    """
+    pace = ["-A"] if interval is None else ["-i", str(interval)]
+    timeout = count * (interval or 0.001) + 30
+    cp = topo.run("pod1", ["ping", "-n", "-c", str(count)] + pace + ["-s", str(size),
+                           "-W", "1", topo.pod2_ip], check=False, timeout=timeout)
+    rtts = [float(m) * 1000.0 for m in _RTT.findall(cp.stdout)]
+    if not rtts:
+        raise RuntimeError(f"ping got no replies (rc {cp.returncode}): {cp.stdout[-300:]} {cp.stderr}")
+    rtts.sort()
+    return {
+        "median_us": statistics.median(rtts),
+        "min_us": rtts[0],
+        "avg_us": statistics.fmean(rtts),
+        "p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
+        "max_us": rtts[-1],
+        "received": len(rtts),
+        "sent": count,
+    }
+
+
+_QPERF = re.compile(r"^\s*latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)\s*$", re.M)
+_UNIT_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}
+
+
+def qperf_available():
+    return shutil.which("qperf") is not None
+
+
+def qperf_lat(topo, seconds=3, tests=("tcp_lat",), port=QPERF_PORT):
+    """qperf latency tests pod1 -> pod2 (server in pod2). {"<test>_us": float} or None."""
+    if not qperf_available():
+        return None
+    srv = topo.popen("pod2", ["qperf", "-lp", str(port)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        topo.wait_listen("pod2", port, proc=srv)
+        cp = topo.run("pod1", ["qperf", "-lp", str(port), "-t", str(seconds), topo.pod2_ip] + list(tests),
+                      check=False, timeout=seconds * len(tests) + 30)
+        vals = [float(v) * _UNIT_US[u] for v, u in _QPERF.findall(cp.stdout)]
+        if cp.returncode != 0 or len(vals) != len(tests):
+            raise RuntimeError(f"qperf failed (rc {cp.returncode}): {cp.stdout.strip()} {cp.stderr.strip()}")
+        return {f"{t}_us": v for t, v in zip(tests, vals)}
+    finally:
+        topo.kill(srv)
