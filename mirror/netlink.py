@@ -15,6 +15,7 @@ import threading
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from . import model as m
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 RCVBUF = 32 << 20  # burst of 20k routes overruns the default buffer
 SO_RCVBUFFORCE = 33
+NETLINK_ROUTE = 0
+EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
 
 GROUPS = (
     rtnl.RTMGRP_LINK
@@ -203,17 +206,21 @@ class NetlinkWatcher:
     """Reads rtnetlink events in a thread and hands them to `post`.
 
     post(("netlink", [msgs])) for events, post(("resync", reason)) when
-    events were lost and the caller must dump again.
+    events were lost and the caller must dump again.  Events come from a
+    plain socket decoded with pyroute2's marshal (pyroute2's own sockets are
+    bound to the asyncio loop of the thread that made them); requests and
+    dumps go through an IPRoute used only by the main thread.
     """
 
     def __init__(self, post):
         self.post = post
-        self.events = IPRoute(rcvbuf=RCVBUF)
+        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         except OSError:
-            pass  # keep the (smaller) rcvbuf pyroute2 set
-        self.events.bind(groups=GROUPS)
+            self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        self.events.bind((0, GROUPS))
+        self.marshal = MarshalRtnl()
         self.requests = IPRoute()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="netlink", daemon=True)
@@ -227,20 +234,19 @@ class NetlinkWatcher:
     def _run(self):
         while not self._stopping:
             try:
-                msgs = self.events.get()
+                data = self.events.recv(1 << 20)
             except OSError as e:
                 if self._stopping:
                     return
-                if e.errno == errno.ENOBUFS:
-                    log.warning("netlink overrun (ENOBUFS): full resync")
-                    self.post(("resync", "ENOBUFS"))
-                    continue
-                log.error("netlink socket error: %s", e)
-                self.post(("resync", str(e)))
+                reason = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
+                log.warning("netlink events lost (%s): full resync", reason)
+                self.post(("resync", reason))
                 continue
-            except Exception as e:  # a message pyroute2 failed to decode
-                if self._stopping:
-                    return
+            try:
+                msgs = list(self.marshal.parse(data))
+                for msg in msgs:
+                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+            except Exception as e:  # undecodable: do not guess, re-dump
                 log.warning("netlink decode error (%s): full resync", e)
                 self.post(("resync", "decode error"))
                 continue
@@ -254,6 +260,10 @@ class NetlinkWatcher:
 
     def close(self):
         self._stopping = True
+        try:
+            self.events.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         for sock in (self.events, self.requests):
             try:
                 sock.close()

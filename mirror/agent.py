@@ -1,0 +1,282 @@
+"""The agent: watch the kernel, keep the maps equal to the translation.
+
+One main loop owns the model: watcher threads only post events into a
+queue.  Each batch of events is applied to the model, translated and
+reconciled; only then is the heartbeat extended, so a stuck or dead agent
+turns the fast path off (the datapath punts once the deadline passes).
+"""
+
+import logging
+import queue
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+
+from . import control, netfilter, netlink, tc
+from . import model as m
+from .datapath import Datapath
+from .reasons import FORWARDED, REASONS
+from .sync import Reconciler
+from .translate import Selection, custom_rules, translate
+
+log = logging.getLogger("loxi-mirror")
+
+HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
+HEARTBEAT_GRACE_NS = 1_000_000_000  # datapath punts this long after the last one
+SYSCTL_POLL = 2.0  # s; backstop for netconf events
+NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
+MAP_TABLES = ("routes", "neighbors", "links", "config", "counters")
+
+
+class Agent:
+    def __init__(self, selection: Selection = Selection(), cflags=()):
+        self.selection = selection
+        self.cflags = cflags
+        self.events = queue.Queue()
+        self.stopping = threading.Event()
+        self.state = m.KernelState()
+        self.ready_since = None
+        self.stale_since = {}  # neighbour key -> monotonic ns it became STALE
+        self.refreshed = set()  # STALE neighbours we already asked to confirm
+        self.netfilter_errors = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def run(self) -> int:
+        server = control.Server(self.handle_request)  # AlreadyRunning
+        try:
+            self.datapath = Datapath(cflags=self.cflags)  # DatapathError
+            try:
+                return self._run(server)
+            finally:
+                self.datapath.close()
+        finally:
+            server.close()
+
+    def _run(self, server) -> int:
+        self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES})
+        removed = tc.cleanup_leftovers()
+        if removed:
+            log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
+        self.attacher = tc.TcAttacher(self.datapath.fd)
+        self.netlink = netlink.NetlinkWatcher(self.events.put)
+        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
+        server.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            self._initial_sync()
+            self.netlink.start()
+            self.nf_watch.start()
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _initial_sync(self):
+        self.state = self.netlink.dump()
+        self._set_netfilter(netfilter.read_state())
+        self._refresh_sysctls()
+        self._reconcile()
+        self._beat()
+        self.ready_since = time.time()
+        log.info("ready: %d interfaces, %d routes, %d neighbours", len(self.attacher.attached),
+                 len(self.sync.shadow.routes), len(self.sync.shadow.neighbors))
+
+    def _shutdown(self):
+        log.info("stopping: fast path off, detaching")
+        self.nf_watch.stop()
+        self.netlink.close()
+        self.sync.heartbeat(0)
+        self.attacher.detach_all()
+
+    # -- main loop ---------------------------------------------------------
+    def _loop(self):
+        next_beat = next_sysctl = next_neigh = 0.0
+        while not self.stopping.is_set():
+            batch = self._drain(timeout=HEARTBEAT_INTERVAL)
+            now = time.monotonic()
+            netconf = now >= next_sysctl
+            if netconf:
+                next_sysctl = now + SYSCTL_POLL
+            if batch or netconf:
+                self._apply_batch(batch, netconf)
+            if now >= next_neigh:
+                next_neigh = now + NEIGH_REFRESH
+                self._refresh_neighbors()
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+
+    def _drain(self, timeout):
+        batch = []
+        try:
+            batch.append(self.events.get(timeout=timeout))
+            while True:
+                batch.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _apply_batch(self, batch, reread_sysctls):
+        resync = False
+        for kind, payload in batch:
+            if kind == "netlink":
+                for msg in payload:
+                    netlink.apply(self.state, msg)
+                    event = msg.get("event")
+                    reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF")
+                    if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+                        self._track_stale(msg)
+            elif kind == "netfilter":
+                self._set_netfilter(payload)
+            elif kind == "resync":
+                resync = True
+        if resync:
+            self.state = self._resynced_state()
+            reread_sysctls = True
+        if reread_sysctls:
+            self._refresh_sysctls()
+        self._reconcile()
+
+    def _resynced_state(self):
+        fresh = self.netlink.dump()
+        fresh.netfilter_impact = self.state.netfilter_impact
+        return fresh
+
+    def _reconcile(self):
+        desired = translate(self.state, self.selection)
+        changes = self.sync.apply(desired)
+        for ifindex, name in desired.attach.items():
+            if ifindex not in self.attacher.attached:
+                self._attach(ifindex, name)
+        for ifindex in list(self.attacher.attached):
+            if ifindex not in desired.attach:
+                if ifindex in self.state.links:
+                    self.attacher.detach(ifindex)
+                else:
+                    self.attacher.forget(ifindex)
+        if changes:
+            log.debug("applied %d map changes", changes)
+
+    def _attach(self, ifindex, name):
+        try:
+            self.attacher.attach(ifindex, name)
+        except Exception as e:  # e.g. the link vanished meanwhile
+            log.warning("cannot attach to %s (ifindex %d): %s", name, ifindex, e)
+
+    def _beat(self):
+        self.sync.heartbeat(time.monotonic_ns() + HEARTBEAT_GRACE_NS)
+
+    # -- inputs besides rtnetlink -----------------------------------------
+    def _set_netfilter(self, nf_state):
+        self.state.netfilter_impact = nf_state.forward_impact
+        self.netfilter_errors = list(getattr(nf_state, "errors", []) or [])
+        log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
+
+    def _refresh_sysctls(self):
+        names = [l.name for l in self.state.links.values()]
+        self.state.sysctls = netlink.read_sysctls(names)
+
+    # -- neighbour confirmation -------------------------------------------
+    def _track_stale(self, msg):
+        neigh = netlink.parse_neighbor(msg)
+        if msg.get("event") == "RTM_NEWNEIGH" and neigh.state == m.NUD_STALE:
+            self.stale_since.setdefault(neigh.key, time.monotonic_ns())
+        else:
+            self.stale_since.pop(neigh.key, None)
+            self.refreshed.discard(neigh.key)
+
+    def _refresh_neighbors(self):
+        """The kernel re-confirms a STALE neighbour when it transmits to it;
+        the fast path transmits instead, so do the kernel's part (NTF_USE)
+        for STALE neighbours the datapath used since they became STALE."""
+        for key, since in list(self.stale_since.items()):
+            if key in self.refreshed or key not in self.sync.shadow.neighbors:
+                continue
+            if self.sync.neighbor_used_ns(key) > since:
+                try:
+                    self.netlink.neighbor_use(*key)
+                    self.refreshed.add(key)
+                except Exception as e:
+                    log.debug("neighbour refresh %s failed: %s", key, e)
+
+    # -- control requests (server thread) ---------------------------------
+    def handle_request(self, req):
+        cmd = req.get("cmd")
+        if cmd == "ping":
+            return {"pid": _pid()}
+        if cmd == "status":
+            return self.status()
+        if cmd == "dump":
+            return {"entries": self.dump(req.get("table", ""))}
+        if cmd == "stop":
+            self.stopping.set()
+            return {"stopping": True, "pid": _pid()}
+        return {"error": f"unknown command {cmd!r}"}
+
+    def status(self):
+        ready = self.ready_since is not None and not self.stopping.is_set()
+        out = {"running": True, "ready": ready, "pid": _pid(), "netns": tc.netns_id(),
+               "ready_since": _iso(self.ready_since), "interfaces": [], "tables": {},
+               "counters": {"fast_path_packets": 0, "fast_path_bytes": 0, "punt": {}, "punt_bytes": {}}}
+        if not hasattr(self, "sync"):
+            return out
+        counters = self.sync.counters()
+        out["interfaces"] = sorted(dict(self.attacher.attached).values())
+        out["tables"] = self.sync.table_counts()
+        c = out["counters"]
+        c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
+        c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
+        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
+        out["forwarding_punted_because"] = self._punt_forward_explanation()
+        out["map_resyncs"] = self.sync.resyncs
+        return out
+
+    def _punt_forward_explanation(self):
+        if self.state.netfilter_impact:
+            return f"netfilter: {self.state.netfilter_impact}"
+        rules = custom_rules(self.state)
+        if rules:
+            return f"policy routing: {len(rules)} rule(s) beyond the defaults"
+        return None
+
+    def dump(self, table):
+        if table not in ("routes", "neighbors", "links"):
+            raise ValueError(f"no table {table!r}")
+        rows = self.sync.read(table)
+        names = {i: l.name for i, l in self.state.links.items()}
+        reason_names = {r.value: r.name for r in REASONS}
+        if table == "routes":
+            return [
+                {"prefix": f"{dst}/{plen}",
+                 "action": "forward" if e.action == FORWARDED else f"punt:{reason_names.get(e.action, e.action)}",
+                 "oif": names.get(e.oif, e.oif) if e.oif else None, "gateway": e.gateway,
+                 "mtu": e.mtu or None}
+                for (dst, plen), e in sorted(rows.items(), key=lambda kv: (_ip_sort(kv[0][0]), kv[0][1]))
+            ]
+        if table == "neighbors":
+            return [{"interface": names.get(i, i), "ip": ip, "mac": mac}
+                    for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
+        return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
+                 "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+
+
+def _link_flag_names(flags):
+    from . import translate as t
+    names = [("up", t.LINK_UP), ("forwarding", t.LINK_FORWARDING), ("redirect_peer", t.LINK_REDIRECT_PEER),
+             ("rp_filter_strict", t.LINK_RPF_STRICT), ("rp_filter_loose", t.LINK_RPF_LOOSE)]
+    return [n for n, bit in names if flags & bit]
+
+
+def _ip_sort(ip):
+    return tuple(int(x) for x in ip.split("."))
+
+
+def _iso(ts):
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+def _pid():
+    import os
+    return os.getpid()
