@@ -1,0 +1,574 @@
+"""Netfilter watcher: reads iptables (nft and legacy backends) and nftables state of
+the network namespace it runs in, and reports when it changes.
+
+- ``read_state()`` runs ``iptables-nft-save``, ``iptables-legacy-save`` and
+  ``nft -j list ruleset`` (in parallel, a few ms each) and parses them with
+  mirror.iptables. A missing tool or a failing command makes the state say
+  "unknown -> punt" (``forward_impact`` is never None when ``errors`` is not empty).
+  Nothing here takes the xtables lock or loads kernel modules: ``iptables-legacy-save``
+  without ``-t`` only lists the tables named in /proc/net/ip_tables_names (it prints
+  nothing when ip_tables holds no table), ``iptables-nft-save`` and ``nft list`` only
+  dump over netlink.
+- ``NetfilterWatcher(callback, poll_interval)`` re-reads the state when told that
+  something changed and calls ``callback(state)`` with the first state and then each
+  time the content (not the counters) differs. Change hints:
+    * nfnetlink group NFNLGRP_NFTABLES: the kernel multicasts every nf_tables object
+      change and a NEWGEN after each commit (iptables-nft and nft), ~0.1 ms after
+      the command; per network namespace.
+    * inotify on the directory of /run/xtables.lock: iptables-legacy opens the lock
+      file before and closes it (at exit) after changing a table. The file is shared
+      by all namespaces of the mount namespace, so this is only a hint.
+    * polling every ``poll_interval`` seconds, as the backstop for everything else.
+  Bursts are debounced (``debounce`` s of quiet, at most ``max_delay`` s).
+
+Run ``python -m mirror.netfilter`` for a one-shot summary, ``--watch`` to print a
+JSON line per change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mirror.iptables import (
+    Ruleset,
+    forward_impact as iptables_forward_impact,
+    nft_forward_impact,
+    nft_normalize,
+    parse_save,
+    BUILTIN_CHAINS,
+)
+
+log = logging.getLogger(__name__)
+
+BACKENDS: Tuple[str, ...] = ("iptables-nft", "iptables-legacy")
+SAVE_COMMANDS: Dict[str, Tuple[str, ...]] = {
+    "iptables-nft": ("iptables-nft-save",),
+    "iptables-legacy": ("iptables-legacy-save",),
+}
+NFT_COMMAND: Tuple[str, ...] = ("nft", "-j", "list", "ruleset")
+COMMAND_TIMEOUT = 10.0
+_SEARCH_PATH = os.pathsep.join(
+    [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
+
+# netlink / nfnetlink constants
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+NFT_MSG_NEWGEN = 15
+NFTA_TABLE_NAME = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+
+# inotify constants
+IN_CLOSE_WRITE = 0x008
+IN_CLOSE_NOWRITE = 0x010
+IN_CREATE = 0x100
+IN_Q_OVERFLOW = 0x4000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+
+
+@dataclass
+class NetfilterState:
+    """What the netfilter configuration of this namespace means for the fast path.
+
+    ``rulesets``: parsed ``*-save`` output per backend ("iptables-nft",
+    "iptables-legacy"); None when it could not be read.
+    ``nft``: ``nft -j list ruleset`` objects without metainfo, handles and counter
+    values (None when not read). ``forward_impact``: None only when nothing can
+    affect forwarded IPv4 traffic; else why it must punt. ``errors``: what could
+    not be read (each one makes forward_impact non-None).
+    Equality compares content only (not the counters, not the timing fields)."""
+
+    rulesets: Dict[str, Optional[Ruleset]] = field(default_factory=dict)
+    nft: Optional[List[Any]] = None
+    forward_impact: Optional[str] = None
+    errors: List[str] = field(default_factory=list)
+    read_at: float = field(default=0.0, compare=False)        # time.monotonic()
+    read_duration: float = field(default=0.0, compare=False)  # seconds
+    outputs: Dict[str, Tuple[Optional[str], Optional[str]]] = field(
+        default_factory=dict, compare=False, repr=False)       # raw tool output, error
+
+    @property
+    def punt(self) -> bool:
+        return self.forward_impact is not None
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "forward_impact": self.forward_impact,
+            "errors": list(self.errors),
+            "counts": {b: (rs.counts() if rs is not None else None)
+                       for b, rs in self.rulesets.items()},
+            "nft_objects": None if self.nft is None else len(self.nft),
+            "read_ms": round(self.read_duration * 1000, 2),
+        }
+
+
+def _which(name: str) -> Optional[str]:
+    return shutil.which(name, path=_SEARCH_PATH)
+
+
+def _start(argv: Sequence[str]) -> subprocess.Popen:
+    exe = _which(argv[0])
+    if exe is None:
+        raise FileNotFoundError(f"{argv[0]} not found")
+    env = dict(os.environ, LC_ALL="C")
+    return subprocess.Popen([exe, *argv[1:]], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, close_fds=True)
+
+
+def _finish(name: str, proc: subprocess.Popen, timeout: float) -> Tuple[Optional[str], Optional[str]]:
+    """(stdout, None) on success, (None, error) otherwise."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None, f"{name}: timed out after {timeout:.0f}s"
+    if proc.returncode != 0:
+        msg = err.decode(errors="replace").strip().splitlines()
+        return None, f"{name}: exit status {proc.returncode}" + (f": {msg[-1]}" if msg else "")
+    return out.decode(errors="replace"), None
+
+
+def nft_tables_via_netlink() -> List[Tuple[str, str]]:
+    """(family, name) of every nf_tables table in this namespace, by a netlink dump
+    (used when the nft tool is not installed). Raises OSError on failure."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    try:
+        s.bind((0, 0))
+        s.settimeout(2.0)
+        seq = 1
+        hdr = struct.pack("=LHHLL", 16 + 4, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+                          NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+        s.send(hdr + struct.pack("=BBH", 0, 0, 0))
+        tables: List[Tuple[str, str]] = []
+        while True:
+            data = s.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _flags, _seq, _pid = struct.unpack_from("=LHHLL", data, off)
+                if ln < 16:
+                    raise OSError(errno.EPROTO, "bad netlink message")
+                if typ == NLMSG_DONE:
+                    return tables
+                if typ == NLMSG_ERROR:
+                    code = struct.unpack_from("=i", data, off + 16)[0]
+                    if code:
+                        raise OSError(-code, os.strerror(-code))
+                    return tables
+                if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+                    fam = data[off + 16]
+                    a = off + 20
+                    while a + 4 <= off + ln:
+                        alen, atype = struct.unpack_from("=HH", data, a)
+                        if alen < 4:
+                            break
+                        if atype & 0x7FFF == NFTA_TABLE_NAME:
+                            name = data[a + 4:a + alen].split(b"\0", 1)[0].decode()
+                            tables.append((NFPROTO_NAMES.get(fam, str(fam)), name))
+                        a += (alen + 3) & ~3
+                off += (ln + 3) & ~3
+    finally:
+        s.close()
+
+
+SOURCES: Tuple[str, ...] = BACKENDS + ("nft",)
+
+# What one source produced: (text, error). text None + error None: nothing to read
+# (nft tool absent and no native table found).
+_Output = Tuple[Optional[str], Optional[str]]
+
+
+def _read_nft_absent() -> _Output:
+    """No nft tool: native tables cannot be inspected, but their existence can."""
+    try:
+        native = [f"{fam} {name}" for fam, name in nft_tables_via_netlink()
+                  if fam in ("inet", "netdev") or (fam == "ip" and name not in BUILTIN_CHAINS)]
+    except OSError as e:
+        return None, f"nft not installed and nf_tables table list failed: {e}"
+    if native:
+        return None, "nft not installed and native nftables tables present: " + ", ".join(sorted(native))
+    return None, None
+
+
+def read_outputs(keys: Sequence[str] = SOURCES, timeout: float = COMMAND_TIMEOUT) -> Dict[str, _Output]:
+    """Run the tools for ``keys`` (of SOURCES) in parallel; key -> (stdout, error)."""
+    commands: Dict[str, Sequence[str]] = {k: SAVE_COMMANDS[k] for k in keys if k in SAVE_COMMANDS}
+    result: Dict[str, _Output] = {}
+    if "nft" in keys:
+        if _which(NFT_COMMAND[0]) is not None:
+            commands["nft"] = NFT_COMMAND
+        else:
+            result["nft"] = _read_nft_absent()
+    procs: Dict[str, subprocess.Popen] = {}
+    for key, argv in commands.items():
+        try:
+            procs[key] = _start(argv)
+        except OSError as e:
+            result[key] = (None, f"{argv[0]}: {e.strerror or e}")
+    for key, proc in procs.items():
+        result[key] = _finish(commands[key][0], proc, timeout)
+    return result
+
+
+def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
+    """Parse and classify tool outputs (pure apart from the clock)."""
+    errors: List[str] = []
+    rulesets: Dict[str, Optional[Ruleset]] = {}
+    reasons: List[str] = []
+    for backend in BACKENDS:
+        text, err = outputs.get(backend, (None, f"{backend}: not read"))
+        if err:
+            errors.append(err)
+        rs = parse_save(text) if text is not None else None
+        rulesets[backend] = rs
+        if rs is not None:
+            imp = iptables_forward_impact(rs)
+            if imp:
+                reasons.append(f"{backend}: {imp}")
+    nft_objs: Optional[List[Any]] = None
+    text, err = outputs.get("nft", (None, "nft: not read"))
+    if err:
+        errors.append(err)
+    if text is not None:
+        try:
+            doc = json.loads(text) if text.strip() else {"nftables": []}
+            nft_objs = nft_normalize(doc)
+            imp = nft_forward_impact(doc, rulesets.get("iptables-nft"))
+            if imp:
+                reasons.append(imp)
+        except ValueError as e:
+            errors.append(f"nft: unreadable JSON ({e})")
+    reasons.extend(f"unknown ({e})" for e in errors)
+    return NetfilterState(rulesets=rulesets, nft=nft_objs,
+                          forward_impact="; ".join(reasons) or None, errors=errors,
+                          read_at=time.monotonic(), outputs=dict(outputs))
+
+
+def read_state(timeout: float = COMMAND_TIMEOUT, only: Optional[Sequence[str]] = None,
+               previous: Optional[NetfilterState] = None) -> NetfilterState:
+    """Read iptables (both backends) and nftables state of the current namespace.
+
+    With ``only`` (keys of SOURCES) and a ``previous`` state, re-run only those
+    tools and reuse the previous outputs of the others (the watcher does this when
+    a hint says which backend changed; its polls read everything)."""
+    t0 = time.monotonic()
+    keys = list(SOURCES)
+    reuse: Dict[str, _Output] = {}
+    if only is not None and previous is not None:
+        reuse = {k: v for k, v in previous.outputs.items() if k not in only}
+        keys = [k for k in SOURCES if k not in reuse]
+    outputs = dict(reuse)
+    outputs.update(read_outputs(keys, timeout))
+    st = build_state(outputs)
+    st.read_duration = time.monotonic() - t0
+    return st
+
+
+# --------------------------------------------------------------------------- watcher
+
+class _Inotify:
+    """Minimal inotify on one directory, reporting events on one file name."""
+
+    def __init__(self, path: str):
+        self.dir, self.name = os.path.split(path)
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        wd = libc.inotify_add_watch(fd, os.fsencode(self.dir),
+                                    IN_CLOSE_WRITE | IN_CLOSE_NOWRITE | IN_CREATE)
+        if wd < 0:
+            e = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(e, os.strerror(e))
+        self.fd = fd
+        self._name = os.fsencode(self.name)
+
+    keys = ("iptables-legacy",)     # what a hint from here says may have changed
+
+    def drain(self) -> bool:
+        hit = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return hit
+            off = 0
+            while off + 16 <= len(data):
+                _wd, mask, _cookie, ln = struct.unpack_from("=iIII", data, off)
+                name = data[off + 16:off + 16 + ln].split(b"\0", 1)[0]
+                if mask & IN_Q_OVERFLOW or name == self._name:
+                    hit = True
+                off += 16 + ln
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _NftMonitor:
+    """Raw nfnetlink socket subscribed to NFNLGRP_NFTABLES."""
+
+    def __init__(self, rcvbuf: int = 4 << 20):
+        s = socket.socket(socket.AF_NETLINK,
+                          socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                          NETLINK_NETFILTER)
+        try:
+            s.bind((0, 0))
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+        self.fd = s.fileno()
+        self.newgens = 0
+
+    keys = ("iptables-nft", "nft")
+
+    def drain(self) -> bool:
+        hit = False
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return hit
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:   # overrun: we lost events, re-read
+                    hit = True
+                    continue
+                raise
+            hit = True
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ = struct.unpack_from("=LH", data, off)
+                if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+                    self.newgens += 1
+                if ln < 16:
+                    break
+                off += (ln + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NetfilterWatcher:
+    """Calls ``callback(state)`` with the first NetfilterState, then whenever the
+    content changes. The callback runs on the watcher's thread.
+
+    ``sources`` lists the change hints in use ("nfnetlink", "inotify:<path>");
+    polling every ``poll_interval`` s always runs and re-reads everything; a hint
+    re-reads only what it covers (nfnetlink: iptables-nft-save and nft;
+    inotify: iptables-legacy-save). ``reader(only=keys|None, previous=state|None)``
+    defaults to read_state."""
+
+    def __init__(self, callback: Callable[[NetfilterState], None], poll_interval: float = 2.0,
+                 debounce: float = 0.003, max_delay: float = 0.05,
+                 reader: Callable[..., NetfilterState] = read_state,
+                 lock_path: str = XTABLES_LOCK):
+        self.callback = callback
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self._reader = reader
+        self._lock_path = lock_path
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._wake_r = self._wake_w = -1
+        self._nft: Optional[_NftMonitor] = None
+        self._ino: Optional[_Inotify] = None
+        self.state: Optional[NetfilterState] = None
+        self.sources: List[str] = []
+        self.stats = {"reads": 0, "hints": 0, "callbacks": 0, "errors": 0}
+
+    def start(self) -> "NetfilterWatcher":
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        # Subscribe before the first read, so no change can fall in between.
+        try:
+            self._nft = _NftMonitor()
+            self.sources.append("nfnetlink")
+        except OSError as e:
+            log.warning("nfnetlink NFTABLES group unavailable, polling nft: %s", e)
+        try:
+            self._ino = _Inotify(self._lock_path)
+            self.sources.append("inotify:" + self._lock_path)
+        except OSError as e:
+            log.warning("inotify on %s unavailable, polling legacy: %s", self._lock_path, e)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="netfilter-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout)
+        self._thread = None
+        for src in (self._nft, self._ino):
+            if src is not None:
+                src.close()
+        self._nft = self._ino = None
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self.sources = []
+
+    def __enter__(self) -> "NetfilterWatcher":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- thread
+
+    def _fds(self) -> List[int]:
+        return [self._wake_r] + [s.fd for s in (self._nft, self._ino) if s is not None]
+
+    def _drain(self) -> set:
+        """Read all pending hints; return the SOURCES keys they cover."""
+        hit: set = set()
+        for src in (self._nft, self._ino):
+            if src is not None:
+                try:
+                    if src.drain():
+                        hit.update(src.keys)
+                except OSError as e:
+                    log.warning("netfilter change source failed: %s", e)
+                    hit.update(SOURCES)
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+        return hit
+
+    def _read_and_report(self, only: Optional[set] = None) -> None:
+        try:
+            new = self._reader(only=sorted(only) if only else None, previous=self.state)
+        except Exception as e:    # the reader should not raise; never stop watching
+            log.exception("netfilter read failed")
+            new = NetfilterState(forward_impact=f"unknown (read failed: {e})",
+                                 errors=[f"read failed: {e}"], read_at=time.monotonic())
+        self.stats["reads"] += 1
+        if self.state is not None and new == self.state:
+            self.state.read_at, self.state.outputs = new.read_at, new.outputs
+            return
+        self.state = new
+        self.stats["callbacks"] += 1
+        try:
+            self.callback(new)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("netfilter callback failed")
+
+    def _run(self) -> None:
+        self._drain()
+        self._read_and_report()
+        next_poll = time.monotonic() + self.poll_interval
+        fds = self._fds()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                ready, _, _ = select.select(fds, [], [], max(0.0, next_poll - now))
+            except InterruptedError:
+                continue
+            if self._stop.is_set():
+                break
+            hinted = self._drain() if ready else set()
+            polling = time.monotonic() >= next_poll
+            if not hinted and not polling:
+                continue
+            if hinted and not polling:
+                self.stats["hints"] += 1
+                # debounce: wait for `debounce` s of quiet, at most `max_delay` s
+                deadline = time.monotonic() + self.max_delay
+                while not self._stop.is_set():
+                    left = min(self.debounce, deadline - time.monotonic())
+                    if left <= 0:
+                        break
+                    r, _, _ = select.select(fds, [], [], left)
+                    if not r:
+                        break         # quiet: the burst is over
+                    hinted |= self._drain()
+            if self._stop.is_set():
+                break
+            if polling:
+                self._read_and_report()
+                next_poll = time.monotonic() + self.poll_interval
+            else:
+                self._read_and_report(hinted)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import signal
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m mirror.netfilter", description=__doc__.split("\n")[0])
+    p.add_argument("--watch", action="store_true", help="print a JSON line per change")
+    p.add_argument("--poll", type=float, default=2.0, help="poll interval (s)")
+    args = p.parse_args(argv)
+    if not args.watch:
+        print(json.dumps(read_state().summary(), indent=2))
+        return 0
+
+    done = threading.Event()
+    watcher: Optional[NetfilterWatcher] = None
+
+    def emit(state: NetfilterState) -> None:
+        line = dict(state.summary(), t=time.monotonic(), read_at=state.read_at,
+                    sources=watcher.sources if watcher else [],
+                    stats=dict(watcher.stats) if watcher else {})
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    watcher = NetfilterWatcher(emit, poll_interval=args.poll).start()
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        watcher.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
