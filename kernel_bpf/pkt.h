@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * pkt.h - the per-packet state the pipeline stages hand to each other, and
+ * small helpers every stage uses.  Nothing here is shared with the agent.
+ *
+ * A stage is a static __always_inline function
+ *	static __always_inline __u32 lm_<stage>(struct __sk_buff *skb, struct lm_pkt *p)
+ * that returns LM_FORWARDED ("carry on") or the enum lm_reason to punt with.
+ * Stages before rewrite.h only read the packet; rewrite.h is the first stage
+ * that writes it, and nothing after it may punt (a punted packet must reach
+ * the kernel exactly as it arrived).
+ */
+#ifndef LM_PKT_H
+#define LM_PKT_H
+
+#include "common.h"
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "loxi-mirror's datapath assumes a little-endian host"
+#endif
+/* Byte order: the maps and headers hold network order; compare against
+ * constants converted at compile time where possible. */
+#define LM_HTONS(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define LM_HTONL(x) ((__u32)__builtin_bswap32((__u32)(x)))
+#define LM_NTOHS(x) LM_HTONS(x)
+
+#define LM_NSEC_PER_SEC 1000000000ULL
+
+/* Run one stage; leave the pipeline with its reason unless it says go on. */
+#define LM_STAGE(reason, call)                      \
+	do {                                        \
+		(reason) = (call);                  \
+		if ((reason) != LM_FORWARDED)       \
+			goto out;                   \
+	} while (0)
+
+struct lm_pkt {
+	void *data;              /* skb->data / data_end after the last pull */
+	void *data_end;
+	struct ethhdr *eth;      /* parse.h */
+	struct iphdr *iph;       /* parse.h: validated IPv4 header, no options */
+	struct lm_link *in_link; /* gate.h: ingress link, never NULL after it */
+	struct lm_route *rt;     /* fib.h: route to the destination */
+	struct lm_link *out_link;/* fib.h: egress link */
+	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
+	struct lm_config *cfg;   /* gate.h: config[0] */
+	__u64 now;               /* bpf_ktime_get_ns() once per packet */
+	__u32 ifindex;           /* ingress ifindex */
+	__u32 tot_len;           /* host order iph->tot_len */
+	int action;              /* xmit.h: TC action when forwarded */
+};
+
+/* Make the first @len bytes linear and reload the packet pointers.
+ * Returns 0 when at least @len bytes are directly accessible. */
+static __always_inline int lm_pull(struct __sk_buff *skb, struct lm_pkt *p, __u32 len)
+{
+	p->data = (void *)(long)skb->data;
+	p->data_end = (void *)(long)skb->data_end;
+	if (p->data + len <= p->data_end)
+		return 0;
+	if (bpf_skb_pull_data(skb, len))
+		return -1;
+	p->data = (void *)(long)skb->data;
+	p->data_end = (void *)(long)skb->data_end;
+	if (p->data + len > p->data_end)
+		return -1;
+	return 0;
+}
+
+/* Re-derive the header pointers after lm_pull() moved the data (the
+ * verifier invalidates every packet pointer a pull could have moved). */
+static __always_inline void lm_reload_l3(struct lm_pkt *p)
+{
+	p->eth = p->data;
+	p->iph = p->data + ETH_HLEN;
+}
+
+static __always_inline int lm_mac_eq(const __u8 *a, const __u8 *b)
+{
+	/* 6 bytes as a 4 + 2 byte compare: no loop, no helper. */
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline void lm_mac_copy(__u8 *dst, const __u8 *src)
+{
+	*(__u32 *)dst = *(const __u32 *)src;
+	*(__u16 *)(dst + 4) = *(const __u16 *)(src + 4);
+}
+
+#endif /* LM_PKT_H */

@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * tc_ingress.c - loxi-mirror's TC-ingress fast path.
+ *
+ * Forwards routed IPv4 unicast exactly as the kernel's ip_forward() would
+ * (same egress device, same MACs, TTL - 1, same checksum) and punts every
+ * other packet to the kernel, counting why.  The pipeline is a list of
+ * stages (one header each, see pkt.h for the stage contract); later stages
+ * (bridging/FDB, conntrack, NAT, VXLAN, IPv6) slot in between these.
+ *
+ * Attach: clsact ingress, direct-action (cls_bpf) or tcx.  Compiled and
+ * loaded by mirror/datapath.py with BCC.
+ */
+#include "common.h"
+#include "pkt.h"
+#include "gate.h"
+#include "parse.h"
+#include "fib.h"
+#include "fwd.h"
+#include "rewrite.h"
+#include "xmit.h"
+
+/*
+ * The single exit: count the verdict (packets and bytes per reason, per
+ * CPU) and return the TC action.
+ *
+ * Punt returns TC_ACT_UNSPEC, not TC_ACT_OK.  Both let the packet continue
+ * into the kernel's stack, but TC_ACT_OK ends classification, so a filter
+ * the user attached after ours would never run; TC_ACT_UNSPEC (== TCX_NEXT
+ * under tcx) moves on to the next filter/program and, if there is none,
+ * behaves like TC_ACT_OK.  The fast path never returns TC_ACT_SHOT: what
+ * the kernel would drop, the kernel drops.
+ */
+static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u32 reason)
+{
+	struct lm_counter *c;
+
+	/* Route actions come from the agent: never index past the counters. */
+	if (reason >= LM_REASON_MAX)
+		reason = LM_ROUTE_UNSUPPORTED;
+	c = counters.lookup(&reason);
+	if (c) {
+		c->packets++;
+		c->bytes += skb->len;
+	}
+	if (reason == LM_FORWARDED)
+		return p->action;
+	return TC_ACT_UNSPEC;
+}
+
+int lm_tc_ingress(struct __sk_buff *skb)
+{
+	struct lm_pkt p = {};
+	__u32 reason;
+
+	LM_STAGE(reason, lm_gate(skb, &p));
+	LM_STAGE(reason, lm_parse_eth(skb, &p));
+	LM_STAGE(reason, lm_parse_ipv4(skb, &p));
+	LM_STAGE(reason, lm_fib_route(skb, &p));
+	LM_STAGE(reason, lm_fib_source(skb, &p));
+	LM_STAGE(reason, lm_fib_egress(skb, &p));
+	LM_STAGE(reason, lm_fwd_checks(skb, &p));
+	LM_STAGE(reason, lm_fib_neigh(skb, &p));
+	/* Past this line nothing may punt: the packet is being rewritten. */
+	LM_STAGE(reason, lm_rewrite(skb, &p));
+	LM_STAGE(reason, lm_xmit(skb, &p));
+out:
+	return lm_exit(skb, &p, reason);
+}
