@@ -344,3 +344,24 @@ def test_watcher_survives_reader_and_callback_errors():
     assert got[0].forward_impact is None
     assert got[1].forward_impact.startswith("unknown (read failed: boom")   # failure -> punt
     assert got[2].forward_impact is None
+
+
+@needs_root
+@_tool("nft")
+def test_table_list_fallback_matches_nft(netns):
+    """Without the nft tool, read_state lists nf_tables tables over netlink itself."""
+    ns_run(netns, "nft", "add table inet x; add table netdev d; add table bridge b")
+    ns_run(netns, "iptables-nft", "-A", "FORWARD", "-j", "ACCEPT")
+    code = (
+        "import json, mirror.netfilter as n\n"
+        "print(json.dumps(sorted(n.nft_tables_via_netlink())))\n"
+        "n._which = lambda name, _w=n._which: None if name == 'nft' else _w(name)\n"
+        "s = n.read_state(); print(json.dumps([s.forward_impact, s.errors, s.nft]))\n"
+    )
+    out = subprocess.run(["ip", "netns", "exec", netns, PY, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert json.loads(out[0]) == [["bridge", "b"], ["inet", "x"], ["ip", "filter"], ["netdev", "d"]]
+    impact, errors, nft = json.loads(out[1])
+    assert errors == ["nft not installed and native nftables tables present: inet x, netdev d"]
+    assert "iptables-nft: filter FORWARD: 1 rule" in impact and "unknown (nft not installed" in impact
+    assert nft is None
