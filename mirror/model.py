@@ -139,17 +139,34 @@ class KernelState:
     netfilter_impact: Optional[str] = "netfilter state not read yet"
 
     def set_link(self, link: Link):
+        old = self.links.get(link.index)
         self.links[link.index] = link
+        if old is None:
+            return
+        # The kernel flushes these without sending messages for them.
+        if old.admin_up and not link.admin_up:
+            self._flush_routes(link.index)  # fib_disable_ip() on NETDEV_DOWN
+            self._flush_neighbors(link.index, keep_permanent=False)
+        elif old.oper_up and not link.oper_up:
+            self._flush_neighbors(link.index, keep_permanent=True)  # neigh_carrier_down()
 
     def del_link(self, index: int):
-        """A link is gone: the kernel drops its addresses, routes and
-        neighbours too, but not always with messages of their own."""
+        """A link is gone: its addresses, routes and neighbours go with it."""
         self.links.pop(index, None)
         self.addresses = {a for a in self.addresses if a.index != index}
-        self.neighbors = {k: n for k, n in self.neighbors.items() if n.ifindex != index}
+        self._flush_neighbors(index, keep_permanent=False)
+        self._flush_routes(index)
+
+    def _flush_routes(self, index: int):
         for key, route in list(self.routes.items()):
             if any(nh.oif == index for nh in route.nexthops):
                 del self.routes[key]
+
+    def _flush_neighbors(self, index: int, keep_permanent: bool):
+        self.neighbors = {
+            k: n for k, n in self.neighbors.items()
+            if n.ifindex != index or (keep_permanent and n.state & NUD_PERMANENT)
+        }
 
     def set_route(self, route: Route):
         self.routes[route.key] = route

@@ -75,3 +75,17 @@ def test_read_sysctls(tmp_path):
         (tmp_path / name / "rp_filter").write_text(f"{rpf}\n")
     got = netlink.read_sysctls(["v1", "v2", "gone"], root=str(tmp_path))
     assert got == {"v1": m.LinkSysctls(True, 2), "v2": m.LinkSysctls(False, 2)}
+
+
+def test_link_down_flushes_what_the_kernel_flushes_silently():
+    st = m.KernelState()
+    for msg in (link(3, "v1"), link(4, "v2"), route("10.2.0.0", 24, oif=4), route("10.9.0.0", 16, oif=4,
+                gateway="10.2.0.2"), route("10.1.0.0", 24, oif=3), neighbor(4, "10.2.0.2", "02:00:00:00:00:22"),
+                neighbor(4, "10.2.0.3", "02:00:00:00:00:23", state=m.NUD_PERMANENT)):
+        netlink.apply(st, msg)
+    # carrier lost: routes stay (flagged linkdown), dynamic neighbours go
+    netlink.apply(st, link(4, "v2", flags=m.IFF_UP))
+    assert len(st.routes) == 3 and set(st.neighbors) == {(4, "10.2.0.3")}
+    # admin down: IPv4 routes through it and all its neighbours go
+    netlink.apply(st, link(4, "v2", flags=0))
+    assert [r.dst for r in st.routes.values()] == ["10.1.0.0"] and not st.neighbors
