@@ -110,13 +110,15 @@ def _size_cflags(sizes: Optional[Mapping[str, int]]) -> List[str]:
 
 class _StderrCapture:
     """Collect what libbcc/clang print on fd 2 (compile errors, verifier log)
-    so the exception can carry the cause."""
+    so the exception can carry the cause.  On success whatever was written
+    (warnings, or other threads' output) is passed on to the real stderr."""
 
     def __enter__(self):
         self._tmp = tempfile.TemporaryFile()
         self._saved = os.dup(2)
         os.dup2(self._tmp.fileno(), 2)
         self.text = ""
+        self.passthrough = False
         return self
 
     def __exit__(self, *exc):
@@ -125,6 +127,8 @@ class _StderrCapture:
         self._tmp.seek(0)
         self.text = self._tmp.read().decode(errors="replace")
         self._tmp.close()
+        if self.passthrough and self.text:
+            os.write(2, self.text.encode())
         return False
 
 
@@ -168,6 +172,7 @@ class Datapath:
                 compile_exc = e
             else:
                 compile_exc = None
+                err.passthrough = True
         if compile_exc is not None:
             raise DatapathError(
                 f"compiling {BPF_DIR / ENTRY} failed: {compile_exc}{_headers_hint()}{_tail(err.text)}"
@@ -179,6 +184,7 @@ class Datapath:
                 load_exc = e
             else:
                 load_exc = None
+                err.passthrough = True
         if load_exc is not None:
             self._bpf.cleanup()
             self._bpf = None
