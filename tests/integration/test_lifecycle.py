@@ -1,6 +1,7 @@
 """Agent lifecycle: fail-safe after SIGKILL, clean stop, interfaces that
 come later, interface selection, kernel switches the fast path must obey."""
 
+import json
 import os
 import re
 import signal
@@ -8,7 +9,7 @@ import subprocess
 import time
 
 from conftest import skip_unless_root, unique_name
-from test_routing import counters, delta, frame, send_and_capture, silence, warm_neighbors
+from test_routing import HERE, PY, counters, delta, frame, send_and_capture, silence, warm_neighbors
 
 pytestmark = skip_unless_root
 
@@ -147,3 +148,30 @@ def test_status_and_dump_read_the_maps(routed_topology, agent):
     assert f"{topo.pod2_ip} dev veth2 lladdr {topo.pod2_mac}" in neigh
     links = topo.run("node", ["loxi-mirror", "dump", "links"]).stdout
     assert re.search(r"veth1 \S+ mtu 1500 <up,forwarding,redirect_peer>", links), links
+
+
+def test_stale_neighbor_in_use_is_reconfirmed(routed_topology, agent):
+    """The kernel re-probes a STALE neighbour it transmits to; when the fast
+    path transmits instead, the agent must make the kernel do the same
+    (otherwise a pod that moved or died would be fed its old MAC forever)."""
+    topo = routed_topology
+    dev = topo.node_if2
+    topo.run("node", ["sysctl", "-qw", f"net.ipv4.neigh.{dev}.delay_first_probe_time=1"])
+    a = agent(topo)
+    warm_neighbors(topo)
+    silence(topo)  # only pod1 -> pod2 traffic, all of it fast-pathed
+    # STALE and unused by the kernel: left alone, the kernel never probes it.
+    topo.run("node", ["ip", "neigh", "change", topo.pod2_ip, "lladdr", topo.pod2_mac, "dev", dev, "nud", "stale"])
+    cap = topo.popen("pod2", [PY, f"{HERE}/pktio.py", "capture", topo.pod2_if, "4"],
+                     stdout=subprocess.PIPE, text=True)
+    assert cap.stdout.readline().strip() == "ready"
+    c0 = counters(a)
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        topo.run("pod1", [PY, f"{HERE}/pktio.py", "send", topo.pod1_if] + [frame(topo).hex()] * 5)
+        time.sleep(0.05)
+    frames = [bytes.fromhex(h) for h in json.loads(cap.communicate(timeout=15)[0].splitlines()[-1])]
+    arp_requests = [f for f in frames if f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"]
+    assert delta(counters(a), c0).get("FORWARDED", 0) > 0
+    assert arp_requests, "the node never re-confirmed pod2 while the fast path used it"
+    assert "STALE" not in topo.run("node", ["ip", "neigh", "show", topo.pod2_ip, "dev", dev]).stdout
