@@ -7,6 +7,7 @@ turns the fast path off (the datapath punts once the deadline passes).
 """
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -18,7 +19,8 @@ from . import model as m
 from .datapath import Datapath
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
-from .translate import Selection, custom_rules, translate
+from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
+                        custom_rules, translate)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -26,7 +28,7 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE_NS = 1_000_000_000  # datapath punts this long after the last one
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-MAP_TABLES = ("routes", "neighbors", "links", "config", "counters")
+MAP_TABLES = ("routes", "neighbors", "links", "config")
 
 
 class Agent:
@@ -39,7 +41,6 @@ class Agent:
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> monotonic ns it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
-        self.netfilter_errors = []
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -93,18 +94,29 @@ class Agent:
     # -- main loop ---------------------------------------------------------
     def _loop(self):
         next_beat = next_sysctl = next_neigh = 0.0
+        healthy = True
         while not self.stopping.is_set():
             batch = self._drain(timeout=HEARTBEAT_INTERVAL)
             now = time.monotonic()
-            netconf = now >= next_sysctl
-            if netconf:
+            poll = now >= next_sysctl
+            if poll:
                 next_sysctl = now + SYSCTL_POLL
-            if batch or netconf:
-                self._apply_batch(batch, netconf)
-            if now >= next_neigh:
+            if not healthy:
+                batch.append(("resync", "after an error"))
+            if batch or poll:
+                try:
+                    self._apply_batch(batch, poll)
+                    healthy = True
+                except Exception:
+                    # The maps may no longer match the kernel: stop the
+                    # heartbeat (the datapath punts within a second) and
+                    # rebuild from full dumps until that succeeds.
+                    log.exception("reconciling failed; fast path off until a resync succeeds")
+                    healthy = False
+            if healthy and now >= next_neigh:
                 next_neigh = now + NEIGH_REFRESH
                 self._refresh_neighbors()
-            if time.monotonic() >= next_beat:
+            if healthy and time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
 
@@ -170,9 +182,9 @@ class Agent:
 
     # -- inputs besides rtnetlink -----------------------------------------
     def _set_netfilter(self, nf_state):
+        if nf_state.forward_impact != self.state.netfilter_impact:
+            log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
         self.state.netfilter_impact = nf_state.forward_impact
-        self.netfilter_errors = list(getattr(nf_state, "errors", []) or [])
-        log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
@@ -222,7 +234,7 @@ class Agent:
                "counters": {"fast_path_packets": 0, "fast_path_bytes": 0, "punt": {}, "punt_bytes": {}}}
         if not hasattr(self, "sync"):
             return out
-        counters = self.sync.counters()
+        counters = self.datapath.counters()
         out["interfaces"] = sorted(dict(self.attacher.attached).values())
         out["tables"] = self.sync.table_counts()
         c = out["counters"]
@@ -263,9 +275,8 @@ class Agent:
 
 
 def _link_flag_names(flags):
-    from . import translate as t
-    names = [("up", t.LINK_UP), ("forwarding", t.LINK_FORWARDING), ("redirect_peer", t.LINK_REDIRECT_PEER),
-             ("rp_filter_strict", t.LINK_RPF_STRICT), ("rp_filter_loose", t.LINK_RPF_LOOSE)]
+    names = [("up", LINK_UP), ("forwarding", LINK_FORWARDING), ("redirect_peer", LINK_REDIRECT_PEER),
+             ("rp_filter_strict", LINK_RPF_STRICT), ("rp_filter_loose", LINK_RPF_LOOSE)]
     return [n for n, bit in names if flags & bit]
 
 
@@ -278,5 +289,4 @@ def _iso(ts):
 
 
 def _pid():
-    import os
     return os.getpid()

@@ -3,7 +3,7 @@
 Only compiling and loading live here; attaching the program to interfaces is
 mirror/tc.py's job.  Usage::
 
-    from mirror.datapath import Datapath, reasons, source_text
+    from mirror.datapath import Datapath, source_text
     dp = Datapath()                 # compiles kernel_bpf/tc_ingress.c, loads it
     fd = dp.fd                      # SCHED_CLS program fd, for tc/tcx attach
     routes = dp.table("routes")     # bcc table (Key/Leaf ctypes from common.h)
@@ -16,7 +16,7 @@ with the project's own ``#include "x.h"`` lines expanded in place (``#line``
 markers keep compiler messages pointing at the real files).  That flattened
 text is what source_text() returns.
 
-reasons() and source_text() need neither root nor BCC.
+source_text() needs neither root nor BCC.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+from .reasons import REASONS
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "kernel_bpf"
 ENTRY = "tc_ingress.c"
@@ -41,30 +43,6 @@ _REASON_RE = re.compile(r'X\(\s*([A-Z0-9_]+)\s*,\s*(\d+)\s*,\s*"((?:[^"\\]|\\.)*
 
 class DatapathError(RuntimeError):
     """The datapath could not be compiled or loaded; the message says why."""
-
-
-def reasons(common_h: os.PathLike | str = COMMON_H) -> List[Tuple[int, str, str]]:
-    """[(value, NAME, description)] from LM_REASONS in common.h, by value.
-
-    NAME is without the LM_ prefix (FORWARDED, AGENT_STALE, ...); the value is
-    the counters index and route action.  Raises DatapathError if the list
-    cannot be found or its values are not 0..n-1.
-    """
-    text = Path(common_h).read_text()
-    start = text.find("#define LM_REASONS(X)")
-    if start < 0:
-        raise DatapathError(f"{common_h}: no '#define LM_REASONS(X)'")
-    # The macro body: continuation lines up to the first line without '\'.
-    body = []
-    for line in text[start:].splitlines():
-        body.append(line)
-        if not line.rstrip().endswith("\\"):
-            break
-    found = [(int(v), name, desc) for name, v, desc in _REASON_RE.findall("\n".join(body))]
-    found.sort()
-    if not found or [v for v, _, _ in found] != list(range(len(found))):
-        raise DatapathError(f"{common_h}: LM_REASONS values are not 0..n-1: {found}")
-    return found
 
 
 def _flatten(path: Path, seen: set, out: List[str]) -> None:
@@ -218,7 +196,7 @@ class Datapath:
         """{reason NAME: (packets, bytes)} summed over CPUs."""
         t = self.table("counters")
         out = {}
-        for value, name, _ in reasons():
+        for value, name, _ in REASONS:
             per_cpu = t.getvalue(t.Key(value))
             out[name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out

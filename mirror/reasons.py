@@ -20,6 +20,8 @@ def load(path: str = COMMON_H) -> List[Reason]:
     """The LM_REASONS X-macro entries, in value order."""
     with open(path) as f:
         text = f.read()
+    if "#define LM_REASONS(X)" not in text:
+        raise ValueError(f"{path}: no '#define LM_REASONS(X)'")
     block = text[text.index("#define LM_REASONS(X)"):]
     block = block[: block.index("\n\n")]
     out = sorted(Reason(int(v), n, d) for n, v, d in _ENTRY.findall(block))

@@ -13,7 +13,6 @@ import socket
 import struct
 import threading
 
-from .reasons import REASONS
 from .translate import Desired, LinkEntry, RouteEntry
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class Codec:
 
 class Reconciler:
     def __init__(self, tables):
-        """tables: name -> BCC table for routes, neighbors, links, config, counters."""
+        """tables: name -> BCC table for routes, neighbors, links and config."""
         self.tables = tables
         self.codec = Codec(tables)
         self.shadow = Desired()
@@ -175,15 +174,6 @@ class Reconciler:
             self._write_config()
 
     # -- reading ---------------------------------------------------------
-    def counters(self):
-        """{reason name: (packets, bytes)} summed over CPUs."""
-        table = self.tables["counters"]
-        out = {}
-        for reason in REASONS:
-            per_cpu = table[ctypes.c_int(reason.value)]
-            out[reason.name] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
-        return out
-
     def table_counts(self):
         return {name: len(self.tables[name].items()) for name in TABLES}
 

@@ -1,33 +1,11 @@
-"""mirror/datapath.py without root: reason list, source flattening, errors."""
+"""mirror/datapath.py without root: source flattening, errors."""
 
 import re
 
 import pytest
 
 from mirror import datapath
-from mirror.datapath import BPF_DIR, DatapathError, reasons, source_text
-
-
-def test_reasons_match_common_h():
-    rs = reasons()
-    assert rs[0] == (0, "FORWARDED", "forwarded by the fast path")
-    assert [v for v, _, _ in rs] == list(range(len(rs)))
-    names = [n for _, n, _ in rs]
-    assert len(set(names)) == len(names)
-    for name in ("AGENT_STALE", "IFACE_UNMANAGED", "LOCAL", "NO_ROUTE", "RP_FILTER",
-                 "MTU_EXCEEDED", "GSO_UNSUPPORTED"):
-        assert name in names
-    assert all(desc for _, _, desc in rs)
-
-
-def test_reasons_rejects_gaps(tmp_path):
-    h = tmp_path / "common.h"
-    h.write_text('#define LM_REASONS(X) \\\n\tX(FORWARDED, 0, "a") \\\n\tX(B, 2, "b")\n')
-    with pytest.raises(DatapathError):
-        reasons(h)
-    h.write_text("/* nothing */\n")
-    with pytest.raises(DatapathError):
-        reasons(h)
+from mirror.datapath import BPF_DIR, DatapathError, source_text
 
 
 def test_source_text_inlines_local_headers_once():

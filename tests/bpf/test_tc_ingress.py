@@ -24,9 +24,9 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Padding, Raw
 
 from lm_bpfrun import TOPO_MACS as MACS, SkBuff, TC_ACT_REDIRECT, TC_ACT_UNSPEC, prog_test_run
-from mirror.datapath import reasons
+from mirror.reasons import BY_NAME
 
-R = {name: value for value, name, _ in reasons()}
+R = BY_NAME
 
 UP = 1 << 0
 FWD = 1 << 1
