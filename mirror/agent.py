@@ -6,6 +6,7 @@ reconciled; only then is the heartbeat extended, so a stuck or dead agent
 turns the fast path off (the datapath punts once the deadline passes).
 """
 
+import errno
 import logging
 import os
 import queue
@@ -14,9 +15,11 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from . import control, netfilter, netlink, tc
 from . import model as m
-from .datapath import Datapath
+from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
@@ -41,6 +44,7 @@ class Agent:
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> monotonic ns it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
+        self.attach_failed = {}  # ifindex -> Link state in which attaching failed
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -172,10 +176,20 @@ class Agent:
             log.debug("applied %d map changes", changes)
 
     def _attach(self, ifindex, name):
+        link = self.state.links.get(ifindex)
+        if self.attach_failed.get(ifindex) == link:
+            return  # failed before in this very state: retry once it changes
         try:
             self.attacher.attach(ifindex, name)
-        except Exception as e:  # e.g. the link vanished meanwhile
+            self.attach_failed.pop(ifindex, None)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return  # the link vanished meanwhile; its RTM_DELLINK follows
+            if self.ready_since is None:  # at start: clsact/cls_bpf missing, no CAP_NET_ADMIN...
+                raise DatapathError(f"cannot attach the TC program to {name}: {e}") from e
+            # Unattached, the interface simply stays with the kernel.
             log.warning("cannot attach to %s (ifindex %d): %s", name, ifindex, e)
+            self.attach_failed[ifindex] = link
 
     def _beat(self):
         self.sync.heartbeat(time.monotonic_ns() + HEARTBEAT_GRACE_NS)

@@ -254,3 +254,36 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
     before = counters(a)
     assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
     assert delta(counters(a), before).get("FORWARDED", 0) == 1
+
+
+def test_mtu_same_as_kernel(routed_topology, agent):
+    """Egress MTU below the packet: the kernel fragments or answers 'frag
+    needed'; the fast path must leave both to it, GSO aggregates included."""
+    topo = routed_topology
+    topo.run("node", ["ip", "link", "set", topo.node_if2, "mtu", "1400"])
+    warm_neighbors(topo)
+    silence(topo)
+    fits = frame(topo, payload=UDP(sport=1, dport=2) / (b"a" * (1400 - 28)))
+    too_big_df = frame(topo, payload=UDP(sport=1, dport=2) / (b"b" * 1400))
+    too_big = frame(topo, flags=0, payload=UDP(sport=1, dport=2) / (b"c" * 1400))
+    kernel = send_and_capture(topo, [fits, too_big_df, too_big])
+    assert len(kernel) == 3  # fits, plus too_big in two fragments
+    a = agent(topo)
+    c0 = counters(a)
+    assert send_and_capture(topo, [fits, too_big_df, too_big]) == kernel
+    d = delta(counters(a), c0)
+    assert d.get("FORWARDED") == 1 and d.get("MTU_EXCEEDED") == 2, d
+
+    # TCP with TSO from pod1 (MSS for 1500) across the 1400 link: the first
+    # oversized aggregates punt, the kernel's "frag needed" lowers the path
+    # MTU, and the rest flows through the fast path.
+    topo.run("pod2", ["iptables", "-F", "INPUT"])
+    port = 5202
+    srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL)
+    topo.wait_listen("pod2", port, proc=srv)
+    c0 = counters(a)
+    res = json.loads(topo.run("pod1", ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-n", "50M", "-J"]).stdout)
+    srv.wait(timeout=10)
+    assert res["end"]["sum_sent"]["bytes"] >= 50 * 1024 * 1024
+    d = delta(counters(a), c0)
+    assert d.get("MTU_EXCEEDED", 0) >= 1 and d["FORWARDED"] > 0.9 * sum(d.values()), d
