@@ -12,8 +12,8 @@
   when the test failed.
 
 tools/ is put on sys.path, so tests can `from topology import RoutedTopology, Agent`
-and `import measure`. `from conftest import skip_unless_root, unique_name` in a test
-module imports from the conftest.py nearest to it (see pytest_make_collect_report).
+and `import measure`; test modules take `skip_unless_root` and `unique_name` from
+tests/nstest.py (conftest modules are not meant to be imported).
 """
 
 import os
@@ -31,55 +31,7 @@ if TOOLS not in sys.path:
 import topology  # noqa: E402
 from topology import Agent, DirectPair, RoutedTopology  # noqa: E402
 
-_ROOT_OK, _ROOT_WHY = topology.have_root_and_netns()
-
-# `@skip_unless_root` on a test or class, or `pytestmark = skip_unless_root` in a module.
-skip_unless_root = pytest.mark.skipif(not _ROOT_OK, reason=f"needs root and ip netns: {_ROOT_WHY}")
-
-
-def unique_name(prefix="lmt"):
-    """prefix-<6 hex> such that no namespace named '<that>-*' exists."""
-    return topology.unique_prefix(prefix)
-
-
-def _nearest_conftest(config, path):
-    """The conftest module pytest loaded that is closest to directory `path`."""
-    loaded = {}
-    for plugin in config.pluginmanager.get_plugins():
-        f = getattr(plugin, "__file__", None)
-        if f and os.path.basename(f) == "conftest.py":
-            loaded[os.path.realpath(f)] = plugin
-    d = os.path.realpath(str(path))
-    while True:
-        mod = loaded.get(os.path.join(d, "conftest.py"))
-        if mod is not None:
-            return mod
-        parent = os.path.dirname(d)
-        if parent == d:
-            return None
-        d = parent
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector):
-    # tests/, tests/bpf/ and tests/unit/ each have a conftest.py and pytest imports
-    # every one of them as the module "conftest" (the last one wins in sys.modules).
-    # While a test module is imported, make `from conftest import X` mean the
-    # conftest nearest to that test file, as for fixtures.
-    if not isinstance(collector, pytest.Module):
-        return (yield)
-    mod = _nearest_conftest(collector.config, collector.path.parent)
-    if mod is None:
-        return (yield)
-    saved = sys.modules.get("conftest")
-    sys.modules["conftest"] = mod
-    try:
-        return (yield)
-    finally:
-        if saved is None:
-            sys.modules.pop("conftest", None)
-        else:
-            sys.modules["conftest"] = saved
+from nstest import _ROOT_OK, _ROOT_WHY, unique_name  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from conftest import skip_unless_root, unique_name
+from nstest import skip_unless_root, unique_name
 from test_routing import HERE, PY, counters, delta, frame, send_and_capture, silence, warm_neighbors
 
 pytestmark = skip_unless_root

@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.l2 import Ether
 
-from conftest import skip_unless_root
+from nstest import skip_unless_root
 
 pytestmark = skip_unless_root
 
