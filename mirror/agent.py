@@ -136,6 +136,7 @@ class Agent:
 
     def _apply_batch(self, batch, reread_sysctls):
         resync = False
+        tc_changed = set()  # ifindexes with qdisc/filter events
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -144,6 +145,8 @@ class Agent:
                     reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF")
                     if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                         self._track_stale(msg)
+                    elif event in netlink.TC_EVENTS:
+                        tc_changed.add(msg["index"])
             elif kind == "netfilter":
                 self._set_netfilter(payload)
             elif kind == "resync":
@@ -151,6 +154,10 @@ class Agent:
         if resync:
             self.state = self._resynced_state()
             reread_sysctls = True
+        elif tc_changed:
+            for index in tc_changed:
+                self.state.egress_tc.pop(index, None)
+            self.state.egress_tc.update(netlink.read_egress_tc(self.netlink.requests, tc_changed))
         if reread_sysctls:
             self._refresh_sysctls()
         self._reconcile()

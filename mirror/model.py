@@ -134,6 +134,9 @@ class KernelState:
     neighbors: Dict[Tuple[int, str], Neighbor] = field(default_factory=dict)
     rules: Set[Rule] = field(default_factory=set)
     sysctls: Dict[str, LinkSysctls] = field(default_factory=dict)  # by ifname
+    # Links whose egress path is not empty (a root qdisc other than noqueue,
+    # clsact egress filters): ifindex -> what is there.
+    egress_tc: Dict[int, str] = field(default_factory=dict)
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
@@ -153,6 +156,7 @@ class KernelState:
     def del_link(self, index: int):
         """A link is gone: its addresses, routes and neighbours go with it."""
         self.links.pop(index, None)
+        self.egress_tc.pop(index, None)
         self.addresses = {a for a in self.addresses if a.index != index}
         self._flush_neighbors(index, keep_permanent=False)
         self._flush_routes(index)

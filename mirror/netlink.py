@@ -32,6 +32,7 @@ GROUPS = (
     | rtnl.RTMGRP_IPV4_ROUTE
     | rtnl.RTMGRP_NEIGH
     | rtnl.RTMGRP_IPV4_RULE
+    | rtnl.RTMGRP_TC  # qdiscs and filters: what a redirect may skip
     | (1 << (rtnl.RTNLGRP_IPV4_NETCONF - 1))  # forwarding / rp_filter changes
 )
 
@@ -159,9 +160,39 @@ def apply(state: m.KernelState, msg) -> bool:
             state.rules.add(rule)
         else:
             state.rules.discard(rule)
-    elif event not in ("RTM_NEWNETCONF", "RTM_DELNETCONF"):
+    elif event not in ("RTM_NEWNETCONF", "RTM_DELNETCONF") and event not in TC_EVENTS:
         return False
     return True
+
+
+TC_EVENTS = ("RTM_NEWQDISC", "RTM_DELQDISC", "RTM_NEWTFILTER", "RTM_DELTFILTER")
+TC_H_ROOT = 0xFFFFFFFF
+CLSACT_EGRESS = 0xFFFFFFF3
+
+
+def read_egress_tc(ipr, indexes):
+    """{ifindex: description} for links whose egress path is not empty.
+
+    Re-read on any tc event rather than replaying tc messages: qdisc and
+    filter deletion semantics (whole chains, replaced defaults) are subtle,
+    and a dump of one link is cheap.  Vanished links are simply absent.
+    """
+    out = {}
+    for index in indexes:
+        try:
+            qdiscs = ipr.get_qdiscs(index=index)
+            root = [q.get_attr("TCA_KIND") for q in qdiscs if q["parent"] == TC_H_ROOT]
+            what = [f"root qdisc {kind}" for kind in root if kind != "noqueue"]
+            if any(q.get_attr("TCA_KIND") == "clsact" for q in qdiscs):
+                filters = [f for f in ipr.get_filters(index=index, parent=CLSACT_EGRESS) if f["handle"]]
+                if filters:
+                    what.append(f"{len(filters)} egress filter(s)")
+        except Exception as e:  # vanished (ENODEV): its RTM_DELLINK follows
+            log.debug("tc dump of ifindex %d failed: %s", index, e)
+            continue
+        if what:
+            out[index] = ", ".join(what)
+    return out
 
 
 def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
@@ -199,6 +230,7 @@ def dump(ipr) -> m.KernelState:
             state.set_neighbor(neigh)
     for msg in ipr.get_rules(family=socket.AF_INET):
         state.rules.add(parse_rule(msg))
+    state.egress_tc = read_egress_tc(ipr, list(state.links))
     return state
 
 

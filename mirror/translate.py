@@ -77,7 +77,7 @@ def translate(state: m.KernelState, selection: Selection = Selection()) -> Desir
     out = Desired()
     managed = {i: l for i, l in state.links.items() if eligible(l, selection)}
     out.attach = {i: l.name for i, l in managed.items()}
-    out.links = {i: _link_entry(l, state.sysctls.get(l.name)) for i, l in managed.items()}
+    out.links = {i: _link_entry(l, state.sysctls.get(l.name), i in state.egress_tc) for i, l in managed.items()}
     out.neighbors = {
         (n.ifindex, n.dst): n.mac
         for n in state.neighbors.values()
@@ -88,12 +88,14 @@ def translate(state: m.KernelState, selection: Selection = Selection()) -> Desir
     return out
 
 
-def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls]) -> LinkEntry:
+def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool) -> LinkEntry:
     flags = 0
     if link.oper_up:
         flags |= LINK_UP
-    if link.kind == "veth" and link.peer_in_other_netns:
-        # bpf_redirect_peer drops unless the peer lives in another netns.
+    # bpf_redirect_peer skips this device's egress qdisc and filters (and
+    # drops unless the peer lives in another netns): only where there is
+    # nothing to skip.  Elsewhere bpf_redirect takes the kernel's egress path.
+    if link.kind == "veth" and link.peer_in_other_netns and not egress_busy:
         flags |= LINK_REDIRECT_PEER
     if sysctls is not None:  # unknown sysctls: no FORWARDING flag, so punt
         if sysctls.forwarding:

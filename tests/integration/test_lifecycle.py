@@ -175,3 +175,34 @@ def test_stale_neighbor_in_use_is_reconfirmed(routed_topology, agent):
     assert delta(counters(a), c0).get("FORWARDED", 0) > 0
     assert arp_requests, "the node never re-confirmed pod2 while the fast path used it"
     assert "STALE" not in topo.run("node", ["ip", "neigh", "show", topo.pod2_ip, "dev", dev]).stdout
+
+
+def test_egress_qdisc_is_not_bypassed(routed_topology, agent):
+    """A shaper on the node's veth towards pod2 (as the Kubernetes bandwidth
+    plugin installs) must keep shaping: no redirect_peer past it."""
+    topo = routed_topology
+    dev = topo.node_if2
+    a = agent(topo)
+
+    def throughput_mbit():
+        port = 5203
+        srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL)
+        topo.wait_listen("pod2", port, proc=srv)
+        res = json.loads(topo.run("pod1", ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-t", "2", "-J"]).stdout)
+        srv.wait(timeout=10)
+        return res["end"]["sum_received"]["bits_per_second"] / 1e6
+
+    def link_flags():
+        return topo.run("node", ["loxi-mirror", "dump", "links"]).stdout
+
+    assert re.search(rf"{dev} \S+ mtu 1500 <up,forwarding,redirect_peer>", link_flags())
+    topo.run("node", ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "20mbit", "burst", "32kbit",
+                      "latency", "50ms"])
+    time.sleep(0.2)
+    assert re.search(rf"{dev} \S+ mtu 1500 <up,forwarding>", link_flags())
+    c0 = counters(a)
+    assert throughput_mbit() < 25  # shaped, as by the kernel alone
+    assert delta(counters(a), c0)["FORWARDED"] > 0  # still the fast path, via the qdisc
+    topo.run("node", ["tc", "qdisc", "del", "dev", dev, "root"])
+    time.sleep(0.2)
+    assert re.search(rf"{dev} \S+ mtu 1500 <up,forwarding,redirect_peer>", link_flags())

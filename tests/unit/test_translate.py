@@ -133,3 +133,9 @@ def test_eligibility_and_selection():
     assert set(translate(st, Selection(include="v.*")).attach) == {3, 4}
     assert set(translate(st, Selection(exclude="v1|eth0")).attach) == {4}
     assert set(translate(st, Selection(include="v")).attach) == set()  # whole-name match
+
+
+def test_no_redirect_peer_past_an_egress_qdisc_or_filter():
+    st = node(egress_tc={4: "root qdisc tbf"})
+    d = translate(st)
+    assert d.links[3].flags & LINK_REDIRECT_PEER and not d.links[4].flags & LINK_REDIRECT_PEER
