@@ -23,7 +23,7 @@ from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
-                        custom_rules, translate)
+                        custom_rules, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -155,21 +155,27 @@ class Agent:
             self.state = self._resynced_state()
             reread_sysctls = True
         elif tc_changed:
+            busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
             for index in tc_changed:
-                self.state.egress_tc.pop(index, None)
-            self.state.egress_tc.update(netlink.read_egress_tc(self.netlink.requests, tc_changed))
+                self.state.set_egress_tc(index, busy.get(index))
         if reread_sysctls:
             self._refresh_sysctls()
-        self._reconcile()
+        self._reconcile(full=resync)
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
         fresh.netfilter_impact = self.state.netfilter_impact
         return fresh
 
-    def _reconcile(self):
-        desired = translate(self.state, self.selection)
-        changes = self.sync.apply(desired)
+    def _reconcile(self, full=True):
+        """Full: translate everything (start, resync).  Otherwise only what
+        the model recorded as changed, so a batch costs what it touches."""
+        if full:
+            self.state.take_changes()
+            desired = translate(self.state, self.selection)
+        else:
+            desired = translate_changes(self.state, self.state.take_changes(), self.selection)
+        changes = self.sync.apply(desired, full=full)
         for ifindex, name in desired.attach.items():
             if ifindex not in self.attacher.attached:
                 self._attach(ifindex, name)
@@ -209,7 +215,7 @@ class Agent:
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
-        self.state.sysctls = netlink.read_sysctls(names)
+        self.state.set_sysctls(netlink.read_sysctls(names))
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -242,7 +248,7 @@ class Agent:
         if cmd == "status":
             return self.status()
         if cmd == "dump":
-            return {"entries": self.dump(req.get("table", ""))}
+            return {"entries": self.dump(req.get("table", ""), req.get("match"))}
         if cmd == "stop":
             self.stopping.set()
             return {"stopping": True, "pid": _pid()}
@@ -274,11 +280,13 @@ class Agent:
             return f"policy routing: {len(rules)} rule(s) beyond the defaults"
         return None
 
-    def dump(self, table):
+    def dump(self, table, match=None):
+        """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
+        looks up just that entry (a full read of a big table is slow)."""
         if table not in ("routes", "neighbors", "links"):
             raise ValueError(f"no table {table!r}")
-        rows = self.sync.read(table)
         names = {i: l.name for i, l in self.state.links.items()}
+        rows = self.sync.read(table, self._keys(table, match or {}, names))
         reason_names = {r.value: r.name for r in REASONS}
         if table == "routes":
             return [
@@ -293,6 +301,16 @@ class Agent:
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
                  "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+
+
+    @staticmethod
+    def _keys(table, match, names):
+        if table == "routes" and "prefix" in match:
+            dst, plen = match["prefix"].split("/")
+            return [(dst, int(plen))]
+        if table == "neighbors" and "ip" in match and "interface" in match:
+            return [(i, match["ip"]) for i, name in names.items() if name == match["interface"]]
+        return None
 
 
 def _link_flag_names(flags):

@@ -125,8 +125,25 @@ class LinkSysctls:
 
 
 @dataclass
+class Changes:
+    """What changed since the translator last looked: keys to re-translate."""
+
+    prefixes: Set[Tuple[str, int]] = field(default_factory=set)  # route table keys
+    links: Set[int] = field(default_factory=set)
+    neighbors: Set[Tuple[int, str]] = field(default_factory=set)
+    all_routes: bool = False  # a covering local-table prefix changed
+
+    def __bool__(self):
+        return bool(self.prefixes or self.links or self.neighbors or self.all_routes)
+
+
+@dataclass
 class KernelState:
-    """One namespace's networking state as far as the fast path cares."""
+    """One namespace's networking state as far as the fast path cares.
+
+    Mutate it through the methods: they keep the indexes and record what
+    changed, so the translator can redo just that.
+    """
 
     links: Dict[int, Link] = field(default_factory=dict)
     addresses: Set[Address] = field(default_factory=set)
@@ -140,10 +157,25 @@ class KernelState:
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
+    # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;
+    # ifindex -> its neighbours' keys.
+    by_prefix: Dict[Tuple[str, int], Dict[tuple, Route]] = field(default_factory=dict)
+    by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
+    neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
+    local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
+    changes: Changes = field(default_factory=Changes)
 
+    def take_changes(self) -> Changes:
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    # -- links -------------------------------------------------------------
     def set_link(self, link: Link):
         old = self.links.get(link.index)
         self.links[link.index] = link
+        if old == link:
+            return
+        self._link_changed(link.index, routes=old is None or old.mtu != link.mtu)
         if old is None:
             return
         # The kernel flushes these without sending messages for them.
@@ -155,31 +187,102 @@ class KernelState:
 
     def del_link(self, index: int):
         """A link is gone: its addresses, routes and neighbours go with it."""
+        self._link_changed(index, routes=False)
         self.links.pop(index, None)
         self.egress_tc.pop(index, None)
-        self.addresses = {a for a in self.addresses if a.index != index}
+        for addr in [a for a in self.addresses if a.index == index]:
+            self.del_address(addr)
         self._flush_neighbors(index, keep_permanent=False)
         self._flush_routes(index)
 
-    def _flush_routes(self, index: int):
-        for key, route in list(self.routes.items()):
-            if any(nh.oif == index for nh in route.nexthops):
-                del self.routes[key]
+    def _link_changed(self, index: int, routes: bool):
+        """The link's entry, its neighbours (eligibility) and, if its MTU
+        may have changed, the routes through it need another look."""
+        self.changes.links.add(index)
+        self.changes.neighbors |= self.neighbors_by_link.get(index, set())
+        if routes:
+            self.changes.prefixes |= {(k[1], k[2]) for k in self.by_oif.get(index, ())}
 
-    def _flush_neighbors(self, index: int, keep_permanent: bool):
-        self.neighbors = {
-            k: n for k, n in self.neighbors.items()
-            if n.ifindex != index or (keep_permanent and n.state & NUD_PERMANENT)
-        }
+    def set_sysctls(self, sysctls: Dict[str, LinkSysctls]):
+        changed = {n for n in set(sysctls) | set(self.sysctls) if sysctls.get(n) != self.sysctls.get(n)}
+        self.sysctls = sysctls
+        self.changes.links |= {i for i, l in self.links.items() if l.name in changed}
+
+    def set_egress_tc(self, index: int, what: Optional[str]):
+        if self.egress_tc.get(index) == what:
+            return
+        if what is None:
+            self.egress_tc.pop(index, None)
+        else:
+            self.egress_tc[index] = what
+        self.changes.links.add(index)
+
+    # -- addresses and routes ---------------------------------------------
+    def add_address(self, addr: Address):
+        self.addresses.add(addr)
+        self.changes.prefixes.add((addr.address, 32))
+
+    def del_address(self, addr: Address):
+        self.addresses.discard(addr)
+        self.changes.prefixes.add((addr.address, 32))
 
     def set_route(self, route: Route):
+        old = self.routes.get(route.key)
+        if old is not None:
+            self._unindex(old)
         self.routes[route.key] = route
+        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = route
+        for nh in route.nexthops:
+            self.by_oif.setdefault(nh.oif, set()).add(route.key)
+        if route.table == TABLE_LOCAL and route.dst_len < 32:
+            self.local_short.add((route.dst, route.dst_len))
+        self._route_changed(route)
 
     def del_route(self, route: Route):
-        self.routes.pop(route.key, None)
+        old = self.routes.pop(route.key, None)
+        if old is not None:
+            self._unindex(old)
+            self._route_changed(old)
 
+    def _unindex(self, route: Route):
+        prefix = (route.dst, route.dst_len)
+        self.by_prefix[prefix].pop(route.key, None)
+        if not self.by_prefix[prefix]:
+            del self.by_prefix[prefix]
+        if not any(r.table == TABLE_LOCAL for r in self.by_prefix.get(prefix, {}).values()):
+            self.local_short.discard(prefix)
+        for nh in route.nexthops:
+            keys = self.by_oif.get(nh.oif)
+            if keys is not None:
+                keys.discard(route.key)
+                if not keys:
+                    del self.by_oif[nh.oif]
+
+    def _route_changed(self, route: Route):
+        self.changes.prefixes.add((route.dst, route.dst_len))
+        if route.table == TABLE_LOCAL and route.dst_len < 32:
+            self.changes.all_routes = True  # it covers main-table prefixes
+
+    def _flush_routes(self, index: int):
+        for key in list(self.by_oif.get(index, ())):
+            self.del_route(self.routes[key])
+
+    # -- neighbours --------------------------------------------------------
     def set_neighbor(self, neigh: Neighbor):
         self.neighbors[neigh.key] = neigh
+        self.neighbors_by_link.setdefault(neigh.ifindex, set()).add(neigh.key)
+        self.changes.neighbors.add(neigh.key)
 
     def del_neighbor(self, neigh: Neighbor):
-        self.neighbors.pop(neigh.key, None)
+        if self.neighbors.pop(neigh.key, None) is not None:
+            keys = self.neighbors_by_link[neigh.ifindex]
+            keys.discard(neigh.key)
+            if not keys:
+                del self.neighbors_by_link[neigh.ifindex]
+        self.changes.neighbors.add(neigh.key)
+
+    def _flush_neighbors(self, index: int, keep_permanent: bool):
+        for key in list(self.neighbors_by_link.get(index, ())):
+            neigh = self.neighbors[key]
+            if not (keep_permanent and neigh.state & NUD_PERMANENT):
+                self.del_neighbor(neigh)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 RCVBUF = 32 << 20  # burst of 20k routes overruns the default buffer
 SO_RCVBUFFORCE = 33
 NETLINK_ROUTE = 0
+RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)
 EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
 
 GROUPS = (
@@ -39,6 +40,7 @@ GROUPS = (
 # Rule attributes that do not select packets or change the lookup.
 _RULE_NEUTRAL_ATTRS = {"FRA_PRIORITY", "FRA_TABLE", "FRA_PROTOCOL", "FRA_UNSPEC"}
 _RULE_UNSET = 0xFFFFFFFF
+RTAX_MTU = 2
 # Route attributes whose meaning the translator fully handles.
 _ROUTE_ATTRS = {"RTA_TABLE", "RTA_DST", "RTA_PREFSRC", "RTA_OIF", "RTA_GATEWAY", "RTA_PRIORITY",
                 "RTA_METRICS", "RTA_MULTIPATH", "RTA_CACHEINFO", "RTA_PREF"}  # FRA_SUPPRESS_PREFIXLEN / _IFGROUP "not set"
@@ -66,29 +68,37 @@ def parse_address(msg) -> m.Address:
 
 
 def parse_route(msg) -> m.Route:
+    attrs = dict(msg["attrs"])  # one pass: get_attr() rescans the list each time
     # Anything else (nexthop objects arrive as UNKNOWN RTA_NH_ID, lwtunnel
     # encap, RTA_VIA, realms ...) changes forwarding in ways not mirrored.
-    unsupported = sorted({name for name, _ in msg["attrs"] if name not in _ROUTE_ATTRS})
-    multipath = msg.get_attr("RTA_MULTIPATH")
+    unsupported = sorted(name for name in attrs if name not in _ROUTE_ATTRS)
+    multipath = attrs.get("RTA_MULTIPATH")
     if multipath:
         hops = tuple(
             m.Nexthop(oif=nh["oif"], gateway=nh.get_attr("RTA_GATEWAY"), flags=nh["flags"])
             for nh in multipath
         )
-    elif msg.get_attr("RTA_OIF") is not None or msg.get_attr("RTA_GATEWAY") is not None:
-        hops = (m.Nexthop(oif=msg.get_attr("RTA_OIF") or 0, gateway=msg.get_attr("RTA_GATEWAY"),
+    elif "RTA_OIF" in attrs or "RTA_GATEWAY" in attrs:
+        hops = (m.Nexthop(oif=attrs.get("RTA_OIF") or 0, gateway=attrs.get("RTA_GATEWAY"),
                           flags=msg["flags"] & 0xFF),)
     else:
         hops = ()
-    metrics = msg.get_attr("RTA_METRICS")
-    mtu = (metrics.get_attr("RTAX_MTU") if metrics else None) or 0
+    mtu = 0
+    metrics = attrs.get("RTA_METRICS")
+    if metrics:
+        metrics = dict(metrics["attrs"])
+        mtu = metrics.get("RTAX_MTU") or 0
+        if metrics.get("RTAX_LOCK", 0) & (1 << RTAX_MTU):
+            # "mtu lock": the kernel then forwards by learned path MTUs
+            # (ip_dst_mtu_maybe_forward), which are not mirrored.
+            unsupported.append("RTAX_LOCK mtu")
     return m.Route(
-        table=msg.get_attr("RTA_TABLE") or msg["table"],
-        dst=msg.get_attr("RTA_DST") or "0.0.0.0",
+        table=attrs.get("RTA_TABLE") or msg["table"],
+        dst=attrs.get("RTA_DST") or "0.0.0.0",
         dst_len=msg["dst_len"],
         type=msg["type"],
         tos=msg["tos"],
-        priority=msg.get_attr("RTA_PRIORITY") or 0,
+        priority=attrs.get("RTA_PRIORITY") or 0,
         nexthops=hops,
         mtu=mtu,
         unsupported=tuple(unsupported),
@@ -137,9 +147,9 @@ def apply(state: m.KernelState, msg) -> bool:
     elif event in ("RTM_NEWADDR", "RTM_DELADDR") and family == socket.AF_INET:
         addr = parse_address(msg)
         if event == "RTM_NEWADDR":
-            state.addresses.add(addr)
+            state.add_address(addr)
         else:
-            state.addresses.discard(addr)
+            state.del_address(addr)
     elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and family == socket.AF_INET:
         route = parse_route(msg)
         if event == "RTM_NEWROUTE":
@@ -221,7 +231,7 @@ def dump(ipr) -> m.KernelState:
     for msg in ipr.get_links():
         state.set_link(parse_link(msg))
     for msg in ipr.get_addr(family=socket.AF_INET):
-        state.addresses.add(parse_address(msg))
+        state.add_address(parse_address(msg))
     for msg in ipr.get_routes(family=socket.AF_INET):  # every table
         state.set_route(parse_route(msg))
     for msg in ipr.get_neighbours(family=socket.AF_INET):
@@ -230,7 +240,8 @@ def dump(ipr) -> m.KernelState:
             state.set_neighbor(neigh)
     for msg in ipr.get_rules(family=socket.AF_INET):
         state.rules.add(parse_rule(msg))
-    state.egress_tc = read_egress_tc(ipr, list(state.links))
+    for index, what in read_egress_tc(ipr, list(state.links)).items():
+        state.set_egress_tc(index, what)
     return state
 
 
@@ -266,7 +277,7 @@ class NetlinkWatcher:
     def _run(self):
         while not self._stopping:
             try:
-                data = self.events.recv(1 << 20)
+                datagrams = self._receive()
             except OSError as e:
                 if self._stopping:
                     return
@@ -275,7 +286,7 @@ class NetlinkWatcher:
                 self.post(("resync", reason))
                 continue
             try:
-                msgs = list(self.marshal.parse(data))
+                msgs = [msg for data in datagrams for msg in self.marshal.parse(data)]
                 for msg in msgs:
                     msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
             except Exception as e:  # undecodable: do not guess, re-dump
@@ -284,6 +295,17 @@ class NetlinkWatcher:
                 continue
             if msgs:
                 self.post(("netlink", msgs))
+
+    def _receive(self, most=512):
+        """Block for one datagram, then take what else is already queued:
+        one hand-off per burst, not per message."""
+        datagrams = [self.events.recv(RECV_BYTES)]
+        while len(datagrams) < most:
+            try:
+                datagrams.append(self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                break
+        return datagrams
 
     def neighbor_use(self, ifindex: int, dst: str):
         """Tell the kernel the neighbour is in use (NTF_USE), as its own

@@ -95,53 +95,67 @@ class Reconciler:
         self.resyncs = 0
 
     # -- maps ------------------------------------------------------------
-    def apply(self, desired: Desired) -> int:
-        """Make the maps equal `desired`; returns how many entries changed."""
+    def apply(self, desired: Desired, full: bool = True) -> int:
+        """Make the maps match `desired`; returns how many entries changed.
+
+        full: `desired` holds every entry, anything else is deleted.
+        Otherwise it is a delta: only its keys are touched (None = delete).
+        """
         with self.lock:
             try:
-                return self._apply(desired)
+                return self._apply(self._as_delta(desired) if full else desired)
             except Exception as e:  # the shadow may now be wrong: re-read
                 log.warning("map update failed (%s): resyncing from the maps", e)
                 self.resyncs += 1
                 self._load_shadow()
-                return self._apply(desired)
+                return self._apply(self._as_delta(desired) if full else desired)
 
-    def _apply(self, desired: Desired) -> int:
+    def _as_delta(self, desired: Desired) -> Desired:
+        delta = Desired(punt_forward_reason=desired.punt_forward_reason)
+        for table in TABLES:
+            want = getattr(desired, table)
+            gone = {k: None for k in getattr(self.shadow, table) if k not in want}
+            setattr(delta, table, {**want, **gone})
+        return delta
+
+    def _apply(self, delta: Desired) -> int:
         c, t, cur = self.codec, self.tables, self.shadow
         changes = 0
         # Tighter global switch first, looser one last.
-        if desired.punt_forward_reason:
-            changes += self._set_punt_reason(desired.punt_forward_reason)
-        changes += self._delete(t["routes"], cur.routes, desired.routes, c.route_key)
-        changes += self._upsert(t["links"], cur.links, desired.links, c.link_key, c.link_leaf)
-        changes += self._upsert(t["neighbors"], cur.neighbors, desired.neighbors, c.neigh_key, c.neigh_leaf)
-        changes += self._upsert(t["routes"], cur.routes, desired.routes, c.route_key, c.route_leaf)
-        changes += self._delete(t["neighbors"], cur.neighbors, desired.neighbors, c.neigh_key)
-        changes += self._delete(t["links"], cur.links, desired.links, c.link_key)
-        if not desired.punt_forward_reason:
+        if delta.punt_forward_reason:
+            changes += self._set_punt_reason(delta.punt_forward_reason)
+        changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
+        changes += self._upsert(t["links"], cur.links, delta.links, c.link_key, c.link_leaf)
+        changes += self._upsert(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key, c.neigh_leaf)
+        changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
+        changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
+        changes += self._delete(t["links"], cur.links, delta.links, c.link_key)
+        if not delta.punt_forward_reason:
             changes += self._set_punt_reason(0)
         return changes
 
     @staticmethod
-    def _upsert(table, current, desired, key_fn, leaf_fn) -> int:
+    def _upsert(table, current, delta, key_fn, leaf_fn) -> int:
         n = 0
-        for key, value in desired.items():
-            if current.get(key) != value:
+        for key, value in delta.items():
+            if value is not None and current.get(key) != value:
                 table[key_fn(key)] = leaf_fn(value)
                 current[key] = value
                 n += 1
         return n
 
     @staticmethod
-    def _delete(table, current, desired, key_fn) -> int:
-        gone = [k for k in current if k not in desired]
-        for key in gone:
-            try:
-                del table[key_fn(key)]
-            except KeyError:
-                pass  # already absent: the goal is reached
-            del current[key]
-        return len(gone)
+    def _delete(table, current, delta, key_fn) -> int:
+        n = 0
+        for key, value in delta.items():
+            if value is None and key in current:
+                try:
+                    del table[key_fn(key)]
+                except KeyError:
+                    pass  # already absent: the goal is reached
+                del current[key]
+                n += 1
+        return n
 
     def _load_shadow(self):
         c, t = self.codec, self.tables
@@ -175,14 +189,28 @@ class Reconciler:
 
     # -- reading ---------------------------------------------------------
     def table_counts(self):
-        return {name: len(self.tables[name].items()) for name in TABLES}
+        """Entries per map, as written (reading 65k entries back is slow)."""
+        with self.lock:
+            return {name: len(getattr(self.shadow, name)) for name in TABLES}
 
-    def read(self, name):
-        """A table's real contents, decoded (for `dump`)."""
+    def read(self, name, keys=None):
+        """A table's real contents, decoded (for `dump`); with `keys`, just
+        those entries, looked up one by one."""
         c, t = self.codec, self.tables
         decode = {"routes": c.decode_route, "neighbors": c.decode_neigh, "links": c.decode_link}[name]
+        if keys is None:
+            with self.lock:
+                return dict(decode(k, v) for k, v in t[name].items())
+        key_fn = {"routes": c.route_key, "neighbors": c.neigh_key, "links": c.link_key}[name]
+        out = {}
         with self.lock:
-            return dict(decode(k, v) for k, v in t[name].items())
+            for key in keys:
+                k = key_fn(key)
+                try:
+                    out.update([decode(k, t[name][k])])
+                except KeyError:
+                    pass
+        return out
 
     def neighbor_used_ns(self, key):
         try:

@@ -4,8 +4,8 @@ Pure: no I/O, no BPF, no clock; unit-tested without root.  Every case it
 does not understand becomes a punt with a named reason, never a guess.
 """
 
-import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -42,9 +42,13 @@ class LinkEntry:
 
 @dataclass
 class Desired:
-    routes: Dict[Tuple[str, int], RouteEntry] = field(default_factory=dict)  # (dst, len)
-    neighbors: Dict[Tuple[int, str], str] = field(default_factory=dict)  # (ifindex, ip) -> MAC
-    links: Dict[int, LinkEntry] = field(default_factory=dict)
+    """Map contents.  As a full translation: every entry.  As a delta
+    (translate_changes): only the keys that may have changed, where None
+    means the entry must not exist."""
+
+    routes: Dict[Tuple[str, int], Optional[RouteEntry]] = field(default_factory=dict)  # (dst, len)
+    neighbors: Dict[Tuple[int, str], Optional[str]] = field(default_factory=dict)  # (ifindex, ip) -> MAC
+    links: Dict[int, Optional[LinkEntry]] = field(default_factory=dict)
     punt_forward_reason: int = 0
     attach: Dict[int, str] = field(default_factory=dict)  # ifindex -> name to attach TC to
 
@@ -74,18 +78,46 @@ def eligible(link: m.Link, selection: Selection) -> bool:
 
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
-    out = Desired()
-    managed = {i: l for i, l in state.links.items() if eligible(l, selection)}
-    out.attach = {i: l.name for i, l in managed.items()}
-    out.links = {i: _link_entry(l, state.sysctls.get(l.name), i in state.egress_tc) for i, l in managed.items()}
-    out.neighbors = {
-        (n.ifindex, n.dst): n.mac
-        for n in state.neighbors.values()
-        if n.ifindex in managed and n.mac and n.state & m.NUD_VALID
-    }
-    out.routes = _routes(state)
-    out.punt_forward_reason = _punt_forward_reason(state)
+    """Every map entry the state calls for."""
+    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses},
+                        links=set(state.links), neighbors=set(state.neighbors))
+    full = translate_changes(state, changes, selection)
+    full.routes = {k: v for k, v in full.routes.items() if v is not None}
+    full.links = {k: v for k, v in full.links.items() if v is not None}
+    full.neighbors = {k: v for k, v in full.neighbors.items() if v is not None}
+    return full
+
+
+def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
+    """The entries for the keys in `changes` (None: must not exist), plus the
+    global switch and the attach set, which are cheap to recompute."""
+    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state))
+    out.links = {i: link_entry(state, i, selection) for i in changes.links}
+    out.neighbors = {k: neighbor_entry(state, k, selection) for k in changes.neighbors}
+    prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
+    local_ips = {a.address for a in state.addresses}
+    covering = _covering_local_prefixes(state)
+    out.routes = {p: route_entry(state, p, local_ips, covering) for p in prefixes}
     return out
+
+
+def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
+    return {i: l.name for i, l in state.links.items() if eligible(l, selection)}
+
+
+def link_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[LinkEntry]:
+    link = state.links.get(index)
+    if link is None or not eligible(link, selection):
+        return None
+    return _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc)
+
+
+def neighbor_entry(state: m.KernelState, key, selection: Selection) -> Optional[str]:
+    neigh = state.neighbors.get(key)
+    link = state.links.get(key[0])
+    if neigh is None or link is None or not eligible(link, selection):
+        return None
+    return neigh.mac if neigh.mac and neigh.state & m.NUD_VALID else None
 
 
 def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool) -> LinkEntry:
@@ -124,32 +156,41 @@ def custom_rules(state: m.KernelState):
     )
 
 
-def _routes(state: m.KernelState) -> Dict[Tuple[str, int], RouteEntry]:
-    main: Dict[Tuple[str, int], list] = {}
-    local: Dict[Tuple[str, int], RouteEntry] = {}
-    for route in state.routes.values():
-        prefix = (route.dst, route.dst_len)
-        if route.table == m.TABLE_MAIN:
-            main.setdefault(prefix, []).append(route)
-        elif route.table == m.TABLE_LOCAL:
-            local[prefix] = RouteEntry(_local_action(route.type))
-    # Addresses are in the local table too; keep them even if a local-table
-    # event is late, so a packet to this host never gets forwarded.
-    for addr in state.addresses:
-        local.setdefault((addr.address, 32), RouteEntry(R["LOCAL"]))
+def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
+    """The entry for one prefix: the kernel consults the local table before
+    main, so a local-table route (or an address, even before its local route
+    arrives) wins, and so does a shorter local-table prefix covering it."""
+    routes = state.by_prefix.get(prefix, {}).values()
+    local = [r for r in routes if r.table == m.TABLE_LOCAL]
+    main = [r for r in routes if r.table == m.TABLE_MAIN]
+    if local:
+        entry = RouteEntry(_local_action(min(local, key=lambda r: r.priority).type))
+    elif prefix[1] == 32 and prefix[0] in local_ips:
+        entry = RouteEntry(R["LOCAL"])
+    elif main:
+        entry = _main_entry(main, state.links)
+    else:
+        return None
+    if covering:
+        ip = _ip_int(prefix[0])
+        for net, plen, cover in covering:
+            if prefix[1] > plen and ip >> (32 - plen) == net:
+                return cover
+    return entry
 
-    out = {prefix: _main_entry(routes, state.links) for prefix, routes in main.items()}
-    # The kernel consults the local table before main: a local-table prefix
-    # wins over main routes of the same prefix or inside it.
-    out.update(local)
-    for (ldst, llen), lentry in local.items():
-        if llen == 32:
-            continue
-        net = ipaddress.IPv4Network(f"{ldst}/{llen}")
-        for (dst, dlen) in list(out):
-            if dlen > llen and ipaddress.IPv4Address(dst) in net:
-                out[(dst, dlen)] = lentry
+
+def _covering_local_prefixes(state: m.KernelState):
+    """Local-table routes shorter than /32 (127/8, AnyIP ...) as (net, len, entry)."""
+    out = []
+    for dst, plen in state.local_short:
+        local = [r for r in state.by_prefix[(dst, plen)].values() if r.table == m.TABLE_LOCAL]
+        entry = RouteEntry(_local_action(min(local, key=lambda r: r.priority).type))
+        out.append((_ip_int(dst) >> (32 - plen), plen, entry))
     return out
+
+
+def _ip_int(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "big")
 
 
 def _local_action(rtype: int) -> int:

@@ -4,7 +4,8 @@ Run inside the agent's namespace:
     reaction.py TABLE MATCH_JSON present|absent TIMEOUT -- COMMAND...
 
 Runs COMMAND, then polls the agent's real map contents (control socket
-`dump`, read from the BPF maps) until a row matching every field of
+`dump`, read from the BPF maps; a "prefix" or "interface"+"ip" in the
+match makes it a point lookup) until a row matching every field of
 MATCH_JSON is present / absent.  Prints {"ms": elapsed since COMMAND
 returned} or {"ms": null} on timeout.
 """
@@ -27,7 +28,7 @@ def main(argv):
     subprocess.run(argv[sep + 1:], check=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        rows = control.request({"cmd": "dump", "table": table})["entries"]
+        rows = control.request({"cmd": "dump", "table": table, "match": want})["entries"]
         found = any(matches(r, want) for r in rows)
         if found == (mode == "present"):
             print(json.dumps({"ms": (time.monotonic() - t0) * 1000}))

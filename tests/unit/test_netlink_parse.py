@@ -89,3 +89,9 @@ def test_link_down_flushes_what_the_kernel_flushes_silently():
     # admin down: IPv4 routes through it and all its neighbours go
     netlink.apply(st, link(4, "v2", flags=0))
     assert [r.dst for r in st.routes.values()] == ["10.1.0.0"] and not st.neighbors
+
+
+def test_route_with_locked_mtu_is_unsupported():
+    r = netlink.parse_route(route("10.9.0.0", 16, oif=3, extra=[("RTA_METRICS", {"attrs": [("RTAX_MTU", 1400),
+                                                                                            ("RTAX_LOCK", 1 << 2)]})]))
+    assert r.unsupported == ("RTAX_LOCK mtu",)

@@ -16,7 +16,8 @@ def node(**over):
     st.set_link(m.Link(1, "lo", "", "00:00:00:00:00:00", 65536, UP, link_type=772))
     st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True))
     st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True))
-    st.addresses |= {m.Address(3, "10.1.0.1", 24), m.Address(4, "10.2.0.1", 24)}
+    st.add_address(m.Address(3, "10.1.0.1", 24))
+    st.add_address(m.Address(4, "10.2.0.1", 24))
     for idx, net, addr in ((3, "10.1.0.0", "10.1.0.1"), (4, "10.2.0.0", "10.2.0.1")):
         st.set_route(m.Route(m.TABLE_MAIN, net, 24, nexthops=(m.Nexthop(idx),)))
         st.set_route(m.Route(m.TABLE_LOCAL, addr, 32, type=m.RTN_LOCAL, nexthops=(m.Nexthop(idx),)))
@@ -25,7 +26,10 @@ def node(**over):
     st.set_neighbor(m.Neighbor(3, "10.1.0.2", "02:00:00:00:01:02", m.NUD_REACHABLE))
     st.set_neighbor(m.Neighbor(4, "10.2.0.2", "02:00:00:00:02:02", m.NUD_STALE))
     st.rules |= {m.Rule(0, 255), m.Rule(32766, 254), m.Rule(32767, 253)}
-    st.sysctls = {"v1": m.LinkSysctls(True, 0), "v2": m.LinkSysctls(True, 0), "lo": m.LinkSysctls(True, 0)}
+    st.set_sysctls(over.pop("sysctls", {"v1": m.LinkSysctls(True, 0), "v2": m.LinkSysctls(True, 0),
+                                        "lo": m.LinkSysctls(True, 0)}))
+    for index, what in over.pop("egress_tc", {}).items():
+        st.set_egress_tc(index, what)
     for k, v in over.items():
         setattr(st, k, v)
     return st
@@ -77,7 +81,8 @@ def test_local_table_prefix_wins_over_main_inside_it():
 
 def test_addresses_are_local_even_without_local_table_routes():
     st = node()
-    st.routes = {k: r for k, r in st.routes.items() if r.table != m.TABLE_LOCAL}
+    for route in [r for r in st.routes.values() if r.table == m.TABLE_LOCAL]:
+        st.del_route(route)
     assert translate(st).routes[("10.2.0.1", 32)].action == R["LOCAL"]
 
 
@@ -119,7 +124,7 @@ def test_link_flags_follow_state_and_sysctls():
     d = translate(st)
     assert d.links[3].flags == LINK_UP | LINK_REDIRECT_PEER | LINK_RPF_STRICT
     assert d.links[4].flags == LINK_FORWARDING | LINK_RPF_LOOSE
-    st.sysctls = {}
+    st.set_sysctls({})
     assert not translate(st).links[3].flags & LINK_FORWARDING  # unknown: punt
 
 
