@@ -3,6 +3,7 @@ nftables JSON classification. Pure: no root, no tools needed."""
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,15 @@ from mirror.iptables import (
     tokenize,
 )
 
-FIXTURES = Path("/work/shared/fixtures/iptables")
+# The project's shared/ folder lies beside the checkout (CI: beside the clone).
+FIXTURES = Path(os.environ.get("LOXI_FIXTURES",
+                               Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "iptables"))
 FIXTURE_FILES = sorted(p for p in FIXTURES.glob("*") if p.suffix in (".rules", ".restore"))
+
+
+def test_fixtures_are_there():
+    # Without them the parametrized tests below would silently be empty.
+    assert len(FIXTURE_FILES) >= 5, f"iptables fixtures not found in {FIXTURES} (set LOXI_FIXTURES)"
 
 # (tables, chains, rules) and per-table (chains, rules), counted by hand / grep
 # ('^\*', '^:', '^-A' lines per file).
