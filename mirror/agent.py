@@ -45,6 +45,7 @@ class Agent:
         self.stale_since = {}  # neighbour key -> monotonic ns it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> Link state in which attaching failed
+        self.netlink_resyncs = 0  # full re-dumps after lost events
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -151,6 +152,7 @@ class Agent:
                 self._set_netfilter(payload)
             elif kind == "resync":
                 resync = True
+                self.netlink_resyncs += 1
         if resync:
             self.state = self._resynced_state()
             reread_sysctls = True
@@ -270,6 +272,7 @@ class Agent:
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
         out["map_resyncs"] = self.sync.resyncs
+        out["netlink_resyncs"] = self.netlink_resyncs
         return out
 
     def _punt_forward_explanation(self):

@@ -21,7 +21,9 @@ from . import model as m
 
 log = logging.getLogger(__name__)
 
-RCVBUF = 32 << 20  # burst of 20k routes overruns the default buffer
+# A burst of 20k routes overruns the default buffer.  LOXI_MIRROR_NETLINK_RCVBUF
+# sets another size (tests use a tiny one to exercise the overrun resync).
+RCVBUF = int(os.environ.get("LOXI_MIRROR_NETLINK_RCVBUF", 32 << 20))
 SO_RCVBUFFORCE = 33
 NETLINK_ROUTE = 0
 RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)

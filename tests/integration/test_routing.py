@@ -310,3 +310,24 @@ def test_20k_route_burst_then_single_changes_stay_fast(routed_topology, agent):
                      "ip", "route", "add", "10.250.0.0/16", "via", topo.pod2_ip)
     print(f"single route add with 20k present: {ms:.1f} ms")
     assert ms is not None and ms < 100
+
+
+def test_netlink_overrun_resyncs_to_the_full_state(routed_topology, agent, monkeypatch):
+    """With a tiny event buffer the burst overruns it (ENOBUFS): the agent
+    must notice, dump again and end up with every route and none stale."""
+    topo = routed_topology
+    monkeypatch.setenv("LOXI_MIRROR_NETLINK_RCVBUF", "4096")
+    a = agent(topo)
+    topo.run("node", ["ip", "route", "add", "10.251.0.0/16", "via", topo.pod2_ip])
+    base = a.status()["tables"]["routes"]
+    batch = "".join(f"route add 10.{100 + i // 256}.{i % 256}.0/24 via {topo.pod2_ip}\n" for i in range(5000))
+    batch += "route del 10.251.0.0/16\n"
+    topo.run("node", ["ip", "-batch", "-"], input=batch)
+    deadline = time.monotonic() + 30
+    while a.status()["tables"]["routes"] != base + 5000 - 1:
+        assert time.monotonic() < deadline, a.status()["tables"]
+        time.sleep(0.1)
+    st = a.status()
+    assert st["netlink_resyncs"] >= 1, st
+    rows = {r["prefix"] for r in json.loads(topo.run("node", ["loxi-mirror", "dump", "routes", "--json"]).stdout)}
+    assert "10.119.135.0/24" in rows and "10.251.0.0/16" not in rows
