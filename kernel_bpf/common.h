@@ -60,7 +60,8 @@
 	X(NO_NEIGHBOR, 23, "no resolved neighbour for the next hop")               \
 	X(TTL_EXCEEDED, 24, "TTL <= 1 (kernel answers ICMP time exceeded)")        \
 	X(MTU_EXCEEDED, 25, "packet larger than the egress MTU")                   \
-	X(GSO_UNSUPPORTED, 26, "GSO packet the fast path cannot size-check")
+	X(GSO_UNSUPPORTED, 26, "GSO packet the fast path cannot size-check")     \
+	X(IPSEC, 27, "IPsec (xfrm) policies could apply to forwarded traffic")
 
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };

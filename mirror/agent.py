@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, netfilter, netlink, tc
+from . import control, netfilter, netlink, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -67,6 +67,7 @@ class Agent:
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
+        self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
@@ -74,6 +75,7 @@ class Agent:
             self._initial_sync()
             self.netlink.start()
             self.nf_watch.start()
+            self.xfrm_watch.start()
             self._loop()
         finally:
             self._shutdown()
@@ -82,6 +84,7 @@ class Agent:
     def _initial_sync(self):
         self.state = self.netlink.dump()
         self._set_netfilter(netfilter.read_state())
+        self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
         self._reconcile()
         self._beat()
@@ -92,6 +95,7 @@ class Agent:
     def _shutdown(self):
         log.info("stopping: fast path off, detaching")
         self.nf_watch.stop()
+        self.xfrm_watch.close()
         self.netlink.close()
         self.sync.heartbeat(0)
         self.attacher.detach_all()
@@ -150,6 +154,8 @@ class Agent:
                         tc_changed.add(msg["index"])
             elif kind == "netfilter":
                 self._set_netfilter(payload)
+            elif kind == "xfrm":
+                self.state.xfrm_impact = payload
             elif kind == "resync":
                 resync = True
                 self.netlink_resyncs += 1
@@ -162,11 +168,13 @@ class Agent:
                 self.state.set_egress_tc(index, busy.get(index))
         if reread_sysctls:
             self._refresh_sysctls()
+            self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
         fresh.netfilter_impact = self.state.netfilter_impact
+        fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
     def _reconcile(self, full=True):
@@ -278,6 +286,8 @@ class Agent:
     def _punt_forward_explanation(self):
         if self.state.netfilter_impact:
             return f"netfilter: {self.state.netfilter_impact}"
+        if self.state.xfrm_impact:
+            return f"ipsec: {self.state.xfrm_impact}"
         rules = custom_rules(self.state)
         if rules:
             return f"policy routing: {len(rules)} rule(s) beyond the defaults"

@@ -142,6 +142,8 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
 def _punt_forward_reason(state: m.KernelState) -> int:
     if state.netfilter_impact is not None:
         return R["NETFILTER"]
+    if state.xfrm_impact is not None:
+        return R["IPSEC"]
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0

@@ -261,6 +261,8 @@ CASES = [
          setup=lambda m, t: m.set_config(time.monotonic_ns() + 60 * NSEC, R["NETFILTER"])),
     punt("policy routing rules present", udp(), "POLICY_ROUTING",
          setup=lambda m, t: m.set_config(time.monotonic_ns() + 60 * NSEC, R["POLICY_ROUTING"])),
+    punt("ipsec policies present", udp(), "IPSEC",
+         setup=lambda m, t: m.set_config(time.monotonic_ns() + 60 * NSEC, R["IPSEC"])),
     punt("source is one of our addresses", udp(src="10.1.0.1"), "MARTIAN"),
     punt("rp_filter strict, source routed via another link", udp(src="10.2.9.9"), "RP_FILTER",
          setup=set_link("in0", UP | FWD | RPF_STRICT)),

@@ -331,3 +331,31 @@ def test_netlink_overrun_resyncs_to_the_full_state(routed_topology, agent, monke
     assert st["netlink_resyncs"] >= 1, st
     rows = {r["prefix"] for r in json.loads(topo.run("node", ["loxi-mirror", "dump", "routes", "--json"]).stdout)}
     assert "10.119.135.0/24" in rows and "10.251.0.0/16" not in rows
+
+
+def test_ipsec_policy_makes_forwarding_punt(routed_topology, agent):
+    """An xfrm fwd policy demanding ESP: the kernel drops the plain packet
+    (no matching SA); the fast path must not forward it in the clear."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    policy = ["src", f"{topo.pod1_ip}/32", "dst", f"{topo.pod2_ip}/32", "dir", "fwd",
+              "tmpl", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "mode", "tunnel"]
+    topo.run("node", ["ip", "xfrm", "policy", "add"] + policy)
+    kernel = send_and_capture(topo, [frame(topo)], seconds=0.5)
+    assert kernel == []  # the oracle: dropped by the policy check
+    a = agent(topo)
+    assert a.status()["forwarding_punted_because"] == "ipsec: 1 xfrm policy"
+    c0 = counters(a)
+    assert send_and_capture(topo, [frame(topo)], seconds=0.5) == kernel
+    d = delta(counters(a), c0)
+    assert d.get("IPSEC") == 1 and "FORWARDED" not in d, d
+    topo.run("node", ["ip", "xfrm", "policy", "del", "src", f"{topo.pod1_ip}/32", "dst", f"{topo.pod2_ip}/32",
+                      "dir", "fwd"])
+    deadline = time.monotonic() + 2
+    while a.status()["forwarding_punted_because"]:
+        assert time.monotonic() < deadline, "policy removal not noticed"
+        time.sleep(0.05)
+    c0 = counters(a)
+    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
+    assert delta(counters(a), c0).get("FORWARDED") == 1

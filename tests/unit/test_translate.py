@@ -12,7 +12,7 @@ UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
 
 def node(**over):
     """A node routing between two pods: v1 (10.1.0.1/24), v2 (10.2.0.1/24)."""
-    st = m.KernelState(netfilter_impact=None)
+    st = m.KernelState(netfilter_impact=None, xfrm_impact=None)
     st.set_link(m.Link(1, "lo", "", "00:00:00:00:00:00", 65536, UP, link_type=772))
     st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True))
     st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True))
@@ -95,6 +95,7 @@ def test_other_tables_ignored():
 def test_netfilter_and_policy_rules_punt_forwarding():
     assert translate(node(netfilter_impact="filter FORWARD: 1 rule")).punt_forward_reason == R["NETFILTER"]
     assert translate(node(netfilter_impact="netfilter state not read yet")).punt_forward_reason == R["NETFILTER"]
+    assert translate(node(xfrm_impact="1 xfrm policy")).punt_forward_reason == R["IPSEC"]
     st = node()
     st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4")})))
     assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
