@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -229,7 +230,9 @@ class Agent:
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
-        neigh = netlink.parse_neighbor(msg)
+        neigh = netlink.parse_neighbor(msg) if msg.get("family") == socket.AF_INET else None
+        if neigh is None:
+            return
         if msg.get("event") == "RTM_NEWNEIGH" and neigh.state == m.NUD_STALE:
             self.stale_since.setdefault(neigh.key, time.monotonic_ns())
         else:

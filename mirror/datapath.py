@@ -86,28 +86,28 @@ def _size_cflags(sizes: Optional[Mapping[str, int]]) -> List[str]:
     return flags
 
 
-class _StderrCapture:
-    """Collect what libbcc/clang print on fd 2 (compile errors, verifier log)
-    so the exception can carry the cause.  On success whatever was written
-    (warnings, or other threads' output) is passed on to the real stderr."""
-
-    def __enter__(self):
-        self._tmp = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        self.text = ""
-        self.passthrough = False
-        return self
-
-    def __exit__(self, *exc):
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._tmp.seek(0)
-        self.text = self._tmp.read().decode(errors="replace")
-        self._tmp.close()
-        if self.passthrough and self.text:
-            os.write(2, self.text.encode())
-        return False
+def _captured(call):
+    """Run call() with fd 2 (where libbcc/clang print compile errors and the
+    verifier log) collected; returns (result, None) or (None, (exc, text)).
+    On success whatever was written (warnings, other threads' output) is
+    passed on to the real stderr."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result, failure = call(), None
+        except Exception as e:
+            result, failure = None, e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    if failure is not None:
+        return None, (failure, text)
+    if text:
+        os.write(2, text.encode())
+    return result, None
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -141,35 +141,17 @@ class Datapath:
         self._BPF = BPF
         self.cflags: List[str] = [f"-I{BPF_DIR}", *_size_cflags(sizes), *cflags]
         self.text = source_text()
-        self._bpf = None
-        self._fn = None
-        with _StderrCapture() as err:
-            try:
-                self._bpf = BPF(text=self.text.encode(), cflags=self.cflags)
-            except Exception as e:
-                compile_exc = e
-            else:
-                compile_exc = None
-                err.passthrough = True
-        if compile_exc is not None:
-            raise DatapathError(
-                f"compiling {BPF_DIR / ENTRY} failed: {compile_exc}{_headers_hint()}{_tail(err.text)}"
-            ) from compile_exc
-        with _StderrCapture() as err:
-            try:
-                self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
-            except Exception as e:
-                load_exc = e
-            else:
-                load_exc = None
-                err.passthrough = True
-        if load_exc is not None:
+        self._bpf, failed = _captured(lambda: BPF(text=self.text.encode(), cflags=self.cflags))
+        if failed:
+            exc, text = failed
+            raise DatapathError(f"compiling {BPF_DIR / ENTRY} failed: {exc}{_headers_hint()}{_tail(text)}") from exc
+        self._fn, failed = _captured(lambda: self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS))
+        if failed:
+            exc, text = failed
             self._bpf.cleanup()
             self._bpf = None
-            hint = ""
-            if os.geteuid() != 0:
-                hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)"
-            raise DatapathError(f"loading {PROG_NAME} failed: {load_exc}{hint}{_tail(err.text, 40)}") from load_exc
+            hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
+            raise DatapathError(f"loading {PROG_NAME} failed: {exc}{hint}{_tail(text, 40)}") from exc
 
     @property
     def fd(self) -> int:

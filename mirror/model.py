@@ -269,6 +269,13 @@ class KernelState:
         for key in list(self.by_oif.get(index, ())):
             self.del_route(self.routes[key])
 
+    # -- rules (they only switch forwarding as a whole: nothing to record) --
+    def add_rule(self, rule: Rule):
+        self.rules.add(rule)
+
+    def del_rule(self, rule: Rule):
+        self.rules.discard(rule)
+
     # -- neighbours --------------------------------------------------------
     def set_neighbor(self, neigh: Neighbor):
         self.neighbors[neigh.key] = neigh

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from typing import Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
@@ -107,13 +108,11 @@ def parse_route(msg) -> m.Route:
     )
 
 
-def parse_neighbor(msg) -> m.Neighbor:
-    return m.Neighbor(
-        ifindex=msg["ifindex"],
-        dst=msg.get_attr("NDA_DST"),
-        mac=msg.get_attr("NDA_LLADDR"),
-        state=msg["state"],
-    )
+def parse_neighbor(msg) -> Optional[m.Neighbor]:
+    dst = msg.get_attr("NDA_DST")
+    if dst is None:
+        return None
+    return m.Neighbor(ifindex=msg["ifindex"], dst=dst, mac=msg.get_attr("NDA_LLADDR"), state=msg["state"])
 
 
 def parse_rule(msg) -> m.Rule:
@@ -134,44 +133,38 @@ def parse_rule(msg) -> m.Rule:
                   selectors=frozenset(selectors))
 
 
+# Per-object messages of family AF_INET: event -> (parser, model method).
+_OBJECT_EVENTS = {
+    "RTM_NEWADDR": (parse_address, m.KernelState.add_address),
+    "RTM_DELADDR": (parse_address, m.KernelState.del_address),
+    "RTM_NEWROUTE": (parse_route, m.KernelState.set_route),
+    "RTM_DELROUTE": (parse_route, m.KernelState.del_route),
+    "RTM_NEWNEIGH": (parse_neighbor, m.KernelState.set_neighbor),
+    "RTM_DELNEIGH": (parse_neighbor, m.KernelState.del_neighbor),
+    "RTM_NEWRULE": (parse_rule, m.KernelState.add_rule),
+    "RTM_DELRULE": (parse_rule, m.KernelState.del_rule),
+}
+
+
 def apply(state: m.KernelState, msg) -> bool:
     """Apply one rtnetlink message to the model; True if it may matter.
 
-    RTM_NEWNETCONF carries no object of ours: it tells the caller to re-read
-    the forwarding / rp_filter sysctls, which it does for every batch anyway.
+    RTM_NEWNETCONF and tc messages carry no object of ours: they tell the
+    caller to re-read the forwarding / rp_filter sysctls or a link's qdiscs.
     """
     event = msg.get("event")
-    family = msg.get("family")
     if event == "RTM_NEWLINK":
         state.set_link(parse_link(msg))
     elif event == "RTM_DELLINK":
         state.del_link(msg["index"])
-    elif event in ("RTM_NEWADDR", "RTM_DELADDR") and family == socket.AF_INET:
-        addr = parse_address(msg)
-        if event == "RTM_NEWADDR":
-            state.add_address(addr)
-        else:
-            state.del_address(addr)
-    elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and family == socket.AF_INET:
-        route = parse_route(msg)
-        if event == "RTM_NEWROUTE":
-            state.set_route(route)
-        else:
-            state.del_route(route)
-    elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and family == socket.AF_INET:
-        neigh = parse_neighbor(msg)
-        if neigh.dst is None:
+    elif event in _OBJECT_EVENTS:
+        if msg.get("family") != socket.AF_INET:
             return False
-        if event == "RTM_NEWNEIGH":
-            state.set_neighbor(neigh)
-        else:
-            state.del_neighbor(neigh)
-    elif event in ("RTM_NEWRULE", "RTM_DELRULE") and family == socket.AF_INET:
-        rule = parse_rule(msg)
-        if event == "RTM_NEWRULE":
-            state.rules.add(rule)
-        else:
-            state.rules.discard(rule)
+        parse, update = _OBJECT_EVENTS[event]
+        obj = parse(msg)
+        if obj is None:
+            return False
+        update(state, obj)
     elif event not in ("RTM_NEWNETCONF", "RTM_DELNETCONF") and event not in TC_EVENTS:
         return False
     return True
@@ -238,10 +231,10 @@ def dump(ipr) -> m.KernelState:
         state.set_route(parse_route(msg))
     for msg in ipr.get_neighbours(family=socket.AF_INET):
         neigh = parse_neighbor(msg)
-        if neigh.dst is not None:
+        if neigh is not None:
             state.set_neighbor(neigh)
     for msg in ipr.get_rules(family=socket.AF_INET):
-        state.rules.add(parse_rule(msg))
+        state.add_rule(parse_rule(msg))
     for index, what in read_egress_tc(ipr, list(state.links)).items():
         state.set_egress_tc(index, what)
     return state
