@@ -88,8 +88,9 @@ struct lm_neigh {
 	__u8 mac[ETH_ALEN];
 	__u16 pad;
 	__u32 pad2;
-	__u64 used_ns; /* written by the datapath (coarsely) so the agent can
-			  ask the kernel to re-confirm neighbours in use */
+	__u64 used;    /* jiffies; written by the datapath (at most once a
+			  second) so the agent can ask the kernel to
+			  re-confirm neighbours in use */
 };
 
 /* Link flags */
@@ -106,11 +107,22 @@ struct lm_link {
 };
 
 struct lm_config {
-	__u64 heartbeat_deadline_ns; /* fast path works only before this
-					(bpf_ktime_get_ns / CLOCK_MONOTONIC) */
-	__u32 punt_forward_reason;   /* nonzero: punt every forwarded packet
-					with this reason */
-	__u32 pad;
+	__u32 punt_forward_reason; /* nonzero: punt every forwarded packet
+				      with this reason */
+	__u32 hz;                  /* jiffies per second, measured by the agent */
+};
+
+/*
+ * The fail-safe.  The fast path works only while bpf_jiffies64() is below
+ * `deadline`; the agent pushes it one second ahead every 250 ms by running
+ * lm_heartbeat (BPF_PROG_TEST_RUN), so a dead or stuck agent turns the fast
+ * path off within a second.  Jiffies, not ktime: reading the clock is then
+ * a memory load instead of a ~50 ns clocksource read on every packet.
+ */
+struct lm_heartbeat {
+	__u64 deadline; /* jiffies; 0 = fast path off */
+	__u64 jiffies;  /* clock sample taken by the last beat, */
+	__u64 ktime_ns; /* for the agent's jiffies <-> time conversion */
 };
 
 struct lm_counter {
@@ -123,6 +135,7 @@ BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* ma
 BPF_HASH(neighbors, struct lm_neigh_key, struct lm_neigh, LM_MAX_NEIGHBORS); /* (ifindex, ip) -> MAC */
 BPF_HASH(links, __u32, struct lm_link, LM_MAX_LINKS); /* ifindex -> managed link */
 BPF_ARRAY(config, struct lm_config, 1);                /* slot 0: global switches */
+BPF_ARRAY(heartbeat, struct lm_heartbeat, 1);          /* slot 0: written by lm_heartbeat only */
 BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */
 
 #endif /* LM_COMMON_H */

@@ -15,12 +15,13 @@ static __always_inline __u32 lm_gate(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	__u32 zero = 0;
 	struct lm_config *cfg = config.lookup(&zero);
+	struct lm_heartbeat *hb = heartbeat.lookup(&zero);
 
 	p->cfg = cfg;
-	p->now = bpf_ktime_get_ns();
+	p->now = bpf_jiffies64();
 	/* Agent not ready (deadline 0) or dead/hung: its maps may be stale, so
 	 * the kernel must decide.  This is the fail-safe after SIGKILL. */
-	if (!cfg || p->now > cfg->heartbeat_deadline_ns)
+	if (!cfg || !hb || p->now >= hb->deadline)
 		return LM_AGENT_STALE;
 
 	p->ifindex = skb->ifindex;

@@ -28,7 +28,6 @@
 #define LM_HTONL(x) ((__u32)__builtin_bswap32((__u32)(x)))
 #define LM_NTOHS(x) LM_HTONS(x)
 
-#define LM_NSEC_PER_SEC 1000000000ULL
 
 /* Run one stage; leave the pipeline with its reason unless it says go on. */
 #define LM_STAGE(reason, call)                      \
@@ -48,7 +47,7 @@ struct lm_pkt {
 	struct lm_link *out_link;/* fib.h: egress link */
 	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
 	struct lm_config *cfg;   /* gate.h: config[0] */
-	__u64 now;               /* bpf_ktime_get_ns() once per packet */
+	__u64 now;               /* bpf_jiffies64() once per packet */
 	__u32 ifindex;           /* ingress ifindex */
 	__u32 tot_len;           /* host order iph->tot_len */
 	int action;              /* xmit.h: TC action when forwarded */

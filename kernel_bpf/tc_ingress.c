@@ -19,6 +19,7 @@
 #include "fwd.h"
 #include "rewrite.h"
 #include "xmit.h"
+#include "heartbeat.h"
 
 /*
  * The single exit: count the verdict (packets and bytes per reason, per

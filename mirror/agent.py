@@ -29,7 +29,7 @@ from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LIN
 log = logging.getLogger("loxi-mirror")
 
 HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
-HEARTBEAT_GRACE_NS = 1_000_000_000  # datapath punts this long after the last one
+HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 MAP_TABLES = ("routes", "neighbors", "links", "config")
@@ -43,7 +43,7 @@ class Agent:
         self.stopping = threading.Event()
         self.state = m.KernelState()
         self.ready_since = None
-        self.stale_since = {}  # neighbour key -> monotonic ns it became STALE
+        self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> Link state in which attaching failed
         self.netlink_resyncs = 0  # full re-dumps after lost events
@@ -61,7 +61,8 @@ class Agent:
             server.close()
 
     def _run(self, server) -> int:
-        self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES})
+        self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES},
+                               beat=self.datapath.beat, hz=self.datapath.measure_hz())
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
@@ -98,7 +99,7 @@ class Agent:
         self.nf_watch.stop()
         self.xfrm_watch.close()
         self.netlink.close()
-        self.sync.heartbeat(0)
+        self.sync.heartbeat(False)
         self.attacher.detach_all()
 
     # -- main loop ---------------------------------------------------------
@@ -216,7 +217,7 @@ class Agent:
             self.attach_failed[ifindex] = link
 
     def _beat(self):
-        self.sync.heartbeat(time.monotonic_ns() + HEARTBEAT_GRACE_NS)
+        self.sync.heartbeat(True, HEARTBEAT_GRACE)
 
     # -- inputs besides rtnetlink -----------------------------------------
     def _set_netfilter(self, nf_state):
@@ -234,7 +235,8 @@ class Agent:
         if neigh is None:
             return
         if msg.get("event") == "RTM_NEWNEIGH" and neigh.state == m.NUD_STALE:
-            self.stale_since.setdefault(neigh.key, time.monotonic_ns())
+            # The datapath's use stamp now; any later stamp is use since.
+            self.stale_since.setdefault(neigh.key, self.sync.neighbor_used(neigh.key))
         else:
             self.stale_since.pop(neigh.key, None)
             self.refreshed.discard(neigh.key)
@@ -246,7 +248,7 @@ class Agent:
         for key, since in list(self.stale_since.items()):
             if key in self.refreshed or key not in self.sync.shadow.neighbors:
                 continue
-            if self.sync.neighbor_used_ns(key) > since:
+            if self.sync.neighbor_used(key) > since:
                 try:
                     self.netlink.neighbor_use(*key)
                     self.refreshed.add(key)

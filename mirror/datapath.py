@@ -24,14 +24,17 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+from .bpfsys import SkBuff, prog_test_run
 from .reasons import REASONS
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "kernel_bpf"
 ENTRY = "tc_ingress.c"
 PROG_NAME = "lm_tc_ingress"
+ETH_ZLEN = 60  # BPF_PROG_TEST_RUN wants at least an Ethernet frame
 COMMON_H = BPF_DIR / "common.h"
 
 # Table-size macros of common.h that the loader may override.
@@ -146,12 +149,31 @@ class Datapath:
             exc, text = failed
             raise DatapathError(f"compiling {BPF_DIR / ENTRY} failed: {exc}{_headers_hint()}{_tail(text)}") from exc
         self._fn, failed = _captured(lambda: self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS))
+        if not failed:
+            self._heartbeat, failed = _captured(lambda: self._bpf.load_func(b"lm_heartbeat", BPF.SCHED_CLS))
         if failed:
             exc, text = failed
             self._bpf.cleanup()
             self._bpf = None
             hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
             raise DatapathError(f"loading {PROG_NAME} failed: {exc}{hint}{_tail(text, 40)}") from exc
+
+    def beat(self, ttl_jiffies: int) -> Tuple[int, int]:
+        """Run lm_heartbeat: the fast path works for ttl_jiffies more (0:
+        off from now).  Returns the (jiffies, ktime ns) it sampled."""
+        ctx = SkBuff()
+        ctx.cb[0] = ttl_jiffies
+        prog_test_run(self._heartbeat.fd, bytes(ETH_ZLEN), ctx)
+        hb = self.table("heartbeat")[self.table("heartbeat").Key(0)]
+        return hb.jiffies, hb.ktime_ns
+
+    def measure_hz(self, interval: float = 0.1) -> int:
+        """The kernel's HZ, from two clock samples (it is not exported)."""
+        j0, t0 = self.beat(0)
+        time.sleep(interval)
+        j1, t1 = self.beat(0)
+        hz = (j1 - j0) * 1e9 / (t1 - t0)
+        return min((100, 250, 300, 1000), key=lambda h: abs(h - hz))
 
     @property
     def fd(self) -> int:

@@ -84,15 +84,19 @@ class Codec:
 
 
 class Reconciler:
-    def __init__(self, tables):
-        """tables: name -> BCC table for routes, neighbors, links and config."""
+    def __init__(self, tables, beat, hz: int):
+        """tables: name -> BCC table for routes, neighbors, links and config;
+        beat(ttl_jiffies): runs the datapath's heartbeat program; hz: the
+        kernel's jiffies per second."""
         self.tables = tables
+        self._beat = beat
+        self.hz = hz
         self.codec = Codec(tables)
         self.shadow = Desired()
         self.lock = threading.Lock()
-        self._deadline_ns = 0
         self._punt_forward_reason = 0
         self.resyncs = 0
+        self._write_config()
 
     # -- maps ------------------------------------------------------------
     def apply(self, desired: Desired, full: bool = True) -> int:
@@ -166,12 +170,12 @@ class Reconciler:
         )
         self._punt_forward_reason = self._config().punt_forward_reason
 
-    # -- config: heartbeat and global punt switch ------------------------
+    # -- config and heartbeat --------------------------------------------
     def _config(self):
         return self.tables["config"][ctypes.c_int(0)]
 
     def _write_config(self):
-        leaf = self.tables["config"].Leaf(self._deadline_ns, self._punt_forward_reason, 0)
+        leaf = self.tables["config"].Leaf(self._punt_forward_reason, self.hz)
         self.tables["config"][ctypes.c_int(0)] = leaf
 
     def _set_punt_reason(self, reason: int) -> int:
@@ -181,11 +185,10 @@ class Reconciler:
         self._write_config()
         return 1
 
-    def heartbeat(self, deadline_ns: int):
-        """Fast path on until deadline_ns (CLOCK_MONOTONIC); 0 turns it off."""
+    def heartbeat(self, alive: bool, seconds: float = 1.0):
+        """Fast path on for `seconds` more, or off from now."""
         with self.lock:
-            self._deadline_ns = deadline_ns
-            self._write_config()
+            self._beat(max(1, round(self.hz * seconds)) if alive else 0)
 
     # -- reading ---------------------------------------------------------
     def table_counts(self):
@@ -212,8 +215,9 @@ class Reconciler:
                     pass
         return out
 
-    def neighbor_used_ns(self, key):
+    def neighbor_used(self, key) -> int:
+        """When the datapath last used the neighbour (jiffies, 0 = never)."""
         try:
-            return self.tables["neighbors"][self.codec.neigh_key(key)].used_ns
+            return self.tables["neighbors"][self.codec.neigh_key(key)].used
         except KeyError:
             return 0
