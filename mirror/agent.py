@@ -46,7 +46,10 @@ class Agent:
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> Link state in which attaching failed
-        self.netlink_resyncs = 0  # full re-dumps after lost events
+        self.resyncs = 0  # full re-dumps (lost events, errors)
+        # Held by the main loop while it changes the model, and by control
+        # requests that read it (they run in the server thread).
+        self.state_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -116,7 +119,8 @@ class Agent:
                 batch.append(("resync", "after an error"))
             if batch or poll:
                 try:
-                    self._apply_batch(batch, poll)
+                    with self.state_lock:
+                        self._apply_batch(batch, poll)
                     healthy = True
                 except Exception:
                     # The maps may no longer match the kernel: stop the
@@ -160,8 +164,8 @@ class Agent:
                 self.state.xfrm_impact = payload
             elif kind == "resync":
                 resync = True
-                self.netlink_resyncs += 1
         if resync:
+            self.resyncs += 1
             self.state = self._resynced_state()
             reread_sysctls = True
         elif tc_changed:
@@ -261,9 +265,11 @@ class Agent:
         if cmd == "ping":
             return {"pid": _pid()}
         if cmd == "status":
-            return self.status()
+            with self.state_lock:
+                return self.status()
         if cmd == "dump":
-            return {"entries": self.dump(req.get("table", ""), req.get("match"))}
+            with self.state_lock:
+                return {"entries": self.dump(req.get("table", ""), req.get("match"))}
         if cmd == "stop":
             self.stopping.set()
             return {"stopping": True, "pid": _pid()}
@@ -285,7 +291,7 @@ class Agent:
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
         out["map_resyncs"] = self.sync.resyncs
-        out["netlink_resyncs"] = self.netlink_resyncs
+        out["resyncs"] = self.resyncs
         return out
 
     def _punt_forward_explanation(self):
@@ -319,7 +325,6 @@ class Agent:
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
                  "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
-
 
     @staticmethod
     def _keys(table, match, names):

@@ -91,6 +91,8 @@ def status(as_json):
     except control.NotRunning:
         st = {"running": False, "ready": False, "interfaces": [], "tables": {},
               "counters": {"fast_path_packets": 0, "fast_path_bytes": 0, "punt": {}}}
+    if "error" in st:
+        _fail(f"the agent could not answer: {st['error']}")
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
