@@ -172,6 +172,9 @@ class Agent:
             busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
             for index in tc_changed:
                 self.state.set_egress_tc(index, busy.get(index))
+                if index in self.attacher.attached and not self.attacher.still_attached(index):
+                    log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
+                    self.attacher.forget(index)  # _reconcile attaches it again
         if reread_sysctls:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event

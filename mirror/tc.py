@@ -56,6 +56,11 @@ class TcAttacher:
         self.attached[ifindex] = name
         log.info("attached to %s (ifindex %d)", name, ifindex)
 
+    def still_attached(self, ifindex: int) -> bool:
+        """Whether our filter is still there (a user's `tc qdisc del ...
+        clsact` or `tc filter del` removes it without asking us)."""
+        return bool(_our_filters(self.ipr, ifindex))
+
     def forget(self, ifindex: int):
         """The interface is gone (deleted or moved away): nothing to undo."""
         self.attached.pop(ifindex, None)

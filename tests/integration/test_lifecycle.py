@@ -206,3 +206,22 @@ def test_egress_qdisc_is_not_bypassed(routed_topology, agent):
     topo.run("node", ["tc", "qdisc", "del", "dev", dev, "root"])
     time.sleep(0.2)
     assert re.search(rf"{dev} \S+ mtu 1500 <up,forwarding,redirect_peer>", link_flags())
+
+
+def test_removed_filter_is_attached_again(routed_topology, agent):
+    """Someone deletes the clsact qdisc under the agent: it re-attaches, and
+    stop still leaves tc as it was before start."""
+    topo = routed_topology
+    before_tc = tc_state(topo)
+    a = agent(topo)
+    topo.run("node", ["tc", "qdisc", "del", "dev", topo.node_if1, "clsact"])
+    deadline = time.monotonic() + 2
+    while "loxi_mirror" not in topo.run("node", ["tc", "filter", "show", "dev", topo.node_if1, "ingress"]).stdout:
+        assert time.monotonic() < deadline, "not attached again"
+        time.sleep(0.05)
+    warm_neighbors(topo)
+    c0 = counters(a)
+    topo.run("pod1", ["ping", "-c", "3", "-i", "0.05", topo.pod2_ip])
+    assert delta(counters(a), c0).get("FORWARDED", 0) >= 6
+    assert a.stop() == 0
+    assert tc_state(topo) == before_tc
