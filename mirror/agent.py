@@ -235,6 +235,7 @@ class Agent:
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
+        self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -302,6 +303,8 @@ class Agent:
             return f"netfilter: {self.state.netfilter_impact}"
         if self.state.xfrm_impact:
             return f"ipsec: {self.state.xfrm_impact}"
+        if self.state.fwd_use_pmtu:
+            return "ip_forward_use_pmtu=1: learned path MTUs decide"
         rules = custom_rules(self.state)
         if rules:
             return f"policy routing: {len(rules)} rule(s) beyond the defaults"

@@ -157,6 +157,8 @@ class KernelState:
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
+    # net.ipv4.ip_forward_use_pmtu: forwarding then obeys learned path MTUs.
+    fwd_use_pmtu: bool = False
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
     # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;

@@ -220,6 +220,15 @@ def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
     return out
 
 
+def read_fwd_use_pmtu(path="/proc/sys/net/ipv4/ip_forward_use_pmtu") -> bool:
+    """ip_forward_use_pmtu=1: forwarding obeys learned path MTUs (not mirrored)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False  # no such sysctl: the kernel forwards by device/route MTU
+
+
 def dump(ipr) -> m.KernelState:
     """A complete KernelState from netlink dumps (sysctls not included)."""
     state = m.KernelState()

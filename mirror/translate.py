@@ -144,6 +144,8 @@ def _punt_forward_reason(state: m.KernelState) -> int:
         return R["NETFILTER"]
     if state.xfrm_impact is not None:
         return R["IPSEC"]
+    if state.fwd_use_pmtu:
+        return R["ROUTE_UNSUPPORTED"]  # learned PMTU exceptions decide the MTU
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0

@@ -225,3 +225,20 @@ def test_removed_filter_is_attached_again(routed_topology, agent):
     assert delta(counters(a), c0).get("FORWARDED", 0) >= 6
     assert a.stop() == 0
     assert tc_state(topo) == before_tc
+
+
+def test_forward_use_pmtu_makes_forwarding_punt(routed_topology, agent):
+    """ip_forward_use_pmtu=1 lets learned path MTUs (not mirrored) decide."""
+    topo = routed_topology
+    a = agent(topo)
+    warm_neighbors(topo)
+    silence(topo)
+    topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward_use_pmtu=1"])
+    deadline = time.monotonic() + 3  # no netconf event for it: the 2 s poll
+    while not a.status()["forwarding_punted_because"]:
+        assert time.monotonic() < deadline, "sysctl not noticed"
+        time.sleep(0.1)
+    c0 = counters(a)
+    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1  # the kernel forwards it
+    d = delta(counters(a), c0)
+    assert d.get("ROUTE_UNSUPPORTED") == 1 and "FORWARDED" not in d, d
