@@ -132,8 +132,15 @@ struct lm_counter {
 
 /* The maps. */
 BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* main + local table, one LPM */
-BPF_HASH(neighbors, struct lm_neigh_key, struct lm_neigh, LM_MAX_NEIGHBORS); /* (ifindex, ip) -> MAC */
-BPF_HASH(links, __u32, struct lm_link, LM_MAX_LINKS); /* ifindex -> managed link */
+/*
+ * The hash maps are not preallocated: a preallocated element that the agent
+ * replaces goes straight back to the free list and may be reused for another
+ * key while a packet still holds a pointer to it (a wrong MAC).  Without
+ * preallocation replaced elements are freed after an RCU grace period.
+ */
+BPF_F_TABLE("hash", struct lm_neigh_key, struct lm_neigh, neighbors, LM_MAX_NEIGHBORS,
+	    BPF_F_NO_PREALLOC);                            /* (ifindex, ip) -> MAC */
+BPF_F_TABLE("hash", __u32, struct lm_link, links, LM_MAX_LINKS, BPF_F_NO_PREALLOC); /* ifindex -> link */
 BPF_ARRAY(config, struct lm_config, 1);                /* slot 0: global switches */
 BPF_ARRAY(heartbeat, struct lm_heartbeat, 1);          /* slot 0: written by lm_heartbeat only */
 BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */
