@@ -45,7 +45,7 @@ class Agent:
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
-        self.attach_failed = {}  # ifindex -> Link state in which attaching failed
+        self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
@@ -92,6 +92,10 @@ class Agent:
         self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
         self._reconcile()
+        if self.attach_failed and not self.attacher.attached:
+            # Not one interface took the program: clsact/cls_bpf missing,
+            # no CAP_NET_ADMIN ...  Say so instead of idling.
+            raise DatapathError(next(iter(self.attach_failed.values()))[1])
         self._beat()
         self.ready_since = time.time()
         log.info("ready: %d interfaces, %d routes, %d neighbours", len(self.attacher.attached),
@@ -209,7 +213,7 @@ class Agent:
 
     def _attach(self, ifindex, name):
         link = self.state.links.get(ifindex)
-        if self.attach_failed.get(ifindex) == link:
+        if self.attach_failed.get(ifindex, (None,))[0] == link:
             return  # failed before in this very state: retry once it changes
         try:
             self.attacher.attach(ifindex, name)
@@ -217,11 +221,9 @@ class Agent:
         except NetlinkError as e:
             if e.code == errno.ENODEV:
                 return  # the link vanished meanwhile; its RTM_DELLINK follows
-            if self.ready_since is None:  # at start: clsact/cls_bpf missing, no CAP_NET_ADMIN...
-                raise DatapathError(f"cannot attach the TC program to {name}: {e}") from e
             # Unattached, the interface simply stays with the kernel.
             log.warning("cannot attach to %s (ifindex %d): %s", name, ifindex, e)
-            self.attach_failed[ifindex] = link
+            self.attach_failed[ifindex] = (link, f"cannot attach the TC program to {name}: {e}")
 
     def _beat(self):
         self.sync.heartbeat(True, HEARTBEAT_GRACE)

@@ -43,11 +43,13 @@ class TcAttacher:
         self.attached = {}  # ifindex -> name
         self.created_clsact = set(_load_state().get("created_clsact", []))
 
-    def _has_clsact(self, ifindex) -> bool:
-        return any(q.get_attr("TCA_KIND") == "clsact" for q in self.ipr.get_qdiscs(index=ifindex))
+    def _has_ingress_hook(self, ifindex) -> bool:
+        """clsact, or the older ingress qdisc (the two exclude each other;
+        filters at ffff:fff2 work with either)."""
+        return any(q.get_attr("TCA_KIND") in ("clsact", "ingress") for q in self.ipr.get_qdiscs(index=ifindex))
 
     def attach(self, ifindex: int, name: str):
-        if not self._has_clsact(ifindex):
+        if not self._has_ingress_hook(ifindex):
             self.ipr.tc("add", "clsact", ifindex)
             self.created_clsact.add(ifindex)
             _save_state(self.created_clsact)

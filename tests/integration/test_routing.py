@@ -142,19 +142,22 @@ def test_stop_restores_tc_state_and_user_filters_survive(routed_topology, agent)
                 out.append(topo.run("node", ["tc"] + what, check=False).stdout)
         return out
 
-    # veth2 already has the user's clsact with filters on both hooks; the
-    # user's ingress filter (no verdict) runs first, then ours.
+    # veth2 already has the user's clsact with filters on both hooks, veth1
+    # the older ingress qdisc with a filter; the user's filters (no verdict)
+    # run first, then ours.
     topo.run("node", ["tc", "qdisc", "add", "dev", topo.node_if2, "clsact"])
-    for hook in ("ingress", "egress"):
-        topo.run("node", ["tc", "filter", "add", "dev", topo.node_if2, hook, "prio", "7", "protocol", "ip",
+    topo.run("node", ["tc", "qdisc", "add", "dev", topo.node_if1, "ingress"])
+    for dev, hook in ((topo.node_if2, "ingress"), (topo.node_if2, "egress"), (topo.node_if1, "ingress")):
+        topo.run("node", ["tc", "filter", "add", "dev", dev, hook, "prio", "7", "protocol", "ip",
                           "u32", "match", "u32", "0", "0"])
     before = tc_state()
     a = agent(topo)
     assert sorted(a.status()["interfaces"]) == sorted([topo.node_if1, topo.node_if2])
     assert tc_state() != before  # attached
+    warm_neighbors(topo)
     c0 = counters(a)
     topo.run("pod2", ["ping", "-c", "3", "-i", "0.05", topo.pod1_ip])
-    assert delta(counters(a), c0).get("FORWARDED", 0) >= 4
+    assert delta(counters(a), c0).get("FORWARDED", 0) >= 6  # both ways
     assert a.stop() == 0
     assert tc_state() == before
 
