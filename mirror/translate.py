@@ -211,8 +211,7 @@ def _main_entry(routes, links) -> RouteEntry:
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
-        return RouteEntry(_local_action(route.type) if route.type in (m.RTN_LOCAL, m.RTN_BROADCAST)
-                          else R["ROUTE_UNSUPPORTED"])  # blackhole, unreachable, throw, ...
+        return RouteEntry(_local_action(route.type))  # local, broadcast; blackhole, throw ... unsupported
     if route.unsupported or len(route.nexthops) != 1:
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # multipath, nexthop objects, encap
     nh = route.nexthops[0]
