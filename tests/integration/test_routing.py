@@ -80,6 +80,7 @@ def punt_cases(topo):
         (frame(topo, flags="MF"), "IP_FRAGMENT"),
         (frame(topo, dst=node_ip), "LOCAL"),
         (frame(topo, dst="10.9.9.9"), "NO_ROUTE"),
+        (frame(topo, src=topo.gw2_ip), "MARTIAN"),  # our own address as source
         (frame(topo, chksum=0x0001), "IP_CSUM"),
         (bytes(Ether(src=topo.pod1_mac, dst="ff:ff:ff:ff:ff:ff", type=ETH_IP)) + frame(topo)[14:], "L2_MULTICAST"),
         (bytes(Ether(src=topo.pod1_mac, dst="02:00:00:00:99:99", type=ETH_IP)) + frame(topo)[14:], "L2_OTHERHOST"),
