@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -20,3 +21,11 @@ skip_unless_root = pytest.mark.skipif(not _ROOT_OK, reason=f"needs root and ip n
 def unique_name(prefix="lmt"):
     """prefix-<6 hex> such that no namespace named '<that>-*' exists."""
     return topology.unique_prefix(prefix)
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll predicate() until it is true; fail with `what` after timeout s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} (after {timeout} s)"
+        time.sleep(interval)

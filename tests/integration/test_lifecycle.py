@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from nstest import skip_unless_root, unique_name
+from nstest import skip_unless_root, unique_name, wait_for
 from test_routing import HERE, PY, counters, delta, frame, send_and_capture, silence, warm_neighbors
 
 pytestmark = skip_unless_root
@@ -91,10 +91,7 @@ def test_interface_added_later_is_attached_and_fast_pathed(routed_topology, agen
     a = agent(topo)
     pod3 = add_pod(topo, "pod3", "veth3", "10.3.0.1", "10.3.0.2")
     try:
-        deadline = time.monotonic() + 2
-        while "veth3" not in a.status()["interfaces"]:
-            assert time.monotonic() < deadline, "veth3 not attached"
-            time.sleep(0.05)
+        wait_for(lambda: "veth3" in a.status()["interfaces"], 2, "veth3 not attached")
         topo.run("pod1", ["ping", "-c", "2", "-W", "1", "10.3.0.2"])  # resolve neighbours
         c0 = counters(a)
         out = topo.run("pod1", ["ping", "-c", "10", "-i", "0.01", "-q", "10.3.0.2"]).stdout
@@ -215,10 +212,8 @@ def test_removed_filter_is_attached_again(routed_topology, agent):
     before_tc = tc_state(topo)
     a = agent(topo)
     topo.run("node", ["tc", "qdisc", "del", "dev", topo.node_if1, "clsact"])
-    deadline = time.monotonic() + 2
-    while "loxi_mirror" not in topo.run("node", ["tc", "filter", "show", "dev", topo.node_if1, "ingress"]).stdout:
-        assert time.monotonic() < deadline, "not attached again"
-        time.sleep(0.05)
+    ours = ["tc", "filter", "show", "dev", topo.node_if1, "ingress"]
+    wait_for(lambda: "loxi_mirror" in topo.run("node", ours).stdout, 2, "not attached again")
     warm_neighbors(topo)
     c0 = counters(a)
     topo.run("pod1", ["ping", "-c", "3", "-i", "0.05", topo.pod2_ip])
@@ -234,10 +229,8 @@ def test_forward_use_pmtu_makes_forwarding_punt(routed_topology, agent):
     warm_neighbors(topo)
     silence(topo)
     topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward_use_pmtu=1"])
-    deadline = time.monotonic() + 3  # no netconf event for it: the 2 s poll
-    while not a.status()["forwarding_punted_because"]:
-        assert time.monotonic() < deadline, "sysctl not noticed"
-        time.sleep(0.1)
+    # No netconf event for this one: the 2 s poll notices it.
+    wait_for(lambda: a.status()["forwarding_punted_because"], 3, "sysctl not noticed", interval=0.1)
     c0 = counters(a)
     assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1  # the kernel forwards it
     d = delta(counters(a), c0)

@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.l2 import Ether
 
-from nstest import skip_unless_root
+from nstest import skip_unless_root, wait_for
 
 pytestmark = skip_unless_root
 
@@ -239,10 +239,7 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
 
     # A FORWARD rule: all forwarded traffic goes to the kernel, which applies it.
     topo.run("node", ["iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
-    deadline = time.monotonic() + 5
-    while not a.status().get("forwarding_punted_because"):
-        assert time.monotonic() < deadline, "agent did not see the FORWARD rule"
-        time.sleep(0.05)
+    wait_for(lambda: a.status().get("forwarding_punted_because"), 5, "agent did not see the FORWARD rule")
     before = counters(a)
     allowed = frame(topo, payload=UDP(sport=40000, dport=10) / b"allowed")
     got = send_and_capture(topo, [frame(topo), allowed], seconds=0.5)
@@ -252,10 +249,7 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
 
     # Rule gone: fast path again.
     topo.run("node", ["iptables", "-D", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
-    deadline = time.monotonic() + 5
-    while a.status().get("forwarding_punted_because"):
-        assert time.monotonic() < deadline, "agent did not see the rule go"
-        time.sleep(0.05)
+    wait_for(lambda: not a.status().get("forwarding_punted_because"), 5, "agent did not see the rule go")
     before = counters(a)
     assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
     assert delta(counters(a), before).get("FORWARDED", 0) == 1
@@ -304,9 +298,7 @@ def test_20k_route_burst_then_single_changes_stay_fast(routed_topology, agent):
     batch = "".join(f"route add 10.{100 + i // 256}.{i % 256}.0/24 via {topo.pod2_ip}\n" for i in range(20000))
     t0 = time.monotonic()
     topo.run("node", ["ip", "-batch", "-"], input=batch)
-    while a.status()["tables"]["routes"] < base + 20000:
-        assert time.monotonic() - t0 < 30, a.status()["tables"]
-        time.sleep(0.1)
+    wait_for(lambda: a.status()["tables"]["routes"] >= base + 20000, 30, "routes not all mirrored", interval=0.1)
     print(f"20k routes mirrored {time.monotonic() - t0:.2f} s after the burst started")
     routes = {r["prefix"]: r for r in json.loads(topo.run("node", ["loxi-mirror", "dump", "routes", "--json"]).stdout)}
     assert routes["10.177.255.0/24"]["gateway"] == topo.pod2_ip and routes["10.177.255.0/24"]["action"] == "forward"
@@ -327,10 +319,7 @@ def test_netlink_overrun_resyncs_to_the_full_state(routed_topology, agent, monke
     batch = "".join(f"route add 10.{100 + i // 256}.{i % 256}.0/24 via {topo.pod2_ip}\n" for i in range(5000))
     batch += "route del 10.251.0.0/16\n"
     topo.run("node", ["ip", "-batch", "-"], input=batch)
-    deadline = time.monotonic() + 30
-    while a.status()["tables"]["routes"] != base + 5000 - 1:
-        assert time.monotonic() < deadline, a.status()["tables"]
-        time.sleep(0.1)
+    wait_for(lambda: a.status()["tables"]["routes"] == base + 5000 - 1, 30, "routes not all mirrored", interval=0.1)
     st = a.status()
     assert st["resyncs"] >= 1, st
     rows = {r["prefix"] for r in json.loads(topo.run("node", ["loxi-mirror", "dump", "routes", "--json"]).stdout)}
@@ -356,10 +345,7 @@ def test_ipsec_policy_makes_forwarding_punt(routed_topology, agent):
     assert d.get("IPSEC") == 1 and "FORWARDED" not in d, d
     topo.run("node", ["ip", "xfrm", "policy", "del", "src", f"{topo.pod1_ip}/32", "dst", f"{topo.pod2_ip}/32",
                       "dir", "fwd"])
-    deadline = time.monotonic() + 2
-    while a.status()["forwarding_punted_because"]:
-        assert time.monotonic() < deadline, "policy removal not noticed"
-        time.sleep(0.05)
+    wait_for(lambda: not a.status()["forwarding_punted_because"], 2, "policy removal not noticed")
     c0 = counters(a)
     assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
     assert delta(counters(a), c0).get("FORWARDED") == 1
