@@ -19,6 +19,7 @@ from pyroute2.netlink import rtnl
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from . import model as m
+from . import tc
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,6 @@ def apply(state: m.KernelState, msg) -> bool:
 
 TC_EVENTS = ("RTM_NEWQDISC", "RTM_DELQDISC", "RTM_NEWTFILTER", "RTM_DELTFILTER")
 TC_H_ROOT = 0xFFFFFFFF
-CLSACT_EGRESS = 0xFFFFFFF3
 
 
 def read_egress_tc(ipr, indexes):
@@ -189,7 +189,7 @@ def read_egress_tc(ipr, indexes):
             root = [q.get_attr("TCA_KIND") for q in qdiscs if q["parent"] == TC_H_ROOT]
             what = [f"root qdisc {kind}" for kind in root if kind != "noqueue"]
             if any(q.get_attr("TCA_KIND") == "clsact" for q in qdiscs):
-                filters = [f for f in ipr.get_filters(index=index, parent=CLSACT_EGRESS) if f["handle"]]
+                filters = [f for f in ipr.get_filters(index=index, parent=tc.EGRESS_PARENT) if f["handle"]]
                 if filters:
                     what.append(f"{len(filters)} egress filter(s)")
         except Exception as e:  # vanished (ENODEV): its RTM_DELLINK follows

@@ -1,12 +1,13 @@
 """Attaching the datapath at TC ingress, and leaving tc exactly as found.
 
-The program goes in a clsact qdisc (created only where none exists) as a
-direct-action bpf filter with a fixed priority and name, so a later agent or
-`stop` can find leftovers of an agent that was SIGKILLed.  Which clsact
-qdiscs we created is recorded in a state file (per network namespace), so
-they are removed again and nothing else is.
+The program goes in a clsact qdisc (created only where neither a clsact nor
+an ingress qdisc exists) as a direct-action bpf filter with a fixed priority
+and name, so a later agent or `stop` can find leftovers of an agent that was
+SIGKILLed.  Which clsact qdiscs we created is recorded in a state file (per
+network namespace), so they are removed again and nothing else is.
 """
 
+import errno
 import json
 import logging
 import os
@@ -19,11 +20,9 @@ log = logging.getLogger(__name__)
 FILTER_NAME = "loxi_mirror"
 FILTER_PRIO = 0xFFF0  # after the user's own filters (lower numbers run first)
 FILTER_HANDLE = 1
-CLSACT_HANDLE = 0xFFFF0000
-INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress hook
+INGRESS_PARENT = 0xFFFFFFF2  # the ingress hook of a clsact (or ingress) qdisc
+EGRESS_PARENT = 0xFFFFFFF3  # clsact's egress hook
 RUN_DIR = "/run/loxi-mirror"
-ENODEV = 19
-ENOENT = 2
 
 
 def netns_id() -> str:
@@ -101,15 +100,14 @@ def remove_filter(ipr, ifindex, created_clsact):
     try:
         for f in _our_filters(ipr, ifindex):
             prio = (f["info"] >> 16) & 0xFFFF
-            ipr.tc("del-filter", "bpf", ifindex, f["handle"],
-                   parent=INGRESS_PARENT, prio=prio)
+            ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=INGRESS_PARENT, prio=prio)
         if ifindex in created_clsact:
             left = [f for f in ipr.get_filters(index=ifindex, parent=INGRESS_PARENT) if f.get_attr("TCA_KIND")]
-            left += [f for f in ipr.get_filters(index=ifindex, parent=0xFFFFFFF3) if f.get_attr("TCA_KIND")]
+            left += [f for f in ipr.get_filters(index=ifindex, parent=EGRESS_PARENT) if f.get_attr("TCA_KIND")]
             if not left:
                 ipr.tc("del", "clsact", ifindex)
     except NetlinkError as e:
-        if e.code not in (ENODEV, ENOENT):
+        if e.code not in (errno.ENODEV, errno.ENOENT):
             raise
 
 
