@@ -133,9 +133,6 @@ class Changes:
     neighbors: Set[Tuple[int, str]] = field(default_factory=set)
     all_routes: bool = False  # a covering local-table prefix changed
 
-    def __bool__(self):
-        return bool(self.prefixes or self.links or self.neighbors or self.all_routes)
-
 
 @dataclass
 class KernelState:

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from nstest import skip_unless_root, unique_name, wait_for
-from test_routing import HERE, PY, counters, delta, frame, send_and_capture, silence, warm_neighbors
+from test_routing import HERE, PY, counters, delta, frame, send_and_capture, send_one, silence, warm_neighbors
 
 pytestmark = skip_unless_root
 
@@ -36,9 +36,9 @@ def test_sigkill_falls_back_to_the_kernel_within_a_second(routed_topology, agent
     before_tc = tc_state(topo)
     a = agent(topo)
     warm_neighbors(topo)
-    c0 = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    assert delta(counters(a), c0)["FORWARDED"] >= 1
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
+    assert d["FORWARDED"] >= 1
 
     os.kill(a.proc.pid, signal.SIGKILL)
     a.proc.wait(timeout=5)
@@ -108,9 +108,8 @@ def test_exclude_leaves_an_interface_to_the_kernel(routed_topology, agent):
     assert "veth2" not in topo.run("node", ["loxi-mirror", "dump", "links"]).stdout
     warm_neighbors(topo)
     silence(topo)
-    c0 = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    d = delta(counters(a), c0)
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
     assert d.get("EGRESS_UNMANAGED") == 1 and "FORWARDED" not in d, d
 
 
@@ -121,14 +120,14 @@ def test_forwarding_switched_off_is_obeyed(routed_topology, agent):
     silence(topo)
     topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
     time.sleep(0.3)  # netconf event, else the 2 s sysctl poll
-    c0 = counters(a)
-    assert send_and_capture(topo, [frame(topo)], seconds=0.5) == []  # the kernel does not forward
-    assert delta(counters(a), c0).get("FORWARDING_OFF") == 1
+    arrived, d = send_one(topo, a)  # the kernel does not forward
+    assert arrived == 0
+    assert d.get("FORWARDING_OFF") == 1
     topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
     time.sleep(0.3)
-    c0 = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    assert delta(counters(a), c0).get("FORWARDED") == 1
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
+    assert d.get("FORWARDED") == 1
 
 
 def test_status_and_dump_read_the_maps(routed_topology, agent):
@@ -231,7 +230,6 @@ def test_forward_use_pmtu_makes_forwarding_punt(routed_topology, agent):
     topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward_use_pmtu=1"])
     # No netconf event for this one: the 2 s poll notices it.
     wait_for(lambda: a.status()["forwarding_punted_because"], 3, "sysctl not noticed", interval=0.1)
-    c0 = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1  # the kernel forwards it
-    d = delta(counters(a), c0)
+    arrived, d = send_one(topo, a)  # the kernel forwards it
+    assert arrived == 1
     assert d.get("ROUTE_UNSUPPORTED") == 1 and "FORWARDED" not in d, d

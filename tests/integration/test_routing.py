@@ -65,6 +65,13 @@ def delta(after, before):
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
 
 
+def send_one(topo, a):
+    """One plain frame from pod1: (how many arrived at pod2, counter deltas)."""
+    c0 = counters(a)
+    arrived = len(send_and_capture(topo, [frame(topo)], seconds=0.5))
+    return arrived, delta(counters(a), c0)
+
+
 def punt_cases(topo):
     """(frame, reason the fast path must punt it with).  None: it forwards."""
     node_ip = topo.gw2_ip
@@ -232,10 +239,10 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
     warm_neighbors(topo)
     silence(topo)
     topo.run("node", ["ip", "neigh", "flush", "dev", topo.node_if2])
-    before = counters(a)
     # The kernel resolves the next hop itself; the packet still arrives.
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    assert delta(counters(a), before).get("NO_NEIGHBOR", 0) >= 1
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
+    assert d.get("NO_NEIGHBOR", 0) >= 1
 
     # A FORWARD rule: all forwarded traffic goes to the kernel, which applies it.
     topo.run("node", ["iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
@@ -250,9 +257,9 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
     # Rule gone: fast path again.
     topo.run("node", ["iptables", "-D", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
     wait_for(lambda: not a.status().get("forwarding_punted_because"), 5, "agent did not see the rule go")
-    before = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    assert delta(counters(a), before).get("FORWARDED", 0) == 1
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
+    assert d.get("FORWARDED", 0) == 1
 
 
 def test_mtu_same_as_kernel(routed_topology, agent):
@@ -346,6 +353,6 @@ def test_ipsec_policy_makes_forwarding_punt(routed_topology, agent):
     topo.run("node", ["ip", "xfrm", "policy", "del", "src", f"{topo.pod1_ip}/32", "dst", f"{topo.pod2_ip}/32",
                       "dir", "fwd"])
     wait_for(lambda: not a.status()["forwarding_punted_because"], 2, "policy removal not noticed")
-    c0 = counters(a)
-    assert len(send_and_capture(topo, [frame(topo)], seconds=0.5)) == 1
-    assert delta(counters(a), c0).get("FORWARDED") == 1
+    arrived, d = send_one(topo, a)
+    assert arrived == 1
+    assert d.get("FORWARDED") == 1
