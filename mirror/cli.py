@@ -5,14 +5,13 @@ Every command acts on the network namespace it runs in; use
 """
 
 import json
-import logging
 import re
 import sys
 import time
 
 import click
 
-from . import control, tc
+from . import control, logfmt, tc
 
 EXIT_ERROR = 1
 
@@ -37,15 +36,16 @@ def main():
 @click.option("--exclude", callback=_regex, metavar="REGEX",
               help="Never manage interfaces whose whole name matches REGEX.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every map change.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per line (journald, Kubernetes).")
 @click.option("--ebpf", is_flag=True, help="Print the datapath's C source and exit.")
-def start(include, exclude, verbose, ebpf):
+def start(include, exclude, verbose, log_format, ebpf):
     """Run the agent in the foreground (stops on SIGINT/SIGTERM)."""
     if ebpf:
         from .datapath import source_text
         click.echo(source_text())
         return
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s loxi-mirror %(levelname)s %(message)s")
+    logfmt.configure(log_format, verbose, sys.stderr)
     from .agent import Agent
     from .datapath import DatapathError
     from .translate import Selection
@@ -84,7 +84,9 @@ def stop(timeout):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(as_json):
+@click.option("--ready", "check_ready", is_flag=True,
+              help="Print nothing; exit 0 only if an agent runs here and is ready (for probes).")
+def status(as_json, check_ready):
     """Whether an agent runs here, its tables and counters."""
     try:
         st = control.request({"cmd": "status"})
@@ -93,6 +95,8 @@ def status(as_json):
               "counters": {"fast_path_packets": 0, "fast_path_bytes": 0, "punt": {}}}
     if "error" in st:
         _fail(f"the agent could not answer: {st['error']}")
+    if check_ready:
+        sys.exit(0 if st.get("ready") else EXIT_ERROR)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
