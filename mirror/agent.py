@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import control, netfilter, netlink, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
+from .observe.latency import Histogram
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
@@ -36,9 +37,11 @@ MAP_TABLES = ("routes", "neighbors", "links", "config")
 
 
 class Agent:
-    def __init__(self, selection: Selection = Selection(), cflags=()):
+    def __init__(self, selection: Selection = Selection(), cflags=(), metrics_address=None):
         self.selection = selection
         self.cflags = cflags
+        self.metrics_address = metrics_address  # "ADDR:PORT" or None (off)
+        self.reconcile_latency = Histogram()  # seconds per applied event batch
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.state = m.KernelState()
@@ -74,6 +77,7 @@ class Agent:
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
+        metrics_server = self._serve_metrics()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
         try:
@@ -84,7 +88,17 @@ class Agent:
             self._loop()
         finally:
             self._shutdown()
+            if metrics_server is not None:
+                metrics_server.shutdown()
         return 0
+
+    def _serve_metrics(self):
+        if not self.metrics_address:
+            return None
+        from .observe import metrics  # prometheus_client only when asked for
+        server = metrics.serve(self.metrics_address, self._locked_status)
+        log.info("metrics on http://%s/metrics", self.metrics_address)
+        return server
 
     def _initial_sync(self):
         self.state = self.netlink.dump()
@@ -123,8 +137,11 @@ class Agent:
                 batch.append(("resync", "after an error"))
             if batch or poll:
                 try:
+                    started = time.monotonic()
                     with self.state_lock:
                         self._apply_batch(batch, poll)
+                    if batch:
+                        self.reconcile_latency.observe(time.monotonic() - started)
                     healthy = True
                 except Exception:
                     # The maps may no longer match the kernel: stop the
@@ -271,8 +288,7 @@ class Agent:
         if cmd == "ping":
             return {"pid": _pid()}
         if cmd == "status":
-            with self.state_lock:
-                return self.status()
+            return self._locked_status()
         if cmd == "dump":
             with self.state_lock:
                 return {"entries": self.dump(req.get("table", ""), req.get("match"))}
@@ -280,6 +296,10 @@ class Agent:
             self.stopping.set()
             return {"stopping": True, "pid": _pid()}
         return {"error": f"unknown command {cmd!r}"}
+
+    def _locked_status(self):
+        with self.state_lock:
+            return self.status()
 
     def status(self):
         ready = self.ready_since is not None and not self.stopping.is_set()
@@ -291,6 +311,8 @@ class Agent:
         counters = self.datapath.counters()
         out["interfaces"] = sorted(dict(self.attacher.attached).values())
         out["tables"] = self.sync.table_counts()
+        out["table_capacity"] = {name: self.datapath.table(name).max_entries for name in out["tables"]}
+        out["reconcile_seconds"] = self.reconcile_latency.snapshot()
         c = out["counters"]
         c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}

@@ -25,6 +25,16 @@ def _regex(ctx, param, value):
     return value
 
 
+def _address(ctx, param, value):
+    if value is not None:
+        from .observe.metrics import parse_address
+        try:
+            parse_address(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e))
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Transparent eBPF fast path for this network namespace's routing."""
@@ -38,8 +48,10 @@ def main():
 @click.option("-v", "--verbose", is_flag=True, help="Log every map change.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object per line (journald, Kubernetes).")
+@click.option("--metrics", "metrics_address", callback=_address, metavar="ADDR:PORT",
+              help="Serve Prometheus metrics there (off by default), e.g. 127.0.0.1:9470.")
 @click.option("--ebpf", is_flag=True, help="Print the datapath's C source and exit.")
-def start(include, exclude, verbose, log_format, ebpf):
+def start(include, exclude, verbose, log_format, metrics_address, ebpf):
     """Run the agent in the foreground (stops on SIGINT/SIGTERM)."""
     if ebpf:
         from .datapath import source_text
@@ -51,7 +63,7 @@ def start(include, exclude, verbose, log_format, ebpf):
     from .translate import Selection
 
     try:
-        code = Agent(Selection(include, exclude)).run()
+        code = Agent(Selection(include, exclude), metrics_address=metrics_address).run()
     except control.AlreadyRunning as e:
         _fail(f"another agent is already running in this network namespace ({e})")
     except DatapathError as e:
@@ -115,6 +127,37 @@ def status(as_json, check_ready):
     click.echo(f"fast path: {c['fast_path_packets']} packets, {c['fast_path_bytes']} bytes{share}")
     punts = {k: v for k, v in c["punt"].items() if v}
     click.echo("punted: " + (", ".join(f"{k} {v}" for k, v in sorted(punts.items())) or "none"))
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between samples.")
+@click.option("--count", default=0, type=click.IntRange(min=0), help="Stop after N refreshes (0: until Ctrl-C).")
+def top(interval, count):
+    """Live packet rates per verdict (fast path and each punt reason)."""
+    from .observe import top as view
+
+    def sample():
+        try:
+            st = control.request({"cmd": "status"})
+        except control.NotRunning:
+            _fail("no agent running in this network namespace")
+        return view.counts(st), time.monotonic()
+
+    clear = sys.stdout.isatty()
+    before, t0 = sample()
+    shown = 0
+    try:
+        while not count or shown < count:
+            time.sleep(interval)
+            after, t1 = sample()
+            text = view.render(view.rates(before, after, t1 - t0), interval,
+                               f"loxi-mirror top - {time.strftime('%H:%M:%S')}")
+            click.echo(("\x1b[H\x1b[2J" if clear else "") + text + ("" if clear else "\n"))
+            before, t0 = after, t1
+            shown += 1
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()

@@ -1,0 +1,1 @@
+"""Operator views of a running agent: Prometheus metrics, `top`, latency stats."""

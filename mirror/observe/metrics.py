@@ -1,0 +1,87 @@
+"""`start --metrics ADDR:PORT`: Prometheus text format, off by default.
+
+Every scrape reads the agent's own status (the same numbers `status --json`
+shows), so the endpoint can never disagree with the CLI.
+"""
+
+import ipaddress
+from typing import Callable, Dict, Tuple
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+PREFIX = "loxi_mirror_"
+
+
+def parse_address(text: str) -> Tuple[str, int]:
+    """"ADDR:PORT" or "[v6]:PORT" -> (addr, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9470")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)  # an address, not a name: nothing resolved behind the user's back
+    port_n = int(port)
+    if not 0 < port_n < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port_n
+
+
+class AgentCollector:
+    """Turns one status() dict into metric families at each scrape."""
+
+    def __init__(self, status: Callable[[], Dict]):
+        self.status = status
+
+    def collect(self):
+        st = self.status()
+        ready = GaugeMetricFamily(PREFIX + "ready", "1 when the agent is ready and the fast path is on")
+        ready.add_metric([], 1.0 if st.get("ready") else 0.0)
+        yield ready
+        c = st.get("counters", {})
+        fwd = CounterMetricFamily(PREFIX + "fast_path_packets", "Packets the fast path handled itself")
+        fwd.add_metric([], c.get("fast_path_packets", 0))
+        yield fwd
+        fwd_b = CounterMetricFamily(PREFIX + "fast_path_bytes", "Bytes the fast path handled itself")
+        fwd_b.add_metric([], c.get("fast_path_bytes", 0))
+        yield fwd_b
+        punt = CounterMetricFamily(PREFIX + "punted_packets", "Packets left to the kernel, by reason", labels=["reason"])
+        for reason, n in sorted(c.get("punt", {}).items()):
+            punt.add_metric([reason], n)
+        yield punt
+        punt_b = CounterMetricFamily(PREFIX + "punted_bytes", "Bytes left to the kernel, by reason", labels=["reason"])
+        for reason, n in sorted(c.get("punt_bytes", {}).items()):
+            punt_b.add_metric([reason], n)
+        yield punt_b
+        entries = GaugeMetricFamily(PREFIX + "table_entries", "Entries written to each eBPF map", labels=["table"])
+        for table, n in sorted(st.get("tables", {}).items()):
+            entries.add_metric([table], n)
+        yield entries
+        cap = GaugeMetricFamily(PREFIX + "table_capacity", "Capacity of each eBPF map", labels=["table"])
+        for table, n in sorted(st.get("table_capacity", {}).items()):
+            cap.add_metric([table], n)
+        yield cap
+        for key, help_text in (("resyncs", "Full re-dumps of kernel state (lost events, errors)"),
+                               ("map_resyncs", "Re-reads of the maps after a failed write")):
+            m = CounterMetricFamily(PREFIX + key, help_text)
+            m.add_metric([], st.get(key, 0))
+            yield m
+        lat = st.get("reconcile_seconds")
+        if lat:
+            h = HistogramMetricFamily(PREFIX + "reconcile_seconds",
+                                      "Time from a batch of kernel events to the maps matching it")
+            buckets = [(_le(le), n) for le, n in lat["buckets"]] + [("+Inf", lat["count"])]
+            h.add_metric([], buckets, lat["sum"])
+            yield h
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def serve(address: str, status: Callable[[], Dict]):
+    """Start the HTTP endpoint in a daemon thread; returns the server (shutdown())."""
+    host, port = parse_address(address)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(status))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

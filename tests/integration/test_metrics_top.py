@@ -1,0 +1,63 @@
+"""Metrics endpoint and `top` of a real agent carrying real traffic."""
+
+import json
+import socket
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from nstest import skip_unless_root, wait_for
+
+pytestmark = skip_unless_root
+
+SCRAPE = ("import sys, urllib.request; "
+          "sys.stdout.write(urllib.request.urlopen('http://%s/metrics', timeout=5).read().decode())")
+
+
+def _free_port():
+    with socket.socket() as s:  # any free port number; the endpoint lives in the node namespace
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(t, python, address):
+    text = t.run("node", [python, "-c", SCRAPE % address]).stdout
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_endpoint_scraped_and_parsed(routed_topology, agent):
+    import sys
+    t = routed_topology
+    address = f"127.0.0.1:{_free_port()}"
+    t.run("node", ["ip", "link", "set", "lo", "up"])
+    a = agent(t, "--metrics", address)
+    t.run("pod1", ["ping", "-c", "20", "-i", "0.01", "-W", "1", t.pod2_ip])
+    wait_for(lambda: _scrape(t, sys.executable, address).get(("loxi_mirror_fast_path_packets_total", ()), 0) >= 30,
+             10, "fast-path packets never showed up in the metrics")
+    m = _scrape(t, sys.executable, address)
+    st = a.status()
+    assert m[("loxi_mirror_ready", ())] == 1
+    assert m[("loxi_mirror_table_capacity", (("table", "routes"),))] == st["table_capacity"]["routes"] > 0
+    assert m[("loxi_mirror_table_entries", (("table", "routes"),))] == st["tables"]["routes"]
+    assert m[("loxi_mirror_reconcile_seconds_count", ())] >= 0
+    assert ("loxi_mirror_punted_packets_total", (("reason", "NO_ROUTE"),)) in m
+    assert m[("loxi_mirror_fast_path_packets_total", ())] <= st["counters"]["fast_path_packets"]
+
+
+def test_no_metrics_port_unless_asked(routed_topology, agent):
+    t = routed_topology
+    agent(t)
+    listening = t.run("node", ["ss", "-Hltn"]).stdout.strip()
+    assert listening == "", listening
+
+
+def test_top_shows_rates(routed_topology, agent):
+    t = routed_topology
+    agent(t)
+    pinger = t.popen("pod1", ["ping", "-i", "0.01", "-c", "300", t.pod2_ip])
+    try:
+        out = t.run("node", ["loxi-mirror", "top", "--interval", "0.5", "--count", "2"]).stdout
+    finally:
+        t.kill(pinger)
+    lines = [l for l in out.splitlines() if l.startswith("FORWARDED")]
+    assert len(lines) == 2 and float(lines[-1].split()[1].replace(",", "")) > 0, out
