@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -25,7 +26,7 @@ from .observe.latency import Histogram
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
-                        custom_rules, translate, translate_changes)
+                        custom_rules, skip_reason, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -42,6 +43,8 @@ class Agent:
         self.cflags = cflags
         self.metrics_address = metrics_address  # "ADDR:PORT" or None (off)
         self.reconcile_latency = Histogram()  # seconds per applied event batch
+        self.started = time.time()
+        self.rate_samples = deque(maxlen=2)  # (monotonic, counters) once a second, for rates
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.state = m.KernelState()
@@ -152,6 +155,7 @@ class Agent:
             if healthy and now >= next_neigh:
                 next_neigh = now + NEIGH_REFRESH
                 self._refresh_neighbors()
+                self.rate_samples.append((now, self.datapath.counters()))
             if healthy and time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
@@ -313,6 +317,9 @@ class Agent:
         out["tables"] = self.sync.table_counts()
         out["table_capacity"] = {name: self.datapath.table(name).max_entries for name in out["tables"]}
         out["reconcile_seconds"] = self.reconcile_latency.snapshot()
+        out["uptime_s"] = round(time.time() - self.started, 1)
+        out["skipped_interfaces"] = self._skipped_interfaces()
+        out["rates_pps"] = self._rates()
         c = out["counters"]
         c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
@@ -321,6 +328,24 @@ class Agent:
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
+
+    def _skipped_interfaces(self):
+        """{name: why} for every interface the fast path does not receive on."""
+        out = {l.name: why for l in self.state.links.values()
+               if (why := skip_reason(l, self.selection)) is not None}
+        for ifindex, (_, why) in self.attach_failed.items():
+            link = self.state.links.get(ifindex)
+            if link is not None:
+                out[link.name] = why
+        return out
+
+    def _rates(self):
+        """Packets/s per verdict over the last sampling second (empty at first)."""
+        if len(self.rate_samples) < 2:
+            return {}
+        (t0, before), (t1, after) = self.rate_samples
+        return {name: round((after[name][0] - before.get(name, (0, 0))[0]) / (t1 - t0), 1)
+                for name in after if after[name][0] != before.get(name, (0, 0))[0]}
 
     def _punt_forward_explanation(self):
         if self.state.netfilter_impact:

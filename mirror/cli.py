@@ -115,18 +115,12 @@ def status(as_json, check_ready):
     if not st["running"]:
         click.echo("loxi-mirror: not running in this network namespace")
         return
-    c = st["counters"]
-    click.echo(f"loxi-mirror: running (pid {st['pid']}), "
-               f"{'ready since ' + st['ready_since'] if st['ready'] else 'not ready'}")
-    click.echo(f"interfaces: {', '.join(st['interfaces']) or '-'}")
-    click.echo("tables: " + ", ".join(f"{k} {v}" for k, v in sorted(st["tables"].items())))
-    if st.get("forwarding_punted_because"):
-        click.echo(f"all forwarded traffic punts: {st['forwarding_punted_because']}")
-    total = c["fast_path_packets"] + sum(c["punt"].values())
-    share = f" ({100.0 * c['fast_path_packets'] / total:.1f}% of packets)" if total else ""
-    click.echo(f"fast path: {c['fast_path_packets']} packets, {c['fast_path_bytes']} bytes{share}")
-    punts = {k: v for k, v in c["punt"].items() if v}
-    click.echo("punted: " + (", ".join(f"{k} {v}" for k, v in sorted(punts.items())) or "none"))
+    from .observe import status_view
+    if sys.stdout.isatty():
+        from rich.console import Console
+        status_view.render_rich(st, Console())
+    else:
+        click.echo(status_view.render_plain(st))
 
 
 @main.command()

@@ -67,14 +67,22 @@ class Selection:
 
 
 def eligible(link: m.Link, selection: Selection) -> bool:
-    return (
-        link.link_type == m.ARPHRD_ETHER
-        and link.kind in SUPPORTED_KINDS
-        and link.name != "lo"
-        and not link.master  # bridge/bond ports: their traffic is not routed here
-        and bool(link.mac)
-        and selection.allows(link.name)
-    )
+    return skip_reason(link, selection) is None
+
+
+def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
+    """Why the agent does not manage this interface (None: it does)."""
+    if link.name == "lo" or link.link_type != m.ARPHRD_ETHER:
+        return "not an Ethernet interface"
+    if link.kind not in SUPPORTED_KINDS:
+        return f"{link.kind} interfaces are not handled yet"
+    if link.master:
+        return "enslaved to a bridge or bond: its traffic is not routed here"
+    if not link.mac:
+        return "no MAC address"
+    if not selection.allows(link.name):
+        return "left out by --include/--exclude"
+    return None
 
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:

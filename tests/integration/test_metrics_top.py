@@ -61,3 +61,26 @@ def test_top_shows_rates(routed_topology, agent):
         t.kill(pinger)
     lines = [l for l in out.splitlines() if l.startswith("FORWARDED")]
     assert len(lines) == 2 and float(lines[-1].split()[1].replace(",", "")) > 0, out
+
+
+def test_status_summary_plain_and_rich(routed_topology, agent):
+    import io
+
+    from rich.console import Console
+
+    from mirror.observe import status_view
+
+    t = routed_topology
+    t.run("node", ["ip", "link", "add", "xa0", "type", "veth", "peer", "name", "xa1"])
+    a = agent(t, "--exclude", "xa.*")
+    t.run("pod1", ["ping", "-c", "20", "-i", "0.01", t.pod2_ip])
+    t.run("pod1", ["ping", "-c", "3", "-i", "0.01", "-W", "0.2", "10.99.0.1"], check=False)  # no route: punted
+    wait_for(lambda: a.status()["counters"]["punt"].get("NO_ROUTE", 0) >= 3, 5, "NO_ROUTE punts not counted")
+    text = t.run("node", ["loxi-mirror", "status"]).stdout
+    assert "skipped xa0: left out by --include/--exclude" in text
+    assert "routes " in text and f"/{a.status()['table_capacity']['routes']}" in text
+    assert "NO_ROUTE" in text and "no route in the fast path table" in text
+    buf = io.StringIO()
+    status_view.render_rich(a.status(), Console(file=buf, force_terminal=True, width=160))
+    rich_text = buf.getvalue()
+    assert "attached" in rich_text and "NO_ROUTE" in rich_text and "capacity" in rich_text
