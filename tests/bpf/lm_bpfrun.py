@@ -5,6 +5,7 @@ kernel_bpf/common.h.  Linux x86-64 only (byte order).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -71,6 +72,24 @@ class TestNetns:
             os.close(self._home)
             self._home = None
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the block in an existing named netns (e.g. a topology's node):
+    BPF_PROG_TEST_RUN resolves ctx.ifindex and the conntrack lookup its
+    netns there; subprocesses started in the block inherit it."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        _setns(home)
+        os.close(home)
 
 
 # MACs of the test topology's veths (fixed so packets can be built up front).
