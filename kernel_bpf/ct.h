@@ -111,7 +111,9 @@ static __always_inline __u32 lm_ct_status(struct lm_pkt *p, struct lm_nf_conn *c
 		return LM_CT_EXTENSION;
 #endif
 #ifdef LM_CT_EXT_SYNPROXY
-	if (ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY] && lm_ct_synproxy_tsoff(ct, ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY]))
+	/* The synproxy hook only touches TCP. */
+	if (p->iph->protocol == IPPROTO_TCP && ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY] &&
+	    lm_ct_synproxy_tsoff(ct, ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY]))
 		return LM_CT_EXTENSION;
 #endif
 	return LM_FORWARDED;

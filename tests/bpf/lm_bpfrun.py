@@ -103,18 +103,6 @@ TOPO_MACS = {
 # --- kernel conntrack (of the netns the process is in) ----------------------
 
 
-class FlowKey(ctypes.Structure):
-    _fields_ = [("ifindex", ctypes.c_uint32), ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
-                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
-
-
-class FlowEvent(ctypes.Structure):
-    """struct lm_flow_event"""
-    _fields_ = [("key", FlowKey), ("oif", ctypes.c_uint32), ("dir", ctypes.c_uint8),
-                ("why", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
-
-
 def conntrack(*args: str) -> str:
     """Run the conntrack CLI (conntrack-tools) in the current netns."""
     return subprocess.run(["conntrack", *args], check=True, capture_output=True, text=True).stdout
@@ -200,18 +188,12 @@ class Maps:
         self.flows = dp.table("flows")
         self.flow_asked = dp.table("flow_asked")
         self._events = []
-        # Keep the table: it holds the callback libbcc calls.
-        self.flow_events = dp.table("flow_events")
-        self.flow_events.open_ring_buffer(self._on_event)
-
-    def _on_event(self, _ctx, data, size):
-        ev = ctypes.cast(data, ctypes.POINTER(FlowEvent)).contents
-        self._events.append(FlowEvent.from_buffer_copy(ev))
+        dp.open_flow_events(self._events.append)
 
     def events(self):
-        """Ring-buffer events (struct lm_flow_event) since the last call."""
-        self.dp._bpf.ring_buffer_consume()
-        out, self._events = self._events, []
+        """Ring-buffer events (mirror.datapath.FlowEvent) since the last call."""
+        self.dp.poll_flow_events(0)
+        out, self._events[:] = list(self._events), []
         return out
 
     def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int):
