@@ -19,7 +19,7 @@ from scapy.layers.l2 import Ether
 
 from lm_bpfrun import SkBuff, TC_ACT_REDIRECT, ct_list, ct_set_tcp_flags, in_netns, prog_test_run
 from mirror.datapath import BPF_DIR
-from test_ct import BE_LIBERAL, GEN, VERDICT_BITS, nf_config, nf_sysctls, probe, probe_read  # noqa: F401
+from test_ct import SYSCTLS, BE_LIBERAL, GEN, VERDICT_BITS, nf_config, probe, probe_read, sysctl_path  # noqa: F401
 from test_tc_ingress import FWD, R, UP
 
 PKTIO = str(BPF_DIR.parent / "tests" / "integration" / "pktio.py")
@@ -65,6 +65,18 @@ def nat_node(routed_topology, maps):
     return t, idx
 
 
+def node_config(t):
+    """The node's own conntrack sysctls (defaults), mirrored as the agent would."""
+    with in_netns(t.node):
+        return nf_config({name: int(open(sysctl_path(name)).read()) for name in SYSCTLS})
+
+
+def timeout_left(t, proto):
+    with in_netns(t.node):
+        [(_, left, _)] = ct_list("-p", proto)
+    return left
+
+
 def verdict_for(maps, probe, t, idx, frame, in_if, out_if):
     """Write the flow verdict the agent would: ACCEPT, with the entry's
     translation, mark and status (read from the kernel's entry)."""
@@ -98,25 +110,25 @@ def udp_frame(t, payload, chksum=None):
 
 
 @pytest.mark.parametrize("chksum", [None, 0], ids=["udp", "udp-no-checksum"])
-def test_udp_dnat_masquerade_like_the_kernel(nat_node, datapath, maps, probe, nf_sysctls, chksum):
+def test_udp_dnat_masquerade_like_the_kernel(nat_node, datapath, maps, probe, chksum):
     t, idx = nat_node
-    with in_netns(t.node):
-        maps.set_config(60, **nf_config(nf_sysctls))
+    maps.set_config(60, **node_config(t))
     # First packet: the kernel makes the entry and the NAT choice.
     assert len(kernel_output(t, "pod1", "eth0", "pod2", "eth0", udp_frame(t, b"first", chksum))) == 1
     frame = udp_frame(t, b"second packet of the flow", chksum)
     [kernel] = kernel_output(t, "pod1", "eth0", "pod2", "eth0", frame)
+    kernel_timeout = timeout_left(t, "udp")
     with in_netns(t.node):
         verdict_for(maps, probe, t, idx, frame, "veth1", "veth2")
         ours = fast_path_output(datapath, maps, frame, idx["veth1"])
     assert Ether(kernel)[IP].src == t.gw2_ip and Ether(kernel)[UDP].dport == 53  # NAT'd by the kernel
     assert ours == kernel, f"\n ours   {Ether(ours)!r}\n kernel {Ether(kernel)!r}"
+    assert abs(timeout_left(t, "udp") - kernel_timeout) <= 1  # refreshed as udp_packet() does
 
 
-def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath, maps, probe, nf_sysctls):
+def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath, maps, probe):
     t, idx = nat_node
-    with in_netns(t.node):
-        maps.set_config(60, **nf_config(nf_sysctls))
+    maps.set_config(60, **node_config(t))
     syn = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=VIP, ttl=64, id=1, flags="DF")
            / TCP(sport=40000, dport=8080, flags="S", seq=1000, window=64240))
     [nat_syn] = kernel_output(t, "pod1", "eth0", "pod2", "eth0", syn)
@@ -140,7 +152,10 @@ def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath,
     for frame, src, dst, in_if, out_if in ((data, "pod1", "pod2", "veth1", "veth2"),
                                            (reply, "pod2", "pod1", "veth2", "veth1")):
         [kernel] = kernel_output(t, src, "eth0", dst, "eth0", frame)
+        kernel_timeout = timeout_left(t, "tcp")
         with in_netns(t.node):
             verdict_for(maps, probe, t, idx, frame, in_if, out_if)
             ours = fast_path_output(datapath, maps, frame, idx[in_if])
         assert ours == kernel, f"\n ours   {Ether(ours)!r}\n kernel {Ether(kernel)!r}"
+        # The same packet again: the timeout tcp_packet() chose for it.
+        assert abs(timeout_left(t, "tcp") - kernel_timeout) <= 1
