@@ -126,24 +126,30 @@ def test_udp_dnat_masquerade_like_the_kernel(nat_node, datapath, maps, probe, ch
     assert abs(timeout_left(t, "udp") - kernel_timeout) <= 1  # refreshed as udp_packet() does
 
 
-def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath, maps, probe):
-    t, idx = nat_node
-    maps.set_config(60, **node_config(t))
-    syn = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=VIP, ttl=64, id=1, flags="DF")
-           / TCP(sport=40000, dport=8080, flags="S", seq=1000, window=64240))
+def handshake(t, dst, dport):
+    """pod1:40000 -> dst:dport through the node's kernel: SYN, SYN-ACK, ACK
+    crafted from both pods.  Returns the port the server side sees."""
+    syn = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=dst, ttl=64, id=1, flags="DF")
+           / TCP(sport=40000, dport=dport, flags="S", seq=1000, window=64240))
     [nat_syn] = kernel_output(t, "pod1", "eth0", "pod2", "eth0", syn)
-    masq_port = Ether(nat_syn)[TCP].sport
-    # The handshake, as the kernel would track it: pod2's SYN-ACK, pod1's ACK.
+    masq_port, server_port = Ether(nat_syn)[TCP].sport, Ether(nat_syn)[TCP].dport
     synack = (Ether(src=t.pod2_mac, dst=t.node_mac2) / IP(src=t.pod2_ip, dst=t.gw2_ip, ttl=64, id=2, flags="DF")
-              / TCP(sport=80, dport=masq_port, flags="SA", seq=5000, ack=1001, window=65160))
+              / TCP(sport=server_port, dport=masq_port, flags="SA", seq=5000, ack=1001, window=65160))
     assert len(kernel_output(t, "pod2", "eth0", "pod1", "eth0", synack)) == 1
-    ack = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=VIP, ttl=64, id=3, flags="DF")
-           / TCP(sport=40000, dport=8080, flags="A", seq=1001, ack=5001, window=502))
+    ack = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=dst, ttl=64, id=3, flags="DF")
+           / TCP(sport=40000, dport=dport, flags="A", seq=1001, ack=5001, window=502))
     assert len(kernel_output(t, "pod1", "eth0", "pod2", "eth0", ack)) == 1
     with in_netns(t.node):
         [(_, _, e)] = ct_list("-p", "tcp")
         assert e["state"] == "ESTABLISHED" and "ASSURED" in e.get("flags", []), e
-        ct_set_tcp_flags(t.pod1_ip, VIP, 40000, 8080, BE_LIBERAL, BE_LIBERAL)  # as the agent does
+        ct_set_tcp_flags(t.pod1_ip, dst, 40000, dport, BE_LIBERAL, BE_LIBERAL)  # as the agent does
+    return masq_port
+
+
+def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath, maps, probe):
+    t, idx = nat_node
+    maps.set_config(60, **node_config(t))
+    masq_port = handshake(t, VIP, 8080)
 
     data = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=VIP, ttl=64, id=4, flags="DF")
             / TCP(sport=40000, dport=8080, flags="PA", seq=1001, ack=5001, window=502) / (b"d" * 100))
@@ -159,3 +165,23 @@ def test_tcp_dnat_masquerade_both_directions_like_the_kernel(nat_node, datapath,
         assert ours == kernel, f"\n ours   {Ether(ours)!r}\n kernel {Ether(kernel)!r}"
         # The same packet again: the timeout tcp_packet() chose for it.
         assert abs(timeout_left(t, "tcp") - kernel_timeout) <= 1
+
+
+def test_flow_with_a_helper_punts(nat_node, datapath, maps, probe):
+    """An FTP control connection (helper assigned by a raw CT rule): the
+    helper must see every segment, so none is fast-pathed."""
+    t, idx = nat_node
+    maps.set_config(60, **node_config(t))
+    t.run("node", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "21",
+                   "-j", "CT", "--helper", "ftp"])
+    handshake(t, t.pod2_ip, 21)
+    data = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=t.pod2_ip, ttl=64, id=4, flags="DF")
+            / TCP(sport=40000, dport=21, flags="PA", seq=1001, ack=5001, window=502) / b"USER x\r\n")
+    with in_netns(t.node):
+        verdict_for(maps, probe, t, idx, data, "veth1", "veth2")
+        before = maps.counters()
+        res = prog_test_run(datapath.fd, bytes(data), SkBuff(ifindex=idx["veth1"]))
+        after = maps.counters()
+    punted = {r for r in after if after[r] != before[r]}
+    assert res.retval == 0xFFFFFFFF and res.data == bytes(data)
+    assert punted == {R["CT_STATUS"]}, punted  # IPS_HELPER (and the helper extension)
