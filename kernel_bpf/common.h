@@ -76,7 +76,8 @@
 	X(CT_ACCT, 36, "conntrack accounting or timestamps on: the kernel counts")  \
 	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
 	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")          \
-	X(NAT_FAILED, 39, "dropped: NAT rewrite failed (header not writable)")
+	X(NAT_FAILED, 39, "dropped: NAT rewrite failed (header not writable)")   \
+	X(CT_TCP_RETRANS, 40, "TCP entry counting retransmissions: the kernel tracks it")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped

@@ -123,11 +123,12 @@ static __always_inline __u32 lm_ct_status(struct lm_pkt *p, struct lm_nf_conn *c
  * TCP: only ESTABLISHED+ASSURED entries whose window tracking the agent
  * has made liberal (both directions), so that the segments the kernel does
  * not see cannot make a later punted one INVALID.  The timeout is
- * tcp_packet()'s choice for an ESTABLISHED segment: retrans and
- * unacknowledged data as the entry records them (the kernel saw the
- * segments before takeover, not the fast-pathed ones), the zero-window case
- * from this segment's window, which tcp_in_window() stores in last_win
- * before the choice.
+ * tcp_packet()'s choice for an ESTABLISHED segment: unacknowledged data as
+ * the entry records it (the kernel saw the segments before takeover, not
+ * the fast-pathed ones), the zero-window case from this segment's window,
+ * which tcp_in_window() stores in last_win before the choice.  While the
+ * entry counts retransmissions up to the limit, whether this segment is
+ * one more decides the timeout: the kernel looks.
  */
 static __always_inline __u32 lm_ct_tcp(struct lm_pkt *p, struct lm_nf_conn *ct, __u64 status, __u32 *timeout)
 {
@@ -139,10 +140,10 @@ static __always_inline __u32 lm_ct_tcp(struct lm_pkt *p, struct lm_nf_conn *ct, 
 	if (LM_NFCT(ct, __u8, LM_NFCT_TCP_STATE) != LM_TCP_CONNTRACK_ESTABLISHED ||
 	    (status & (LM_IPS_ASSURED | LM_IPS_SEEN_REPLY)) != (LM_IPS_ASSURED | LM_IPS_SEEN_REPLY))
 		return LM_CT_NOT_ESTABLISHED;
-	p->ci->liberal = flags0 & flags1 & LM_TCP_FLAG_BE_LIBERAL;
 	if (LM_NFCT(ct, __u8, LM_NFCT_TCP_RETRANS) >= cfg->tcp_max_retrans && est > cfg->to_tcp_retrans)
-		*timeout = cfg->to_tcp_retrans;
-	else if (((flags0 | flags1) & LM_TCP_FLAG_DATA_UNACKNOWLEDGED) && est > cfg->to_tcp_unack)
+		return LM_CT_TCP_RETRANS;
+	p->ci->liberal = flags0 & flags1 & LM_TCP_FLAG_BE_LIBERAL;
+	if (((flags0 | flags1) & LM_TCP_FLAG_DATA_UNACKNOWLEDGED) && est > cfg->to_tcp_unack)
 		*timeout = cfg->to_tcp_unack;
 	else if (p->ci->tcp_win == 0 && est > cfg->to_tcp_retrans)
 		*timeout = cfg->to_tcp_retrans;

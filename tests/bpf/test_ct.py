@@ -528,7 +528,8 @@ def test_mode_off_ignores_conntrack(st, datapath, topo, nf_sysctls):
 
 # Reasons this file exercises (test_tc_ingress.test_every_reason_is_exercised).
 COVERED = {"CT_PROTO", "SKB_MARK", "CT_TCP_FLAGS", "CT_MISS", "CT_STATUS", "CT_EXTENSION", "CT_NOT_ESTABLISHED",
-           "CT_NOT_LIBERAL", "CT_ACCT", "FLOW_PENDING", "NF_DROP"}
+           "CT_NOT_LIBERAL", "CT_ACCT", "FLOW_PENDING", "NF_DROP",
+           "CT_TCP_RETRANS"}  # test_ct_oracle.py (retransmissions through the kernel)
 # NAT_FAILED: the header ct.h pulled is already private and writable, so the
 # checksum helpers cannot fail; the reason exists so that a failure would be
 # a counted drop rather than a half-rewritten packet sent on.

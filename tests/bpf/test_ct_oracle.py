@@ -185,3 +185,25 @@ def test_flow_with_a_helper_punts(nat_node, datapath, maps, probe):
     punted = {r for r in after if after[r] != before[r]}
     assert res.retval == 0xFFFFFFFF and res.data == bytes(data)
     assert punted == {R["CT_STATUS"]}, punted  # IPS_HELPER (and the helper extension)
+
+
+def test_tcp_in_retransmission_state_punts(nat_node, datapath, maps, probe):
+    """The same segment four times through the kernel (tcp_max_retrans = 3):
+    the entry counts retransmissions, so the next segment's timeout depends
+    on whether it is one more; the kernel decides."""
+    t, idx = nat_node
+    maps.set_config(60, **node_config(t))
+    handshake(t, VIP, 8080)
+    seg = (Ether(src=t.pod1_mac, dst=t.node_mac1) / IP(src=t.pod1_ip, dst=VIP, ttl=64, id=4, flags="DF")
+           / TCP(sport=40000, dport=8080, flags="PA", seq=1001, ack=5001, window=502) / (b"d" * 100))
+    with in_netns(t.node):
+        verdict_for(maps, probe, t, idx, seg, "veth1", "veth2")
+        assert prog_test_run(datapath.fd, bytes(seg), SkBuff(ifindex=idx["veth1"])).retval == TC_ACT_REDIRECT
+    for _ in range(4):
+        assert len(kernel_output(t, "pod1", "eth0", "pod2", "eth0", seg, seconds=0.5)) == 1
+    with in_netns(t.node):
+        before = maps.counters()
+        res = prog_test_run(datapath.fd, bytes(seg), SkBuff(ifindex=idx["veth1"]))
+        after = maps.counters()
+    assert res.retval == 0xFFFFFFFF and res.data == bytes(seg)
+    assert {r for r in after if after[r] != before[r]} == {R["CT_TCP_RETRANS"]}
