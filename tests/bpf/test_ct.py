@@ -445,7 +445,8 @@ def test_udp_reply_before_assured_punts(st, datapath, topo):
     conntrack("-F")
     conntrack("-I", "-p", "udp", "-s", CLIENT, "-d", SERVER, "--sport", "1234", "--dport", "53",
               "--status", "SEEN_REPLY", "-t", "30")
-    # Replied but not ASSURED: the kernel would set ASSURED (after 2 s).
+    # Replied, not ASSURED, older than 2 s (ctnetlink entries: stream_ts 0):
+    # this packet makes the kernel set ASSURED.
     assert_punted(run(datapath, st, udp_pkt(), topo.in0), udp_pkt(), "CT_NOT_ESTABLISHED")
 
 

@@ -12,6 +12,7 @@ The pods drop what reaches their stacks, so no RST or ICMP disturbs the entry.
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -188,9 +189,9 @@ def test_flow_with_a_helper_punts(nat_node, datapath, maps, probe):
 
 
 def test_tcp_in_retransmission_state_punts(nat_node, datapath, maps, probe):
-    """The same segment four times through the kernel (tcp_max_retrans = 3):
-    the entry counts retransmissions, so the next segment's timeout depends
-    on whether it is one more; the kernel decides."""
+    """The same segment again and again through the kernel: once the entry
+    has counted tcp_max_retrans - 1 retransmissions, the next segment's
+    timeout depends on whether it is one more; the kernel decides."""
     t, idx = nat_node
     maps.set_config(60, **node_config(t))
     handshake(t, VIP, 8080)
@@ -198,12 +199,41 @@ def test_tcp_in_retransmission_state_punts(nat_node, datapath, maps, probe):
            / TCP(sport=40000, dport=8080, flags="PA", seq=1001, ack=5001, window=502) / (b"d" * 100))
     with in_netns(t.node):
         verdict_for(maps, probe, t, idx, seg, "veth1", "veth2")
-        assert prog_test_run(datapath.fd, bytes(seg), SkBuff(ifindex=idx["veth1"])).retval == TC_ACT_REDIRECT
-    for _ in range(4):
+    # Through the kernel: first sighting (retrans 0), then retrans 1, 2; the limit is 3.
+    for sent, want in ((1, "FORWARDED"), (2, "FORWARDED"), (3, "CT_TCP_RETRANS")):
         assert len(kernel_output(t, "pod1", "eth0", "pod2", "eth0", seg, seconds=0.5)) == 1
+        with in_netns(t.node):
+            before = maps.counters()
+            res = prog_test_run(datapath.fd, bytes(seg), SkBuff(ifindex=idx["veth1"]))
+            after = maps.counters()
+        assert {r for r in after if after[r] != before[r]} == {R[want]}, (sent, want)
+    assert res.retval == 0xFFFFFFFF and res.data == bytes(seg)
+
+
+def test_udp_replied_flow_before_and_after_two_seconds(nat_node, datapath, maps, probe):
+    """udp_packet(): a replied flow younger than 2 s keeps the unreplied
+    timeout and is fast-pathed; the first packet past 2 s would make the
+    kernel set ASSURED, so it punts."""
+    t, idx = nat_node
+    maps.set_config(60, **node_config(t))
+    started = time.monotonic()
+    first = udp_frame(t, b"request")
+    [nat_req] = kernel_output(t, "pod1", "eth0", "pod2", "eth0", first, seconds=0.3)
+    reply = bytes(Ether(src=t.pod2_mac, dst=t.node_mac2) / IP(src=t.pod2_ip, dst=t.gw2_ip, ttl=64, id=7)
+                  / UDP(sport=53, dport=Ether(nat_req)[UDP].sport) / b"answer")
+    assert len(kernel_output(t, "pod2", "eth0", "pod1", "eth0", reply, seconds=0.3)) == 1
+    frame = udp_frame(t, b"next request")
+    with in_netns(t.node):
+        verdict_for(maps, probe, t, idx, frame, "veth1", "veth2")
+        young = time.monotonic() - started < 1.8
+        res = prog_test_run(datapath.fd, frame, SkBuff(ifindex=idx["veth1"]))
+        [(_, left, e)] = ct_list("-p", "udp")
+    if young:  # (a loaded machine may take longer: then only the second half applies)
+        assert res.retval == TC_ACT_REDIRECT and "ASSURED" not in e.get("flags", [])
+        assert left == node_config(t)["to_udp"] or left == node_config(t)["to_udp"] - 1
+    time.sleep(max(0.0, started + 2.3 - time.monotonic()))
     with in_netns(t.node):
         before = maps.counters()
-        res = prog_test_run(datapath.fd, bytes(seg), SkBuff(ifindex=idx["veth1"]))
+        res = prog_test_run(datapath.fd, frame, SkBuff(ifindex=idx["veth1"]))
         after = maps.counters()
-    assert res.retval == 0xFFFFFFFF and res.data == bytes(seg)
-    assert {r for r in after if after[r] != before[r]} == {R["CT_TCP_RETRANS"]}
+    assert {r for r in after if after[r] != before[r]} == {R["CT_NOT_ESTABLISHED"]}
