@@ -19,7 +19,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from lm_bpfrun import (SkBuff, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, conntrack, ct_list,
+from lm_bpfrun import (SkBuff, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, conntrack, ct_get, ct_list,
                        ct_set_synproxy_tsoff, ct_set_tcp_flags, ip4, prog_test_run)
 from mirror.datapath import BPF_DIR, Datapath
 from test_tc_ingress import CLIENT_MAC, H7_MAC, IN0_MAC, OUT0_MAC, R, base_state
@@ -253,6 +253,7 @@ def test_probe_reads_a_conntrack_entry_exactly(st, probe, topo):
         assert p.tcp_state == 3  # ESTABLISHED
         want = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED | IPS_SRC_NAT | IPS_DST_NAT
         assert p.status & want == want, hex(p.status)
+        assert (p.status, p.mark) == tuple(ct_get(CLIENT, VIP, CPORT, VPORT, 6).values())
     ct_set_tcp_flags(CLIENT, VIP, CPORT, VPORT, BE_LIBERAL, BE_LIBERAL)
     p = probe_read(probe, c2s(), topo.in0)
     assert (p.flags0 & BE_LIBERAL, p.flags1 & BE_LIBERAL) == (BE_LIBERAL, BE_LIBERAL)
