@@ -156,10 +156,6 @@ def s2c_key(maps, topo):
     return maps.flow_key(topo.out0, SERVER, MASQ, SPORT, MPORT, 6)
 
 
-def nat_status():
-    return IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
-
-
 def c2s_flow(maps, topo, action=0, **over):
     kw = dict(action=action, oif=topo.out0, nat=(MASQ, SERVER, MPORT, SPORT), gen=GEN,
               ct_mark=7, ct_status=probe_status() & VERDICT_BITS)
