@@ -8,7 +8,8 @@
  * that returns LM_FORWARDED ("carry on") or the enum lm_reason to punt with.
  * Stages before rewrite.h only read the packet; rewrite.h is the first stage
  * that writes it, and nothing after it may punt (a punted packet must reach
- * the kernel exactly as it arrived).
+ * the kernel exactly as it arrived).  nat.h (stateful mode) writes last,
+ * after xmit.h, and can only forward or drop.
  */
 #ifndef LM_PKT_H
 #define LM_PKT_H
@@ -37,6 +38,29 @@
 			goto out;                   \
 	} while (0)
 
+#define LM_DROP_CASE(name) case LM_##name:
+static __always_inline int lm_is_drop(__u32 reason)
+{
+	switch (reason) {
+	LM_DROP_REASONS(LM_DROP_CASE)
+		return 1;
+	}
+	return 0;
+}
+
+/* ct.h: what the conntrack stage read from the kernel's entry (which it
+ * has released by then), for the verdict and NAT stages. */
+struct lm_ctinfo {
+	struct lm_flow_key key;  /* wire tuple + ingress */
+	__u32 nat_saddr, nat_daddr; /* as the packet leaves (== wire: no NAT) */
+	__u16 nat_sport, nat_dport;
+	__u32 mark;              /* ct->mark */
+	__u32 status;            /* ct->status & LM_CT_VERDICT_BITS */
+	__u8 dir;                /* conntrack direction of this packet */
+	__u8 liberal;            /* UDP, or TCP with BE_LIBERAL both ways */
+	__u16 tcp_win;           /* TCP: the segment's raw window field */
+};
+
 struct lm_pkt {
 	void *data;              /* skb->data / data_end after the last pull */
 	void *data_end;
@@ -47,9 +71,12 @@ struct lm_pkt {
 	struct lm_link *out_link;/* fib.h: egress link */
 	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
 	struct lm_config *cfg;   /* gate.h: config[0] */
+	struct lm_ctinfo *ci;    /* stateful mode only (ct.h), else NULL */
 	__u64 now;               /* bpf_jiffies64() once per packet */
 	__u32 ifindex;           /* ingress ifindex */
 	__u32 tot_len;           /* host order iph->tot_len */
+	__u32 daddr;             /* destination routed on: iph->daddr, or
+				    after DNAT (ct.h) */
 	int action;              /* xmit.h: TC action when forwarded */
 };
 

@@ -5,6 +5,7 @@ kernel_bpf/common.h.  Linux x86-64 only (byte order).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -73,12 +74,97 @@ class TestNetns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the block in an existing named netns (e.g. a topology's node):
+    BPF_PROG_TEST_RUN resolves ctx.ifindex and the conntrack lookup its
+    netns there; subprocesses started in the block inherit it."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        _setns(home)
+        os.close(home)
+
+
 # MACs of the test topology's veths (fixed so packets can be built up front).
 TOPO_MACS = {
     "in0": "02:00:00:00:00:01",
     "out0": "02:00:00:00:00:02",
     "out1": "02:00:00:00:00:03",
 }
+
+
+# --- kernel conntrack (of the netns the process is in) ----------------------
+
+
+def conntrack(*args: str) -> str:
+    """Run the conntrack CLI (conntrack-tools) in the current netns."""
+    return subprocess.run(["conntrack", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ct_list(*args: str):
+    """`conntrack -L`: one (protocol, seconds left, {orig/reply fields, state,
+    flags}) per entry."""
+    out = []
+    for line in conntrack("-L", *args).splitlines():
+        words = line.split()
+        if len(words) < 3 or not words[2].isdigit():
+            continue
+        fields, seen = {}, set()
+        for w in words[3:]:
+            if "=" in w:
+                k, v = w.split("=", 1)
+                fields[("reply_" if k in seen else "") + k] = v
+                seen.add(k)
+            elif w.startswith("["):
+                fields.setdefault("flags", []).append(w.strip("[]"))
+            else:
+                fields["state"] = w
+        out.append((words[0], int(words[2]), fields))
+    return out
+
+
+def ct_set_tcp_flags(src: str, dst: str, sport: int, dport: int, flags: int, mask: int) -> None:
+    """Set seen[0]/seen[1] flags of a TCP entry through ctnetlink (the
+    conntrack CLI cannot), e.g. IP_CT_TCP_FLAG_BE_LIBERAL as the agent does."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    value = {"value": (flags, mask)}
+    pi = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": [["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", value],
+                                                     ["CTA_PROTOINFO_TCP_FLAGS_REPLY", value]]}]]}
+    with NFCTSocket() as nfct:
+        nfct.entry("set", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=6, sport=sport, dport=dport),
+                   protoinfo=pi)
+
+
+def ct_get(src: str, dst: str, sport: int, dport: int, proto: int) -> Dict[str, int]:
+    """status and mark of one entry, as ctnetlink reports them."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with NFCTSocket() as nfct:
+        msgs = nfct.entry("get", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=proto, sport=sport, dport=dport))
+        [e] = [m for m in msgs if m.get_attr("CTA_STATUS") is not None]
+    return {"status": e.get_attr("CTA_STATUS"), "mark": e.get_attr("CTA_MARK")}
+
+
+def ct_set_synproxy_tsoff(src: str, dst: str, sport: int, dport: int, tsoff: int) -> None:
+    """Give a TCP entry a synproxy timestamp offset (the synproxy hook then
+    rewrites its established segments)."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with NFCTSocket() as nfct:
+        nfct.entry("set", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=6, sport=sport, dport=dport),
+                   synproxy={"attrs": [["CTA_SYNPROXY_ISN", 0], ["CTA_SYNPROXY_ITS", 0],
+                                             ["CTA_SYNPROXY_TSOFF", tsoff]]})
 
 
 # --- map writers ----------------------------------------------------------
@@ -110,12 +196,35 @@ class Maps:
         self.links = dp.table("links")
         self.config = dp.table("config")
         self.counters_t = dp.table("counters")
+        self.flows = dp.table("flows")
+        self.flow_asked = dp.table("flow_asked")
+        self._events = []
+        dp.open_flow_events(self._events.append)
+
+    def events(self):
+        """Ring-buffer events (mirror.datapath.FlowEvent) since the last call."""
+        self.dp.poll_flow_events(0)
+        out, self._events[:] = list(self._events), []
+        return out
+
+    def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int):
+        return self.flows.Key(ifindex=ifindex, saddr=ip4(saddr), daddr=ip4(daddr),
+                              sport=socket.htons(sport), dport=socket.htons(dport), proto=proto)
+
+    def flow(self, key, action: int, oif: int, nat: Tuple[str, str, int, int], gen: int = 0,
+             ct_mark: int = 0, ct_status: int = 0):
+        """A verdict as the agent writes it; nat = (saddr, daddr, sport, dport) as sent."""
+        self.flows[key] = self.flows.Leaf(
+            gen=gen, action=action, oif=oif, ct_mark=ct_mark, ct_status=ct_status,
+            nat_saddr=ip4(nat[0]), nat_daddr=ip4(nat[1]),
+            nat_sport=socket.htons(nat[2]), nat_dport=socket.htons(nat[3]))
 
     def clear(self) -> None:
-        for t in (self.routes, self.neighbors, self.links):
+        for t in (self.routes, self.neighbors, self.links, self.flows, self.flow_asked):
             for k in list(t.keys()):
                 del t[k]
         self.set_config(0)
+        self.events()  # drop what is queued
 
     def route(self, prefix: str, action: int = 0, oif: int = 0, gateway: Optional[str] = None, mtu: int = 1500):
         addr, _, plen = prefix.partition("/")
@@ -139,9 +248,10 @@ class Maps:
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
 
-    def set_config(self, alive_seconds: float, punt_forward_reason: int = 0):
-        """Fast path alive for that long (0: off), with that global punt."""
-        self.config[self.config.Key(0)] = self.config.Leaf(punt_forward_reason=punt_forward_reason, hz=self.hz)
+    def set_config(self, alive_seconds: float, punt_forward_reason: int = 0, **nf):
+        """Fast path alive for that long (0: off), with that global punt
+        and the given stateful-netfilter fields (nf_mode=..., to_udp=...)."""
+        self.config[self.config.Key(0)] = self.config.Leaf(punt_forward_reason=punt_forward_reason, hz=self.hz, **nf)
         self.dp.beat(round(alive_seconds * self.hz))
 
     def expire(self):
