@@ -45,8 +45,10 @@ static __always_inline __u32 lm_parse_eth(struct __sk_buff *skb, struct lm_pkt *
 	if (eth->h_dest[0] & 1)
 		return LM_L2_MULTICAST;
 	/* Not for our MAC: ip_rcv() drops PACKET_OTHERHOST (a sniffer or a
-	 * bridge port may still want it). */
-	if (skb->pkt_type != PACKET_HOST || !lm_mac_eq(eth->h_dest, p->in_link->mac))
+	 * bridge port may still want it).  A frame for the bridge's MAC that
+	 * arrived on a port is OTHERHOST to the port; br_handle_frame() makes
+	 * it PACKET_HOST before passing it up. */
+	if ((skb->pkt_type != PACKET_HOST && !p->via_bridge) || !lm_mac_eq(eth->h_dest, p->in_link->mac))
 		return LM_L2_OTHERHOST;
 	return LM_FORWARDED;
 }

@@ -23,8 +23,9 @@ from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
-from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
-                        custom_rules, translate, translate_changes)
+from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
+                        PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, Selection, bridge_egress_punt, custom_rules,
+                        translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -32,7 +33,8 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-MAP_TABLES = ("routes", "neighbors", "links", "config")
+FDB_REFRESH = 0.25  # s between scans for FDB entries the fast path keeps alive
+MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config")
 
 
 class Agent:
@@ -47,6 +49,7 @@ class Agent:
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
+        self.fdb_refreshed = {}  # (bridge, MAC) -> (datapath use stamp, monotonic time) of our last NTF_USE
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -111,7 +114,7 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------
     def _loop(self):
-        next_beat = next_sysctl = next_neigh = 0.0
+        next_beat = next_sysctl = next_neigh = next_fdb = 0.0
         healthy = True
         while not self.stopping.is_set():
             batch = self._drain(timeout=HEARTBEAT_INTERVAL)
@@ -135,6 +138,9 @@ class Agent:
             if healthy and now >= next_neigh:
                 next_neigh = now + NEIGH_REFRESH
                 self._refresh_neighbors()
+            if healthy and now >= next_fdb:
+                next_fdb = now + FDB_REFRESH
+                self._refresh_fdb()
             if healthy and time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
@@ -174,8 +180,12 @@ class Agent:
             reread_sysctls = True
         elif tc_changed:
             busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
+            bridges = [i for i in tc_changed if getattr(self.state.links.get(i), "kind", "") == "bridge"]
+            ingress = netlink.read_ingress_tc(self.netlink.requests, bridges)
             for index in tc_changed:
                 self.state.set_egress_tc(index, busy.get(index))
+                if index in bridges:
+                    self.state.set_ingress_tc(index, ingress.get(index))
                 if index in self.attacher.attached and not self.attacher.still_attached(index):
                     log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
                     self.attacher.forget(index)  # _reconcile attaches it again
@@ -187,6 +197,7 @@ class Agent:
     def _resynced_state(self):
         fresh = self.netlink.dump()
         fresh.netfilter_impact = self.state.netfilter_impact
+        fresh.bridge_nf_impact = self.state.bridge_nf_impact
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -233,11 +244,13 @@ class Agent:
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
         self.state.netfilter_impact = nf_state.forward_impact
+        self.state.bridge_nf_impact = nf_state.bridge_impact
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
+        self.state.bridge_sysctls = netlink.read_bridge_sysctls()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -264,6 +277,37 @@ class Agent:
                     self.refreshed.add(key)
                 except Exception as e:
                     log.debug("neighbour refresh %s failed: %s", key, e)
+
+    # -- bridge FDB ageing -------------------------------------------------
+    def _refresh_fdb(self):
+        """The bridge re-learns (refreshes) an entry each time it sees a frame
+        from that MAC; frames the fast path switches it never sees.  So for
+        learned entries the datapath used since our last refresh, tell the
+        bridge (NTF_USE) -- often enough to beat its ageing_time."""
+        now = time.monotonic()
+        for key, target in list(self.sync.shadow.fdb.items()):
+            if target.local:
+                continue
+            entry = self.state.fdb.get((key[0], key[1], 0))
+            if entry is None or entry.static:
+                continue  # static entries never age
+            used = self.sync.fdb_used(key)
+            last_used, last_time = self.fdb_refreshed.get(key, (0, 0.0))
+            if used <= last_used or now - last_time < self._fdb_refresh_period(key[0]):
+                continue
+            try:
+                self.netlink.fdb_use(target.port, key[1])
+                self.fdb_refreshed[key] = (used, now)
+            except Exception as e:  # port gone meanwhile: its events follow
+                log.debug("FDB refresh %s failed: %s", key, e)
+        for key in [k for k in self.fdb_refreshed if k not in self.sync.shadow.fdb]:
+            del self.fdb_refreshed[key]
+
+    def _fdb_refresh_period(self, bridge):
+        """A third of the bridge's ageing time (at least the scan period)."""
+        link = self.state.links.get(bridge)
+        ageing = link.bridge.ageing_time / 100.0 if link is not None and link.bridge else 300.0
+        return max(FDB_REFRESH, ageing / 3)
 
     # -- control requests (server thread) ---------------------------------
     def handle_request(self, req):
@@ -296,6 +340,7 @@ class Agent:
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
+        out["bridges"] = self._bridges_status()
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
@@ -312,10 +357,23 @@ class Agent:
             return f"policy routing: {len(rules)} rule(s) beyond the defaults"
         return None
 
+    def _bridges_status(self):
+        """{bridge: {"ports": [...], "punted_because": why routed egress punts}}."""
+        out = {}
+        for index, link in sorted(self.state.links.items()):
+            if link.kind != "bridge":
+                continue
+            ports = [self.state.links[i].name for i in self.state.ports_of(index)]
+            out[link.name] = {"ports": sorted(ports), "egress_punted_because": bridge_egress_punt(self.state, link),
+                              "bridge_nf_call_iptables": self.state.bridge_sysctls.call_iptables
+                              or bool(link.bridge and link.bridge.nf_call_iptables)}
+        return out
+
     def dump(self, table, match=None):
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
-        looks up just that entry (a full read of a big table is slow)."""
-        if table not in ("routes", "neighbors", "links"):
+        or {"bridge": ..., "mac": ...} looks up just that entry (a full read of
+        a big table is slow)."""
+        if table not in ("routes", "neighbors", "links", "fdb"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}
         rows = self.sync.read(table, self._keys(table, match or {}, names))
@@ -331,8 +389,14 @@ class Agent:
         if table == "neighbors":
             return [{"interface": names.get(i, i), "ip": ip, "mac": mac}
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
+        if table == "fdb":
+            return [{"bridge": names.get(b, b), "mac": mac, "port": names.get(e.port, e.port),
+                     "local": e.local, "used": self.sync.fdb_used((b, mac)) or None}
+                    for (b, mac), e in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+        ports = self.sync.read("ports")
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
-                 "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), names)}
+                for i, e in sorted(rows.items())]
 
     @staticmethod
     def _keys(table, match, names):
@@ -341,13 +405,27 @@ class Agent:
             return [(dst, int(plen))]
         if table == "neighbors" and "ip" in match and "interface" in match:
             return [(i, match["ip"]) for i, name in names.items() if name == match["interface"]]
+        if table == "fdb" and "mac" in match and "bridge" in match:
+            return [(i, match["mac"]) for i, name in names.items() if name == match["bridge"]]
         return None
 
 
 def _link_flag_names(flags):
     names = [("up", LINK_UP), ("forwarding", LINK_FORWARDING), ("redirect_peer", LINK_REDIRECT_PEER),
-             ("rp_filter_strict", LINK_RPF_STRICT), ("rp_filter_loose", LINK_RPF_LOOSE)]
+             ("rp_filter_strict", LINK_RPF_STRICT), ("rp_filter_loose", LINK_RPF_LOOSE), ("bridge", LINK_BRIDGE)]
     return [n for n, bit in names if flags & bit]
+
+
+def _port_row(port, names):
+    """The bridge-port columns of a `dump links` row (empty for other links)."""
+    if port is None:
+        return {}
+    reason_names = {r.value: r.name for r in REASONS}
+    flags = [n for n, bit in (("forwarding", PORT_FORWARDING), ("learning", PORT_LEARNING),
+                              ("isolated", PORT_ISOLATED)) if port.flags & bit]
+    punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
+                                                           ("to_bridge", port.up_punt)) if v}
+    return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts}
 
 
 def _ip_sort(ip):
