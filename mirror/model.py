@@ -267,8 +267,8 @@ class KernelState:
         if old == link:
             return
         self._link_changed(link.index, routes=old is None or old.mtu != link.mtu)
-        if old is not None and old.kind == "bridge" and (old.mac, old.admin_up) != (link.mac, link.admin_up):
-            self.changes.links |= set(self.ports_of(link.index))  # their entries depend on it
+        if link.kind == "bridge" or (old is not None and old.kind == "bridge"):
+            self._ports_changed(link.index)
         if old is not None and old.master and old.master != link.master:
             self._flush_fdb(link.index)  # left the bridge: br_fdb_delete_by_port()
         if old is None or (old.master, old.port, old.bridge) != (link.master, link.port, link.bridge):
@@ -285,6 +285,8 @@ class KernelState:
     def del_link(self, index: int):
         """A link is gone: its addresses, routes and neighbours go with it."""
         self._link_changed(index, routes=False)
+        if getattr(self.links.get(index), "kind", "") == "bridge":
+            self._ports_changed(index)
         self.links.pop(index, None)
         self.egress_tc.pop(index, None)
         for addr in [a for a in self.addresses if a.index == index]:
@@ -304,6 +306,11 @@ class KernelState:
 
     def ports_of(self, bridge: int):
         return [i for i, l in self.links.items() if l.master == bridge and l.port is not None]
+
+    def _ports_changed(self, bridge: int):
+        """Whether a port is managed, and its entry, depend on its bridge."""
+        for index in [i for i, l in self.links.items() if l.master == bridge]:
+            self._link_changed(index, routes=False)
 
     def _link_changed(self, index: int, routes: bool):
         """The link's entry, its neighbours (eligibility) and, if its MTU
