@@ -72,7 +72,8 @@
 	X(BR_HAIRPIN, 32, "the bridge would send the frame back out of its ingress port") \
 	X(BR_ISOLATED, 33, "both bridge ports isolated (the bridge drops it)")    \
 	X(BR_LOCAL, 34, "destination is a local FDB entry other than the bridge's own MAC") \
-	X(BR_UNSUPPORTED, 35, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)")
+	X(BR_UNSUPPORTED, 35, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
+	X(PEER_MAC, 36, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)")
 
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };
@@ -133,6 +134,8 @@ struct lm_port {
 	__u8 punt;        /* every frame arriving on the port */
 	__u8 ipv4_punt;   /* bridged IPv4 (br_netfilter -> iptables) */
 	__u8 up_punt;     /* frames for the bridge device itself (routed) */
+	__u8 peer_mac[ETH_ALEN]; /* veth port: its peer's MAC (0: unknown) */
+	__u16 pad;
 };
 
 struct lm_fdb_key {

@@ -111,7 +111,10 @@ static __always_inline __u32 lm_l2_switch(struct __sk_buff *skb, struct lm_pkt *
 	if (!skb->gso_size && skb->len > ol->mtu + ETH_HLEN + LM_VLAN_HLEN)
 		return LM_MTU_EXCEEDED;
 
-	if (ol->flags & LM_LINK_REDIRECT_PEER) {
+	/* Into the peer's netns directly only for the peer's own MAC:
+	 * skb_scrub_packet() makes it PACKET_HOST there, where veth_xmit()
+	 * would let eth_type_trans() decide (OTHERHOST for other MACs). */
+	if ((ol->flags & LM_LINK_REDIRECT_PEER) && lm_mac_eq(p->eth->h_dest, out->peer_mac)) {
 		skb->priority = 0; /* as veth_xmit()'s ____dev_forward_skb() */
 		p->action = bpf_redirect_peer(oif, 0);
 	} else {
@@ -182,6 +185,10 @@ static __always_inline __u32 lm_l2_egress(struct __sk_buff *skb, struct lm_pkt *
 	ol = links.lookup(&oif);
 	if (!ol || !(ol->flags & LM_LINK_UP))
 		return LM_EGRESS_UNMANAGED;
+	/* xmit.h redirects into a veth peer's netns: only right for the
+	 * peer's own MAC (see lm_l2_switch()). */
+	if ((ol->flags & LM_LINK_REDIRECT_PEER) && !lm_mac_eq(p->nb->mac, out->peer_mac))
+		return LM_PEER_MAC;
 	/* The port's MTU may be below the bridge's (is_skb_forwardable()). */
 	if (!skb->gso_size && p->tot_len > ol->mtu)
 		return LM_MTU_EXCEEDED;

@@ -198,6 +198,7 @@ class Agent:
         fresh = self.netlink.dump()
         fresh.netfilter_impact = self.state.netfilter_impact
         fresh.bridge_nf_impact = self.state.bridge_nf_impact
+        fresh.peer_macs = self.state.peer_macs
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -251,6 +252,9 @@ class Agent:
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
         self.state.bridge_sysctls = netlink.read_bridge_sysctls()
+        # No events reach us from the peers' namespaces: re-read with the sysctls.
+        ports = [l for l in self.state.links.values() if l.port is not None and l.kind == "veth"]
+        self.state.set_peer_macs(netlink.read_peer_macs(ports))
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -425,7 +429,8 @@ def _port_row(port, names):
                               ("isolated", PORT_ISOLATED)) if port.flags & bit]
     punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
                                                            ("to_bridge", port.up_punt)) if v}
-    return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts}
+    return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts,
+            "peer_mac": port.peer_mac}
 
 
 def _ip_sort(ip):

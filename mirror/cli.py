@@ -147,6 +147,7 @@ def _row_text(table, row):
     if "bridge" in row:
         punts = " ".join(f"punt-{k}:{v}" for k, v in row["port_punts"].items())
         text += f" master {row['bridge']} <{','.join(row['port_flags'])}>" + (f" {punts}" if punts else "")
+        text += f" peer {row['peer_mac']}" if row.get("peer_mac") else ""
     return text
 
 

@@ -88,10 +88,15 @@ class Codec:
         return self.t["ports"].Key(ifindex)
 
     def port_leaf(self, e: PortEntry):
-        return self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
+        leaf = self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
+        if e.peer_mac:
+            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
+        return leaf
 
     def decode_port(self, k, v):
-        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt)
+        peer = bytes_to_mac(v.peer_mac)
+        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt,
+                                  None if peer == "00:00:00:00:00:00" else peer)
 
     # fdb: (bridge, MAC) <-> lm_fdb_key, FdbTarget <-> lm_fdb
     def fdb_key(self, key):

@@ -52,6 +52,7 @@ class PortEntry:
     punt: int = 0  # every frame arriving on the port punts with this
     ipv4_punt: int = 0  # bridged IPv4 punts with this (br_netfilter)
     up_punt: int = 0  # frames for the bridge's own MAC punt with this
+    peer_mac: Optional[str] = None  # veth port: the peer's MAC (redirect_peer only to it)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ def port_entry(state: m.KernelState, index: int, selection: Selection) -> Option
     return PortEntry(
         bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
         ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,
-        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0)
+        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0,
+        peer_mac=state.peer_macs.get(index))
 
 
 def _port_punt(state: m.KernelState, bridge: m.Link, info: m.BridgeInfo, port: m.BridgePort) -> int:

@@ -141,9 +141,11 @@ class Maps:
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
 
-    def port(self, ifindex: int, bridge: int, flags: int, punt: int = 0, ipv4_punt: int = 0, up_punt: int = 0):
-        self.ports[self.ports.Key(ifindex)] = self.ports.Leaf(bridge=bridge, flags=flags, punt=punt,
-                                                             ipv4_punt=ipv4_punt, up_punt=up_punt)
+    def port(self, ifindex: int, bridge: int, flags: int, punt: int = 0, ipv4_punt: int = 0, up_punt: int = 0,
+             peer_mac=None):
+        self.ports[self.ports.Key(ifindex)] = self.ports.Leaf(
+            bridge=bridge, flags=flags, punt=punt, ipv4_punt=ipv4_punt, up_punt=up_punt,
+            peer_mac=_mac_arr(peer_mac or "00:00:00:00:00:00"))
 
     def _fdb_key(self, bridge: int, m):
         k = self.fdb_t.Key()

@@ -5,7 +5,8 @@ with the three veths made ports of one bridge BR (a fake ifindex: nothing is
 ever redirected to the bridge itself):
   in0  port, forwarding + learning; CLIENT_MAC learned on it
   out0 port (bpf_redirect);          H7_MAC learned on it
-  out1 port, veth peer elsewhere (bpf_redirect_peer); P2_MAC learned on it
+  out1 port, veth peer elsewhere (bpf_redirect_peer); P2_MAC (the peer's) and
+       BEHIND_MAC (something behind the peer) learned on it
   BR_MAC: the bridge's own address (local entry), BR routes 10.5.0.0/24.
 Switched frames must leave byte-identical; frames for the bridge's MAC are
 routed like the kernel's ip_forward() with the bridge as L3 device.
@@ -27,17 +28,20 @@ BR = 900
 BR_MAC = "02:00:00:00:0b:00"
 OTHER_BR = 901
 MOVED_MAC = "02:aa:00:00:00:99"  # learned on in0 (hairpin target)
+BEHIND_MAC = "02:cc:00:00:00:42"  # learned on out1, not the peer's own MAC
 
 
 def bridge_state(m, t):
     base_state(m, t)
     m.link(BR, BR_MAC, UP | FWD | BRIDGE)
-    for port in (t.in0, t.out0, t.out1):
+    for port in (t.in0, t.out0):
         m.port(port, BR, PFWD | PLEARN)
+    m.port(t.out1, BR, PFWD | PLEARN, peer_mac=P2_MAC)
     m.fdb(BR, CLIENT_MAC, t.in0)
     m.fdb(BR, MOVED_MAC, t.in0)
     m.fdb(BR, H7_MAC, t.out0)
     m.fdb(BR, P2_MAC, t.out1)
+    m.fdb(BR, BEHIND_MAC, t.out1)
     m.fdb(BR, BR_MAC, BR, local=True)
     m.fdb(BR, IN0_MAC, t.in0, local=True)  # a port's own address is local too
     m.route("10.5.0.0/24", oif=BR)
@@ -91,6 +95,8 @@ L2_CASES = [
              check=lambda m, t, res: (check_priority(5)(m, t, res), check_source_used(m, t, res))),
     switched("to a veth port: redirect_peer, priority 0 as veth_xmit", l2(dst=P2_MAC), ctx={"priority": 5},
              check=check_priority(0)),
+    switched("to a veth port, not the peer's MAC: plain redirect (veth_xmit sets the packet type)",
+             l2(dst=BEHIND_MAC), ctx={"priority": 5}, check=check_priority(5)),
     switched("learning off: source need not be known", l2(src="02:aa:00:00:00:42"),
              setup=port("in0", PFWD)),
     switched("only the egress port isolated", l2(), setup=port("out0", PFWD | PLEARN | PISOLATED)),
@@ -154,6 +160,8 @@ L2_CASES = [
     Case("routed out of a bridge to a veth port", lambda t: udp(dst="10.5.0.9"), "FORWARDED", TC_ACT_REDIRECT,
          out=lambda t: forwarded(udp(dst="10.5.0.9"), BR_MAC, P2_MAC), setup=not_a_port, ctx={"priority": 5},
          check=check_priority(0)),
+    punt("routed out of a bridge, next hop behind the veth peer (not its MAC)", udp(dst="10.5.0.7"), "PEER_MAC",
+         setup=steps(not_a_port, lambda m, t: m.neigh(BR, "10.5.0.7", BEHIND_MAC))),
     punt("routed out of a bridge, next hop not in the FDB", udp(dst="10.5.0.8"), "BR_UNKNOWN_UNICAST",
          setup=not_a_port),
     punt("routed out of a bridge, next hop's port blocking", udp(dst="10.5.0.9"), "BR_BLOCKED",

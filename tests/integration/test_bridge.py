@@ -46,15 +46,16 @@ def probe(topo, src=1, dst_mac=None, dst_ip=None, src_mac=None, **ip):
     return bytes(Ether(src=src_mac or topo.pod_mac(src), dst=dst_mac or topo.pod2_mac) / IP(**fields) / payload)
 
 
-def exchange(topo, src, frames, receivers, seconds=1.0):
-    """Send frames from pod `src`; {pod: [IPv4 frames from src's address]}."""
+def exchange(topo, src, frames, receivers, seconds=1.0, from_pod=None):
+    """Send frames from pod `src`; {pod: [IPv4 frames from src's address]}
+    (from pod `from_pod`'s address if given: answers)."""
     caps = {}
     for k in receivers:
         caps[k] = topo.popen(f"pod{k}", [PY, f"{HERE}/pktio.py", "capture", "eth0", str(seconds)],
                              stdout=subprocess.PIPE, text=True)
         assert caps[k].stdout.readline().strip() == "ready"
     topo.run(f"pod{src}", [PY, f"{HERE}/pktio.py", "send", "eth0"] + [f.hex() for f in frames])
-    src_ip = bytes(int(x) for x in topo.pod_ip(src).split("."))
+    src_ip = bytes(int(x) for x in topo.pod_ip(from_pod or src).split("."))
     out = {}
     for k, cap in caps.items():
         text, _ = cap.communicate(timeout=seconds + 10)
@@ -119,6 +120,27 @@ def test_bridged_frames_same_as_the_kernel(one_bridge, agent):
     for reason, n in expected.items():
         assert d.get(reason, 0) >= n, (reason, d)
     assert d["FORWARDED"] == expected["FORWARDED"], d
+
+
+def test_frames_for_a_mac_behind_a_pod_stay_otherhost(one_bridge, agent):
+    """pod3 also sends from a second MAC, so the bridge learns it on vp3.
+    A ping to pod3's address with that MAC arrives at pod3 as PACKET_OTHERHOST
+    and is dropped there (no reply); redirect_peer would make it PACKET_HOST."""
+    topo = one_bridge
+    warm(topo)
+    other = "02:dd:00:00:00:03"
+    spoof = probe(topo, src=3, src_mac=other, dst_mac=topo.pod1_mac, dst_ip=topo.pod1_ip)
+    echo = probe(topo, dst_mac=other, dst_ip=topo.pod_ip(3), payload=ICMP(type=8, id=9, seq=1) / (b"e" * 32))
+    topo.run("pod3", [PY, f"{HERE}/pktio.py", "send", "eth0", spoof.hex()])
+    kernel = exchange(topo, 1, [echo] * 3, receivers=(1, 3), from_pod=3)
+    kernel_at_pod3 = exchange(topo, 1, [echo] * 3, receivers=(3,))
+    assert kernel[1] == [] and len(kernel_at_pod3[3]) == 3  # delivered, not answered
+    a = agent(topo)
+    topo.run("pod3", [PY, f"{HERE}/pktio.py", "send", "eth0", spoof.hex()])  # keep it learned on vp3
+    c0 = counters(a)
+    assert exchange(topo, 1, [echo] * 3, receivers=(1, 3), from_pod=3) == kernel
+    assert exchange(topo, 1, [echo] * 3, receivers=(3,)) == kernel_at_pod3
+    assert delta(counters(a), c0).get("FORWARDED", 0) >= 6  # switched, by plain redirect
 
 
 def test_four_pods_on_one_bridge_mostly_fast_path(one_bridge, agent):

@@ -127,3 +127,16 @@ def test_dump_reads_ports_and_fdb_from_bridge_messages():
     st = apply(m.KernelState(), bridge(BR, "br0", ageing=300), port_link(V3, "v3", BR, state=m.BR_STATE_DISABLED))
     assert st.links[BR].bridge.ageing_time == 300
     assert st.links[V3].port.state == m.BR_STATE_DISABLED and st.ports_of(BR) == [V3]
+
+
+def test_peer_macs_reach_the_port_entries():
+    st = bridged()
+    st.take_changes()
+    st.set_peer_macs({V1: POD1})
+    assert st.take_changes().links == {V1}
+    assert translate(st).ports[V1].peer_mac == POD1 and translate(st).ports[V2].peer_mac is None
+
+
+def test_veth_peer_location_is_parsed():
+    lk = netlink.parse_link(port_link(V1, "v1", BR))
+    assert (lk.peer_netnsid, lk.peer_in_other_netns) == (0, True)
