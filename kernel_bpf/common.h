@@ -127,6 +127,7 @@ struct lm_link {
 #define LM_PORT_FORWARDING (1 << 0) /* STP state forwarding */
 #define LM_PORT_LEARNING (1 << 1)   /* the bridge learns source MACs here */
 #define LM_PORT_ISOLATED (1 << 2)   /* isolated: no forwarding to other isolated ports */
+#define LM_PORT_NF_IPV4 (1 << 3)    /* br_netfilter sees bridged IPv4 here (bridge-nf-call-iptables) */
 
 struct lm_port {
 	__u32 bridge;     /* ifindex of the bridge this port belongs to */

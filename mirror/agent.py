@@ -24,8 +24,8 @@ from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, Selection, bridge_egress_punt, custom_rules,
-                        translate, translate_changes)
+                        PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, bridge_egress_punt,
+                        custom_rules, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -426,7 +426,7 @@ def _port_row(port, names):
         return {}
     reason_names = {r.value: r.name for r in REASONS}
     flags = [n for n, bit in (("forwarding", PORT_FORWARDING), ("learning", PORT_LEARNING),
-                              ("isolated", PORT_ISOLATED)) if port.flags & bit]
+                              ("isolated", PORT_ISOLATED), ("br_netfilter", PORT_NF_IPV4)) if port.flags & bit]
     punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
                                                            ("to_bridge", port.up_punt)) if v}
     return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts,

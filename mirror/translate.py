@@ -23,6 +23,7 @@ LINK_BRIDGE = 1 << 5
 PORT_FORWARDING = 1 << 0
 PORT_LEARNING = 1 << 1
 PORT_ISOLATED = 1 << 2
+PORT_NF_IPV4 = 1 << 3
 
 # Link kinds the fast path can receive on and transmit to today, directly
 # or as bridge ports.  VXLAN, bonds ... arrive with their own issues; until
@@ -189,6 +190,7 @@ def port_entry(state: m.KernelState, index: int, selection: Selection) -> Option
     flags |= PORT_ISOLATED if port.isolated else 0
     info = bridge.bridge or m.BridgeInfo(vlan_filtering=True)  # unknown: punt
     call_iptables = state.bridge_sysctls.call_iptables or info.nf_call_iptables
+    flags |= PORT_NF_IPV4 if call_iptables else 0  # br_netfilter validates bridged IPv4
     return PortEntry(
         bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
         ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,

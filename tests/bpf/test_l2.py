@@ -23,7 +23,7 @@ from test_tc_ingress import (CLIENT_MAC, FWD, GW_MAC, H7_MAC, IN0_MAC, OUT0_MAC,
                              base_state, check_priority, forwarded, punt, run_case, udp)
 
 BRIDGE = 1 << 5
-PFWD, PLEARN, PISOLATED = 1, 2, 4
+PFWD, PLEARN, PISOLATED, PNF = 1, 2, 4, 8
 BR = 900
 BR_MAC = "02:00:00:00:0b:00"
 OTHER_BR = 901
@@ -103,6 +103,16 @@ L2_CASES = [
     switched("TTL 1 is bridged as is (no router in the way)", l2(ttl=1)),
     switched("frame of MTU + 18 bytes: is_skb_forwardable() lets it pass",
              Ether(src=CLIENT_MAC, dst=H7_MAC) / IP(src="10.0.0.5", dst="10.0.0.7") / UDP() / (b"j" * 1476)),
+    switched("bridge-nf-call-iptables, no rules: a valid packet", l2(), setup=port("in0", PFWD | PLEARN | PNF)),
+    switched("without br_netfilter a bad checksum is bridged as is", l2(chksum=0x1234)),
+    punt("bridge-nf-call-iptables: bad checksum (br_validate_ipv4 drops)", l2(chksum=0x1234), "IP_CSUM",
+         setup=port("in0", PFWD | PLEARN | PNF)),
+    punt("bridge-nf-call-iptables: bytes after tot_len (trimmed)", lambda t: bytes(l2()) + b"\xee" * 20,
+         "IP_MALFORMED", setup=port("in0", PFWD | PLEARN | PNF)),
+    punt("bridge-nf-call-iptables: tot_len beyond the frame (dropped)", l2(len=300), "IP_MALFORMED",
+         setup=port("in0", PFWD | PLEARN | PNF)),
+    punt("bridge-nf-call-iptables: options", l2(options=[b"\x94\x04\x00\x00"]), "IP_OPTIONS",
+         setup=port("in0", PFWD | PLEARN | PNF)),
     punt("longer than egress MTU + 18 bytes", Ether(src=CLIENT_MAC, dst=H7_MAC) / IP(src="10.0.0.5", dst="10.0.0.7")
          / UDP() / (b"j" * 1477), "MTU_EXCEEDED"),
     # --- what the bridge floods, consumes or learns from --------------------

@@ -324,7 +324,7 @@ def run_case(case, topo, datapath, maps):
         got, want = Ether(res.data), Ether(expected)
         pytest.fail(f"output differs:\n got  {got!r}\n want {want!r}\n"
                     f" got  {res.data[:40].hex()}\n want {expected[:40].hex()}")
-    if case.verdict == TC_ACT_REDIRECT:
+    if case.verdict == TC_ACT_REDIRECT and csum16(frame[14:34]) == 0xFFFF:  # (bridges pass bad ones on)
         assert csum16(res.data[14:34]) == 0xFFFF, "IP header checksum invalid"
     if case.check:
         case.check(maps, topo, res)

@@ -249,6 +249,32 @@ def test_br_netfilter_forward_rule_drops_exactly_as_the_kernel(one_bridge, agent
     assert delta(counters(a), c0).get("FORWARDED", 0) >= 2
 
 
+@pytest.mark.parametrize("call_iptables", [1, 0])
+def test_br_netfilter_validation_same_as_the_kernel(one_bridge, agent, call_iptables):
+    """With bridge-nf-call-iptables=1 the kernel drops bridged IPv4 with a bad
+    checksum or length and trims bytes after tot_len, even without a rule;
+    with 0 it bridges every frame as it is.  Same frames, same result."""
+    topo = one_bridge
+    topo.sysctl("node", "net.bridge.bridge-nf-call-iptables", call_iptables)
+    warm(topo)
+    silence(topo, 2)
+    frames = [probe(topo), probe(topo, chksum=0x1234), probe(topo) + b"\xee" * 20,
+              bytes(Ether(src=topo.pod1_mac, dst=topo.pod2_mac) / IP(src=topo.pod1_ip, dst=topo.pod2_ip, len=200)
+                    / UDP(dport=PROBE_PORT) / b"x"),
+              probe(topo, options=[b"\x94\x04\x00\x00"])]
+    kernel = exchange(topo, 1, frames, receivers=(2,))
+    assert len(kernel[2]) == (3 if call_iptables else 5), kernel  # good, trimmed, with options
+    a = agent(topo)
+    c0 = counters(a)
+    assert exchange(topo, 1, frames, receivers=(2,)) == kernel
+    d = delta(counters(a), c0)
+    if call_iptables:
+        assert d.get("FORWARDED") == 1 and d.get("IP_CSUM") == 1 and d.get("IP_MALFORMED") == 2, d
+        assert d.get("IP_OPTIONS") == 1, d
+    else:
+        assert d.get("FORWARDED") == 5, d
+
+
 def reaction_ms(topo, table, match, mode, *cmd, timeout=2.0):
     out = topo.run("node", [PY, f"{HERE}/reaction.py", table, json.dumps(match), mode, str(timeout), "--"]
                    + list(cmd)).stdout
@@ -284,7 +310,7 @@ def _changes(topo):
         # a port that comes back up spends forward_delay in listening/learning.
         "port not forwarding (STP listening)": (
             ["sh", "-c", f"ip link set {vp2} down && ip link set {vp2} up"],
-            ("links", {"name": vp2, "flags": ["up", "redirect_peer"], "port_flags": ["learning"]}, "present")),
+            ("links", {"name": vp2, "flags": ["up", "redirect_peer"], "port_flags": ["learning", "br_netfilter"]}, "present")),
         "bridge goes down": (
             ["ip", "link", "set", br, "down"],
             ("links", {"name": vp2, "port_punts": {"all": "BR_BLOCKED"}}, "present")),

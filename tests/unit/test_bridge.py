@@ -6,7 +6,7 @@ from mirror import model as m
 from mirror import netlink
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_UP, PORT_FORWARDING,
-                              PORT_ISOLATED, PORT_LEARNING, FdbTarget, PortEntry, Selection, translate)
+                              PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, FdbTarget, PortEntry, Selection, translate)
 
 from netlink_msgs import bridge, bridge_port_event, fdb, neighbor, port_link, vlan_link
 
@@ -42,7 +42,8 @@ def test_bridge_and_ports_are_managed_ports_attached():
     assert d.attach == {V1: "v1", V2: "v2"}  # not the bridge: its frames arrive on the ports
     assert d.links[BR].flags == LINK_UP | LINK_FORWARDING | LINK_BRIDGE and d.links[BR].mac == BR_MAC
     assert d.links[V1].flags == LINK_UP | LINK_REDIRECT_PEER
-    assert d.ports[V1] == PortEntry(BR, PORT_FORWARDING | PORT_LEARNING)
+    # bridge-nf-call-iptables=1 (the default): br_netfilter validates bridged IPv4.
+    assert d.ports[V1] == PortEntry(BR, PORT_FORWARDING | PORT_LEARNING | PORT_NF_IPV4)
     assert d.fdb == {(BR, POD1): FdbTarget(V1), (BR, POD2): FdbTarget(V2), (BR, BR_MAC): FdbTarget(BR, local=True),
                      (BR, "02:00:00:00:00:01"): FdbTarget(V1, local=True)}
 
@@ -53,7 +54,7 @@ def test_bridge_messages_keep_the_link_kind():
     st = bridged()
     apply(st, bridge_port_event(V1, "v1", BR, state=m.BR_STATE_BLOCKING, learning=0))
     assert st.links[V1].kind == "veth" and st.links[V1].port.state == m.BR_STATE_BLOCKING
-    assert translate(st).ports[V1] == PortEntry(BR, 0)
+    assert translate(st).ports[V1] == PortEntry(BR, PORT_NF_IPV4)
     apply(st, bridge_port_event(V1, "v1", BR, event="RTM_DELLINK"))
     assert V1 in st.links and st.links[V1].port is None and st.links[V1].master == 0
     assert (BR, POD1, 0) not in st.fdb  # the kernel flushes the port's entries
@@ -97,14 +98,14 @@ def test_port_punts(change, field, reason):
 
 def test_br_netfilter_off_lets_bridged_ipv4_through_forward_rules():
     st = bridged(netfilter_impact="filter FORWARD: 1 rule", bridge_sysctls=m.BridgeSysctls(call_iptables=False))
-    assert translate(st).ports[V1].ipv4_punt == 0
+    assert translate(st).ports[V1].ipv4_punt == 0 and not translate(st).ports[V1].flags & PORT_NF_IPV4
     apply(st, bridge(BR, "br0", mac=BR_MAC, nf_call_iptables=1))  # the per-bridge switch
     assert translate(st).ports[V1].ipv4_punt == R["NETFILTER"]
 
 
 def test_isolated_port_and_stp_states():
     st = apply(bridged(), port_link(V2, "v2", BR, isolated=1, state=m.BR_STATE_LEARNING))
-    assert translate(st).ports[V2].flags == PORT_LEARNING | PORT_ISOLATED
+    assert translate(st).ports[V2].flags == PORT_LEARNING | PORT_ISOLATED | PORT_NF_IPV4
 
 
 def test_bridge_egress_busy_clears_up():
