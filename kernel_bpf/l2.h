@@ -78,29 +78,6 @@ static __always_inline __u32 lm_l2_up(struct lm_pkt *p, struct lm_port *port)
 	return LM_FORWARDED;
 }
 
-/* bridge-nf-call-iptables: even without a rule, br_netfilter's
- * br_validate_ipv4() drops malformed IPv4 and trims what trails it. */
-static __always_inline __u32 lm_l2_nf_ipv4(struct __sk_buff *skb, struct lm_pkt *p)
-{
-	struct iphdr *iph;
-	__u32 tot_len;
-
-	if (lm_pull(skb, p, ETH_HLEN + sizeof(struct iphdr)))
-		return LM_IP_MALFORMED;
-	lm_reload_l3(p);
-	iph = p->iph;
-	if (iph->version != 4 || iph->ihl < 5)
-		return LM_IP_MALFORMED;
-	tot_len = LM_NTOHS(iph->tot_len);
-	if (tot_len < iph->ihl * 4 || tot_len + ETH_HLEN != skb->len)
-		return LM_IP_MALFORMED; /* dropped, or trimmed to tot_len */
-	if (iph->ihl != 5)
-		return LM_IP_OPTIONS; /* the checksum then covers them too */
-	if (!lm_ipv4_csum_ok(iph))
-		return LM_IP_CSUM;
-	return LM_FORWARDED;
-}
-
 /* Known unicast to another port: br_forward() -> should_deliver(). */
 static __always_inline __u32 lm_l2_switch(struct __sk_buff *skb, struct lm_pkt *p, struct lm_port *port,
 					  struct lm_fdb *dst)
@@ -130,8 +107,11 @@ static __always_inline __u32 lm_l2_switch(struct __sk_buff *skb, struct lm_pkt *
 	/* bridge-nf-call-iptables: iptables and conntrack see this frame. */
 	if (port->ipv4_punt)
 		return port->ipv4_punt;
+	/* br_netfilter's br_validate_ipv4() drops malformed IPv4 and trims
+	 * what trails it even without a rule (options punt: the checksum
+	 * would cover them). */
 	if (port->flags & LM_PORT_NF_IPV4) {
-		__u32 reason = lm_l2_nf_ipv4(skb, p);
+		__u32 reason = lm_ipv4_header(skb, p);
 
 		if (reason != LM_FORWARDED)
 			return reason;
