@@ -33,7 +33,7 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-FDB_REFRESH = 0.25  # s between scans for FDB entries the fast path keeps alive
+FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
 MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config")
 
 
@@ -49,7 +49,8 @@ class Agent:
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
-        self.fdb_refreshed = {}  # (bridge, MAC) -> (datapath use stamp, monotonic time) of our last NTF_USE
+        self.fdb_refreshed = {}  # (bridge, MAC) -> datapath use stamp at our last NTF_USE
+        self.fdb_scan_due = {}  # bridge ifindex -> monotonic time of its next FDB refresh scan
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -287,21 +288,26 @@ class Agent:
         """The bridge re-learns (refreshes) an entry each time it sees a frame
         from that MAC; frames the fast path switches it never sees.  So for
         learned entries the datapath used since our last refresh, tell the
-        bridge (NTF_USE) -- often enough to beat its ageing_time."""
+        bridge (NTF_USE).  Each bridge is scanned every third of its
+        ageing_time, so an entry in use never gets older than that."""
         now = time.monotonic()
+        due = {b for b, link in self.state.links.items() if link.kind == "bridge"
+               # (or its ageing_time was lowered since the scan was planned)
+               and not 0 < self.fdb_scan_due.get(b, 0.0) - now <= self._fdb_refresh_period(b)}
+        for bridge in due:
+            self.fdb_scan_due[bridge] = now + self._fdb_refresh_period(bridge)
         for key, target in list(self.sync.shadow.fdb.items()):
-            if target.local:
+            if key[0] not in due or target.local:
                 continue
             entry = self.state.fdb.get((key[0], key[1], 0))
             if entry is None or entry.static:
                 continue  # static entries never age
             used = self.sync.fdb_used(key)
-            last_used, last_time = self.fdb_refreshed.get(key, (0, 0.0))
-            if used <= last_used or now - last_time < self._fdb_refresh_period(key[0]):
+            if used <= self.fdb_refreshed.get(key, 0):
                 continue
             try:
                 self.netlink.fdb_use(target.port, key[1])
-                self.fdb_refreshed[key] = (used, now)
+                self.fdb_refreshed[key] = used
             except Exception as e:  # port gone meanwhile: its events follow
                 log.debug("FDB refresh %s failed: %s", key, e)
         for key in [k for k in self.fdb_refreshed if k not in self.sync.shadow.fdb]:

@@ -282,61 +282,74 @@ def reaction_ms(topo, table, match, mode, *cmd, timeout=2.0):
 
 
 def is_probe(frame):
-    return frame[23] == 17 and int.from_bytes(frame[36:38], "big") == PROBE_PORT
+    """One of to_mac()'s probes (the flowing traffic uses lower source ports)."""
+    return (frame[23] == 17 and int.from_bytes(frame[36:38], "big") == PROBE_PORT
+            and int.from_bytes(frame[34:36], "big") >= 41000)
 
 
-def to_pod2(topo, n=5):
-    return [probe(topo, payload=UDP(sport=41000 + i, dport=PROBE_PORT) / b"after") for i in range(n)]
+def to_mac(topo, mac, n=5, first=41000):
+    return [probe(topo, dst_mac=mac, payload=UDP(sport=first + i, dport=PROBE_PORT) / b"after") for i in range(n)]
 
 
-# change: (command in the node, the row the agent's maps must then show), checked once through the kernel
-# alone, then with the agent under traffic; the probes to pod2's MAC must land where the kernel puts them.
-def _changes(topo):
+STATIC_MAC = "02:ee:00:00:00:02"  # a static entry on vp2 no one sends from (nothing re-teaches it)
+
+
+# change: (setup commands, the command, the row the agent's maps must then show, the MAC the traffic goes to),
+# checked once through the kernel alone, then with the agent under traffic; the probes must land where the
+# kernel puts them.
+def _changes(topo, change):
     vp2, vp3, br = topo.port_name(2), topo.port_name(3), topo.bridge_name(1)
     pod2_mac = topo.pod2_mac
     moved = probe(topo, src=3, src_mac=pod2_mac, dst_mac=topo.pod1_mac, dst_ip=topo.pod1_ip)
     return {
         "mac moves to another port": (
-            ["ip", "netns", "exec", topo.ns["pod3"], PY, f"{HERE}/pktio.py", "send", "eth0", moved.hex()],
-            ("fdb", {"bridge": br, "mac": pod2_mac, "port": vp3}, "present")),
+            [], ["ip", "netns", "exec", topo.ns["pod3"], PY, f"{HERE}/pktio.py", "send", "eth0", moved.hex()],
+            ("fdb", {"bridge": br, "mac": pod2_mac, "port": vp3}, "present"), pod2_mac),
         "bridge fdb del": (
-            ["bridge", "fdb", "del", pod2_mac, "dev", vp2, "master"],
-            ("fdb", {"bridge": br, "mac": pod2_mac}, "absent")),
+            [["bridge", "fdb", "add", STATIC_MAC, "dev", vp2, "master", "static"]],
+            ["bridge", "fdb", "del", STATIC_MAC, "dev", vp2, "master"],
+            ("fdb", {"bridge": br, "mac": STATIC_MAC}, "absent"), STATIC_MAC),
         "port leaves the bridge": (
-            ["ip", "link", "set", vp2, "nomaster"], ("fdb", {"bridge": br, "mac": pod2_mac}, "absent")),
+            [], ["ip", "link", "set", vp2, "nomaster"], ("fdb", {"bridge": br, "mac": pod2_mac}, "absent"), pod2_mac),
         "port goes down": (
-            ["ip", "link", "set", vp2, "down"], ("links", {"name": vp2, "flags": ["redirect_peer"]}, "present")),
+            [], ["ip", "link", "set", vp2, "down"], ("links", {"name": vp2, "flags": ["redirect_peer"]}, "present"),
+            pod2_mac),
         # Kernel STP (no user-space helper here) refuses manual port states;
         # a port that comes back up spends forward_delay in listening/learning.
         "port not forwarding (STP listening)": (
+            [["ip", "link", "set", br, "type", "bridge", "forward_delay", "400", "stp_state", "1"]],
             ["sh", "-c", f"ip link set {vp2} down && ip link set {vp2} up"],
-            ("links", {"name": vp2, "flags": ["up", "redirect_peer"], "port_flags": ["learning", "br_netfilter"]}, "present")),
+            ("links", {"name": vp2, "flags": ["up", "redirect_peer"], "port_flags": ["learning", "br_netfilter"]},
+             "present"), pod2_mac),
         "bridge goes down": (
-            ["ip", "link", "set", br, "down"],
-            ("links", {"name": vp2, "port_punts": {"all": "BR_BLOCKED"}}, "present")),
-    }
+            [], ["ip", "link", "set", br, "down"],
+            ("links", {"name": vp2, "port_punts": {"all": "BR_BLOCKED"}}, "present"), pod2_mac),
+    }[change]
 
 
 @pytest.mark.parametrize("change", ["mac moves to another port", "bridge fdb del", "port leaves the bridge",
                                     "port goes down", "port not forwarding (STP listening)", "bridge goes down"])
 def test_changes_followed_within_100ms_never_to_the_old_port(change, require_root, agent):
-    """Under traffic to pod2, a change that stops the bridge from sending
-    pod2's MAC to vp2: mirrored within 100 ms, and the probes sent right
-    after land exactly where the kernel alone puts them."""
+    """Under traffic to a MAC behind vp2, a change that stops the bridge
+    from sending it to vp2: mirrored within 100 ms, and the probes sent
+    right after land exactly where the kernel alone puts them."""
     results = []
     for with_agent in (False, True):
         with BridgedTopology(unique_name("lmb"), unique=False, bridges=1, pods=4, ipv6=False) as topo:
             warm(topo)
-            if "STP" in change:
-                topo.run("node", ["ip", "link", "set", topo.bridge_name(1), "type", "bridge", "forward_delay", "400",
-                                  "stp_state", "1"])
+            setup, cmd, (table, match, mode), mac = _changes(topo, change)
+            for command in setup:
+                topo.run("node", command)
             if with_agent:
                 a = agent(topo)
                 warm(topo)
-            # Traffic to pod2 flowing through the change (fast-pathed with the agent).
-            flow = topo.popen("pod1", ["ping", "-i", "0.005", "-q", topo.pod2_ip], stdout=subprocess.DEVNULL)
+            # Traffic to the MAC flowing through the change (fast-pathed with the agent).
+            if mac == topo.pod2_mac:
+                flow = topo.popen("pod1", ["ping", "-i", "0.005", "-q", topo.pod2_ip], stdout=subprocess.DEVNULL)
+            else:
+                frames = [f.hex() for f in to_mac(topo, mac, n=1000, first=20000)]
+                flow = topo.popen("pod1", [PY, f"{HERE}/pktio.py", "send", "eth0"] + frames)
             time.sleep(0.3)
-            cmd, (table, match, mode) = _changes(topo)[change]
             if with_agent:
                 c0 = counters(a)
                 ms = reaction_ms(topo, table, match, mode, *cmd)
@@ -344,16 +357,16 @@ def test_changes_followed_within_100ms_never_to_the_old_port(change, require_roo
                 assert ms is not None and ms < 100, f"{change}: {ms} ms"
             else:
                 topo.run("node", cmd)
-            got = exchange(topo, 1, to_pod2(topo), receivers=(2, 3, 4), seconds=0.7)
+            got = exchange(topo, 1, to_mac(topo, mac), receivers=(2, 3, 4), seconds=0.7)
             topo.kill(flow)
-            # The probes byte for byte; of the flowing pings, just which pods saw any.
+            # The probes byte for byte; of the flowing traffic, just which pods saw any.
             seen = ({k: [f for f in v if is_probe(f)] for k, v in got.items()}, {k: bool(v) for k, v in got.items()})
             results.append({k: len(v) for k, v in got.items()})
             if with_agent:
                 assert seen == kernel_seen, (results, delta(counters(a), c0))
             else:
                 kernel_seen = seen
-    print(change, "probes received per pod (kernel, agent):", results)
+    print(change, "frames received per pod (kernel, agent):", results)
 
 
 def test_learned_entry_in_use_does_not_age_out(one_bridge, agent):
