@@ -88,6 +88,16 @@ class VlanInfo:
 
 
 @dataclass(frozen=True)
+class PortVlan:
+    """A VLAN a bridge port is a member of (IFLA_BRIDGE_VLAN_INFO): only
+    used by vlan_filtering bridges, which the datapath punts."""
+
+    vid: int
+    pvid: bool = False  # untagged ingress frames get this VLAN
+    untagged: bool = False  # egress frames of this VLAN leave untagged
+
+
+@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -249,6 +259,8 @@ class KernelState:
     bridge_sysctls: BridgeSysctls = BridgeSysctls()
     bridge_nf_impact: Optional[str] = "netfilter state not read yet"
     ingress_tc: Dict[int, str] = field(default_factory=dict)
+    # VLAN membership of bridge ports (from the bridge's AF_BRIDGE messages).
+    port_vlans: Dict[int, Tuple[PortVlan, ...]] = field(default_factory=dict)
     # MACs of the veth peers of bridge ports (read from the peer's netns).
     peer_macs: Dict[int, str] = field(default_factory=dict)
     # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;
@@ -299,13 +311,18 @@ class KernelState:
         self._flush_routes(index)
         self._flush_fdb(index)
         self.ingress_tc.pop(index, None)
+        self.port_vlans.pop(index, None)
 
-    def set_port(self, index: int, port: Optional[BridgePort], master: int):
+    def set_port(self, index: int, port: Optional[BridgePort], master: int, vlans=None):
         """AF_BRIDGE RTM_NEWLINK/DELLINK: only the port state of a link changed
         (these messages lack the link's kind, so they must not replace it)."""
         link = self.links.get(index)
         if link is None:
             return
+        if port is None:
+            self.port_vlans.pop(index, None)
+        elif vlans is not None:
+            self.port_vlans[index] = tuple(vlans)
         self.set_link(replace(link, port=port, master=master if port else 0))
 
     def ports_of(self, bridge: int):

@@ -117,14 +117,38 @@ def parse_link(msg) -> m.Link:
     )
 
 
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+BRIDGE_VLAN_INFO_RANGE_BEGIN = 0x8
+
+
+def parse_port_vlans(af_spec):
+    """IFLA_AF_SPEC of an AF_BRIDGE link message: the port's VLANs (ranges
+    of a compressed dump expanded); None when the message has no VLAN list."""
+    if not af_spec:
+        return None
+    out, begin = [], None
+    for name, info in af_spec["attrs"]:
+        if name != "IFLA_BRIDGE_VLAN_INFO":
+            continue
+        flags, vid = info["flags"], info["vid"]
+        if flags & BRIDGE_VLAN_INFO_RANGE_BEGIN:
+            begin = vid
+            continue
+        first, begin = (begin, None) if begin is not None else (vid, None)
+        out += [m.PortVlan(v, bool(flags & BRIDGE_VLAN_INFO_PVID), bool(flags & BRIDGE_VLAN_INFO_UNTAGGED))
+                for v in range(first, vid + 1)]
+    return out
+
+
 def parse_bridge_link(msg):
     """AF_BRIDGE RTM_NEWLINK/DELLINK (a port's state, sent by the bridge):
-    (ifindex, BridgePort or None when it left, bridge ifindex)."""
+    (ifindex, BridgePort or None when it left, bridge ifindex, VLANs or None)."""
     if msg.get("event") == "RTM_DELLINK":
-        return msg["index"], None, 0
+        return msg["index"], None, 0, None
     protinfo = msg.get_attr("IFLA_PROTINFO")
     port = parse_port(_attrs(protinfo)) if protinfo else None
-    return msg["index"], port, msg.get_attr("IFLA_MASTER") or 0
+    return msg["index"], port, msg.get_attr("IFLA_MASTER") or 0, parse_port_vlans(msg.get_attr("IFLA_AF_SPEC"))
 
 
 NTF_SELF = 0x02

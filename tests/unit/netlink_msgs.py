@@ -96,11 +96,16 @@ def port_link(index, name, master, state=m.BR_STATE_FORWARDING, learning=1, isol
                 dict(family=0, index=index, flags=m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP, ifi_type=1), attrs)
 
 
-def bridge_port_event(index, name, master, state=m.BR_STATE_FORWARDING, learning=1, event="RTM_NEWLINK"):
-    """The bridge's own AF_BRIDGE notification of a port (IFLA_PROTINFO, no IFLA_LINKINFO)."""
+def bridge_port_event(index, name, master, state=m.BR_STATE_FORWARDING, learning=1, event="RTM_NEWLINK",
+                      vlans=()):
+    """The bridge's own AF_BRIDGE notification of a port (IFLA_PROTINFO, no
+    IFLA_LINKINFO); vlans: (flags, vid) of IFLA_BRIDGE_VLAN_INFO entries."""
     attrs = [("IFLA_IFNAME", name), ("IFLA_MASTER", master)]
     if event == "RTM_NEWLINK":
         attrs.append(("IFLA_PROTINFO", {"attrs": _brport(state, learning, 0, 0)}))
+    if vlans:
+        attrs.append(("IFLA_AF_SPEC", {"attrs": [("IFLA_BRIDGE_VLAN_INFO", {"flags": f, "vid": v})
+                                                 for f, v in vlans]}))
     return wire(ifinfmsg.ifinfmsg, event,
                 dict(family=7, index=index, flags=m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP, ifi_type=1), attrs)
 

@@ -141,3 +141,19 @@ def test_peer_macs_reach_the_port_entries():
 def test_veth_peer_location_is_parsed():
     lk = netlink.parse_link(port_link(V1, "v1", BR))
     assert (lk.peer_netnsid, lk.peer_in_other_netns) == (0, True)
+
+
+def test_port_vlans_from_bridge_messages():
+    """pvid 1 untagged, 10 tagged, 20-22 as a compressed range: mirrored
+    (vlan_filtering bridges punt, so they do not reach the maps)."""
+    st = bridged()
+    apply(st, bridge_port_event(V1, "v1", BR, vlans=[(netlink.BRIDGE_VLAN_INFO_PVID | netlink.BRIDGE_VLAN_INFO_UNTAGGED,
+                                                      1), (0, 10), (netlink.BRIDGE_VLAN_INFO_RANGE_BEGIN, 20),
+                                                     (0x10, 22)]))
+    assert st.port_vlans[V1] == (m.PortVlan(1, True, True), m.PortVlan(10), m.PortVlan(20), m.PortVlan(21),
+                                 m.PortVlan(22))
+    assert st.links[V1].kind == "veth"
+    apply(st, bridge_port_event(V1, "v1", BR))  # a state change without a VLAN list keeps them
+    assert len(st.port_vlans[V1]) == 5
+    apply(st, bridge_port_event(V1, "v1", BR, event="RTM_DELLINK"))
+    assert V1 not in st.port_vlans
