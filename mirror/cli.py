@@ -104,6 +104,10 @@ def status(as_json):
                f"{'ready since ' + st['ready_since'] if st['ready'] else 'not ready'}")
     click.echo(f"interfaces: {', '.join(st['interfaces']) or '-'}")
     click.echo("tables: " + ", ".join(f"{k} {v}" for k, v in sorted(st["tables"].items())))
+    for name, br in sorted((st.get("bridges") or {}).items()):
+        why = f"; routed egress punts: {br['egress_punted_because']}" if br.get("egress_punted_because") else ""
+        click.echo(f"bridge {name}: ports {', '.join(br['ports']) or '-'}"
+                   f"{'; bridge-nf-call-iptables' if br.get('bridge_nf_call_iptables') else ''}{why}")
     if st.get("forwarding_punted_because"):
         click.echo(f"all forwarded traffic punts: {st['forwarding_punted_because']}")
     total = c["fast_path_packets"] + sum(c["punt"].values())
