@@ -416,3 +416,22 @@ def test_vlan_devices_skip_without_8021q(one_bridge):
     cp = topo.run("node", ["ip", "link", "set", topo.bridge_name(1), "type", "bridge", "vlan_filtering", "1"],
                   check=False)
     assert cp.returncode == 0  # pragma: no cover - only where the kernel has both
+
+
+def test_fdb_burst_overrunning_netlink_resyncs(one_bridge, agent, monkeypatch):
+    """3,000 FDB entries added at once through a tiny event buffer (ENOBUFS):
+    the agent re-dumps and ends with every entry, the deleted one gone."""
+    topo = one_bridge
+    monkeypatch.setenv("LOXI_MIRROR_NETLINK_RCVBUF", "4096")
+    a = agent(topo)
+    vp2 = topo.port_name(2)
+    topo.run("node", ["bridge", "fdb", "add", "02:fe:00:00:00:01", "dev", vp2, "master", "static"])
+    wait_for(lambda: a.status()["tables"]["fdb"] >= 1, 5, "no FDB entries mirrored")
+    base = a.status()["tables"]["fdb"]
+    batch = "".join(f"fdb add 02:ff:00:00:{i // 256:02x}:{i % 256:02x} dev {vp2} master static\n" for i in range(3000))
+    batch += "fdb del 02:fe:00:00:00:01 dev " + vp2 + " master\n"
+    topo.run("node", ["bridge", "-batch", "-"], input=batch)
+    wait_for(lambda: a.status()["tables"]["fdb"] == base + 3000 - 1, 30, "FDB not all mirrored", interval=0.1)
+    assert a.status()["resyncs"] >= 1
+    rows = {r["mac"]: r for r in json.loads(topo.run("node", ["loxi-mirror", "dump", "fdb", "--json"]).stdout)}
+    assert rows["02:ff:00:00:0b:b7"]["port"] == vp2 and "02:fe:00:00:00:01" not in rows
