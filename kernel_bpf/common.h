@@ -30,6 +30,9 @@
 #ifndef LM_MAX_FLOWS
 #define LM_MAX_FLOWS 262144
 #endif
+#ifndef LM_MAX_FDB
+#define LM_MAX_FDB 65536
+#endif
 
 /*
  * Verdict reasons: X(NAME, value, "what it means").  Slot 0 counts packets
@@ -77,7 +80,16 @@
 	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
 	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")          \
 	X(NAT_FAILED, 39, "dropped: NAT rewrite failed (header not writable)")   \
-	X(CT_TCP_RETRANS, 40, "TCP segment may reach the retransmission limit: the kernel tracks it")
+	X(CT_TCP_RETRANS, 40, "TCP segment may reach the retransmission limit: the kernel tracks it")  \
+	X(BR_BLOCKED, 41, "bridge port not forwarding (STP state, bridge down)") \
+	X(BR_LINK_LOCAL, 42, "link-local group 01:80:c2:00:00:0X (STP, LACP, LLDP, 802.1X)") \
+	X(BR_UNKNOWN_UNICAST, 43, "destination MAC not in the bridge FDB (the bridge floods)") \
+	X(BR_LEARN, 44, "source MAC not learned on the ingress port (the bridge learns it)") \
+	X(BR_HAIRPIN, 45, "the bridge would send the frame back out of its ingress port") \
+	X(BR_ISOLATED, 46, "both bridge ports isolated (the bridge drops it)") \
+	X(BR_LOCAL, 47, "destination is a local FDB entry other than the bridge's own MAC") \
+	X(BR_UNSUPPORTED, 48, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
+	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -122,6 +134,7 @@ struct lm_neigh {
 #define LM_LINK_REDIRECT_PEER (1 << 2) /* veth with peer in another netns */
 #define LM_LINK_RPF_STRICT (1 << 3)    /* effective rp_filter = 1 */
 #define LM_LINK_RPF_LOOSE (1 << 4)     /* effective rp_filter = 2 */
+#define LM_LINK_BRIDGE (1 << 5)        /* a bridge: routes out of it pick the port by FDB */
 
 struct lm_link {
 	__u8 mac[ETH_ALEN];
@@ -138,6 +151,42 @@ struct lm_link {
  * that is the reason's enum name.) */
 #define LM_CT_FLAG_ACCT (1 << 0)   /* net.netfilter.nf_conntrack_acct = 1 */
 #define LM_CT_FLAG_TSTAMP (1 << 1) /* net.netfilter.nf_conntrack_timestamp = 1 */
+
+/*
+ * Bridges.  A port's entry says what the bridge does with frames arriving
+ * on it; each `*_punt` is 0 or the reason the agent wants such frames to
+ * punt with (bridge down, settings not modelled, br_netfilter ...).
+ */
+#define LM_PORT_FORWARDING (1 << 0) /* STP state forwarding */
+#define LM_PORT_LEARNING (1 << 1)   /* the bridge learns source MACs here */
+#define LM_PORT_ISOLATED (1 << 2)   /* isolated: no forwarding to other isolated ports */
+#define LM_PORT_NF_IPV4 (1 << 3)    /* br_netfilter sees bridged IPv4 here (bridge-nf-call-iptables) */
+
+struct lm_port {
+	__u32 bridge;     /* ifindex of the bridge this port belongs to */
+	__u8 flags;       /* LM_PORT_* */
+	__u8 punt;        /* every frame arriving on the port */
+	__u8 ipv4_punt;   /* bridged IPv4 (br_netfilter -> iptables) */
+	__u8 up_punt;     /* frames for the bridge device itself (routed) */
+	__u8 peer_mac[ETH_ALEN]; /* veth port: its peer's MAC (0: unknown) */
+	__u16 pad;
+};
+
+struct lm_fdb_key {
+	__u32 bridge;     /* bridge ifindex */
+	__u8 mac[ETH_ALEN];
+	__u16 pad;        /* 0 (VLAN 0: no vlan_filtering) */
+};
+
+#define LM_FDB_LOCAL (1 << 0) /* the bridge's own address: delivered up the stack */
+
+struct lm_fdb {
+	__u32 port;     /* egress port ifindex */
+	__u32 flags;    /* LM_FDB_* */
+	__u64 used;     /* jiffies: a frame from this MAC was fast-pathed (at
+			   most every 1/4 s) so the agent refreshes the
+			   kernel's entry as the bridge's learning would */
+};
 
 struct lm_config {
 	__u32 punt_forward_reason; /* nonzero: punt every forwarded packet
@@ -235,6 +284,9 @@ BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* ma
 BPF_F_TABLE("hash", struct lm_neigh_key, struct lm_neigh, neighbors, LM_MAX_NEIGHBORS,
 	    BPF_F_NO_PREALLOC);                            /* (ifindex, ip) -> MAC */
 BPF_F_TABLE("hash", __u32, struct lm_link, links, LM_MAX_LINKS, BPF_F_NO_PREALLOC); /* ifindex -> link */
+BPF_F_TABLE("hash", struct lm_fdb_key, struct lm_fdb, fdb, LM_MAX_FDB,
+	    BPF_F_NO_PREALLOC);                            /* (bridge, MAC) -> port */
+BPF_F_TABLE("hash", __u32, struct lm_port, ports, LM_MAX_LINKS, BPF_F_NO_PREALLOC); /* ifindex -> bridge port */
 BPF_ARRAY(config, struct lm_config, 1);                /* slot 0: global switches */
 BPF_ARRAY(heartbeat, struct lm_heartbeat, 1);          /* slot 0: written by lm_heartbeat only */
 BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */

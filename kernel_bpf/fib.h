@@ -68,6 +68,8 @@ static __always_inline __u32 lm_fib_egress(struct __sk_buff *skb, struct lm_pkt 
 	/* Egress we do not mirror, or down: let the kernel queue/drop/report. */
 	if (!p->out_link || !(p->out_link->flags & LM_LINK_UP))
 		return LM_EGRESS_UNMANAGED;
+	p->oif = oif;
+	p->xmit_link = p->out_link; /* l2.h picks a port if it is a bridge */
 	return LM_FORWARDED;
 }
 

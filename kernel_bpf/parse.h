@@ -45,8 +45,10 @@ static __always_inline __u32 lm_parse_eth(struct __sk_buff *skb, struct lm_pkt *
 	if (eth->h_dest[0] & 1)
 		return LM_L2_MULTICAST;
 	/* Not for our MAC: ip_rcv() drops PACKET_OTHERHOST (a sniffer or a
-	 * bridge port may still want it). */
-	if (skb->pkt_type != PACKET_HOST || !lm_mac_eq(eth->h_dest, p->in_link->mac))
+	 * bridge port may still want it).  A frame for the bridge's MAC that
+	 * arrived on a port is OTHERHOST to the port; br_handle_frame() makes
+	 * it PACKET_HOST before passing it up. */
+	if ((skb->pkt_type != PACKET_HOST && !p->via_bridge) || !lm_mac_eq(eth->h_dest, p->in_link->mac))
 		return LM_L2_OTHERHOST;
 	return LM_FORWARDED;
 }
@@ -65,10 +67,11 @@ static __always_inline int lm_ipv4_csum_ok(const struct iphdr *iph)
 	return s == 0xffff;
 }
 
-static __always_inline __u32 lm_parse_ipv4(struct __sk_buff *skb, struct lm_pkt *p)
+/* The header checks of ip_rcv_core() (and br_validate_ipv4(), which
+ * makes the same ones for bridged IPv4): sets p->iph and p->tot_len. */
+static __always_inline __u32 lm_ipv4_header(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	struct iphdr *iph;
-	__u32 saddr, daddr, s0, d0;
 
 	/* Too short for an IPv4 header: ip_rcv_core() drops it. */
 	if (lm_pull(skb, p, ETH_HLEN + sizeof(struct iphdr)))
@@ -90,6 +93,18 @@ static __always_inline __u32 lm_parse_ipv4(struct __sk_buff *skb, struct lm_pkt 
 	/* Bad checksum: the kernel counts InCsumErrors and drops. */
 	if (!lm_ipv4_csum_ok(iph))
 		return LM_IP_CSUM;
+	return LM_FORWARDED;
+}
+
+static __always_inline __u32 lm_parse_ipv4(struct __sk_buff *skb, struct lm_pkt *p)
+{
+	struct iphdr *iph;
+	__u32 saddr, daddr, s0, d0, reason;
+
+	reason = lm_ipv4_header(skb, p);
+	if (reason != LM_FORWARDED)
+		return reason;
+	iph = p->iph;
 	/* Fragments may need reassembly (conntrack/defrag) first. */
 	if (iph->frag_off & LM_HTONS(LM_IP_MF | LM_IP_OFFSET))
 		return LM_IP_FRAGMENT;

@@ -70,14 +70,19 @@ struct lm_pkt {
 	struct lm_route *rt;     /* fib.h: route to the destination */
 	struct lm_link *out_link;/* fib.h: egress link */
 	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
+	struct lm_link *xmit_link;/* fib.h/l2.h: the device xmit.h sends to */
 	struct lm_config *cfg;   /* gate.h: config[0] */
 	struct lm_ctinfo *ci;    /* stateful mode only (ct.h), else NULL */
 	__u64 now;               /* bpf_jiffies64() once per packet */
-	__u32 ifindex;           /* ingress ifindex */
+	__u32 ifindex;           /* ingress ifindex (the bridge's after l2.h
+				    hands a frame for the bridge's MAC on) */
+	__u32 oif;               /* fib.h/l2.h: ifindex xmit.h sends to */
 	__u32 tot_len;           /* host order iph->tot_len */
 	__u32 daddr;             /* destination routed on: iph->daddr, or
 				    after DNAT (ct.h) */
-	int action;              /* xmit.h: TC action when forwarded */
+	int action;              /* xmit.h/l2.h: TC action when forwarded */
+	__u8 via_bridge;         /* l2.h: arrived on a port, addressed to the bridge */
+	__u8 bridged;            /* l2.h: switched within a bridge, done */
 };
 
 /* Make the first @len bytes linear and reload the packet pointers.

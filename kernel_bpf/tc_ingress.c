@@ -6,7 +6,8 @@
  * (same egress device, same MACs, TTL - 1, same checksum) and punts every
  * other packet to the kernel, counting why.  The pipeline is a list of
  * stages (one header each, see pkt.h for the stage contract); later stages
- * (bridging/FDB, conntrack, NAT, VXLAN, IPv6) slot in between these.
+ * (conntrack, NAT, VXLAN, IPv6) slot in between these.  Frames on bridge
+ * ports are switched by l2.h, or routed with the bridge as the L3 device.
  *
  * Attach: clsact ingress, direct-action (cls_bpf) or tcx.  Compiled and
  * loaded by mirror/datapath.py with BCC.
@@ -14,6 +15,7 @@
 #include "common.h"
 #include "pkt.h"
 #include "gate.h"
+#include "l2.h"
 #include "parse.h"
 #include "ct.h"
 #include "fib.h"
@@ -62,6 +64,9 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	__u32 reason;
 
 	LM_STAGE(reason, lm_gate(skb, &p));
+	LM_STAGE(reason, lm_l2_ingress(skb, &p));
+	if (p.bridged)
+		goto out; /* switched within a bridge: done */
 	LM_STAGE(reason, lm_parse_eth(skb, &p));
 	LM_STAGE(reason, lm_parse_ipv4(skb, &p));
 	if (p.cfg->nf_mode == LM_NF_STATEFUL) {
@@ -76,6 +81,7 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	if (p.ci)
 		LM_STAGE(reason, lm_verdict(skb, &p));
 	LM_STAGE(reason, lm_fib_neigh(skb, &p));
+	LM_STAGE(reason, lm_l2_egress(skb, &p));
 	/* Past this line nothing may punt: the packet is being rewritten. */
 	LM_STAGE(reason, lm_rewrite(skb, &p));
 	LM_STAGE(reason, lm_xmit(skb, &p));

@@ -23,9 +23,9 @@ static __always_inline __u32 lm_tos2prio(__u8 tos)
 
 static __always_inline __u32 lm_xmit(struct __sk_buff *skb, struct lm_pkt *p)
 {
-	__u32 oif = p->rt->oif;
+	__u32 oif = p->oif;
 
-	if (p->out_link->flags & LM_LINK_REDIRECT_PEER) {
+	if (p->xmit_link->flags & LM_LINK_REDIRECT_PEER) {
 		/* The kernel path ends in veth_xmit(), whose
 		 * ____dev_forward_skb() resets the priority to 0. */
 		skb->priority = 0;

@@ -25,8 +25,9 @@ from .datapath import Datapath, DatapathError
 from .observe.latency import Histogram
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
-from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
-                        custom_rules, skip_reason, translate, translate_changes)
+from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
+                        PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
+                        bridge_egress_punt, custom_rules, skip_reason, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -34,7 +35,8 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-MAP_TABLES = ("routes", "neighbors", "links", "config")
+FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
+MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config")
 
 
 class Agent:
@@ -53,6 +55,8 @@ class Agent:
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
+        self.fdb_refreshed = {}  # (bridge, MAC) -> datapath use stamp at our last NTF_USE
+        self.fdb_scan_due = {}  # bridge ifindex -> monotonic time of its next FDB refresh scan
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -128,7 +132,7 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------
     def _loop(self):
-        next_beat = next_sysctl = next_neigh = 0.0
+        next_beat = next_sysctl = next_neigh = next_fdb = 0.0
         healthy = True
         while not self.stopping.is_set():
             batch = self._drain(timeout=HEARTBEAT_INTERVAL)
@@ -156,6 +160,9 @@ class Agent:
                 next_neigh = now + NEIGH_REFRESH
                 self._refresh_neighbors()
                 self.rate_samples.append((now, self.datapath.counters()))
+            if healthy and now >= next_fdb:
+                next_fdb = now + FDB_REFRESH
+                self._refresh_fdb()
             if healthy and time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
@@ -195,8 +202,12 @@ class Agent:
             reread_sysctls = True
         elif tc_changed:
             busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
+            bridges = [i for i in tc_changed if getattr(self.state.links.get(i), "kind", "") == "bridge"]
+            ingress = netlink.read_ingress_tc(self.netlink.requests, bridges)
             for index in tc_changed:
                 self.state.set_egress_tc(index, busy.get(index))
+                if index in bridges:
+                    self.state.set_ingress_tc(index, ingress.get(index))
                 if index in self.attacher.attached and not self.attacher.still_attached(index):
                     log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
                     self.attacher.forget(index)  # _reconcile attaches it again
@@ -208,6 +219,8 @@ class Agent:
     def _resynced_state(self):
         fresh = self.netlink.dump()
         fresh.netfilter_impact = self.state.netfilter_impact
+        fresh.bridge_nf_impact = self.state.bridge_nf_impact
+        fresh.peer_macs = self.state.peer_macs
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -254,11 +267,16 @@ class Agent:
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
         self.state.netfilter_impact = nf_state.forward_impact
+        self.state.bridge_nf_impact = nf_state.bridge_impact
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
+        self.state.bridge_sysctls = netlink.read_bridge_sysctls()
+        # No events reach us from the peers' namespaces: re-read with the sysctls.
+        ports = [l for l in self.state.links.values() if l.port is not None and l.kind == "veth"]
+        self.state.set_peer_macs(netlink.read_peer_macs(ports))
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -285,6 +303,42 @@ class Agent:
                     self.refreshed.add(key)
                 except Exception as e:
                     log.debug("neighbour refresh %s failed: %s", key, e)
+
+    # -- bridge FDB ageing -------------------------------------------------
+    def _refresh_fdb(self):
+        """The bridge re-learns (refreshes) an entry each time it sees a frame
+        from that MAC; frames the fast path switches it never sees.  So for
+        learned entries the datapath used since our last refresh, tell the
+        bridge (NTF_USE).  Each bridge is scanned every third of its
+        ageing_time, so an entry in use never gets older than that."""
+        now = time.monotonic()
+        due = {b for b, link in self.state.links.items() if link.kind == "bridge"
+               # (or its ageing_time was lowered since the scan was planned)
+               and not 0 < self.fdb_scan_due.get(b, 0.0) - now <= self._fdb_refresh_period(b)}
+        for bridge in due:
+            self.fdb_scan_due[bridge] = now + self._fdb_refresh_period(bridge)
+        for key, target in list(self.sync.shadow.fdb.items()):
+            if key[0] not in due or target.local:
+                continue
+            entry = self.state.fdb.get((key[0], key[1], 0))
+            if entry is None or entry.static:
+                continue  # static entries never age
+            used = self.sync.fdb_used(key)
+            if used <= self.fdb_refreshed.get(key, 0):
+                continue
+            try:
+                self.netlink.fdb_use(target.port, key[1])
+                self.fdb_refreshed[key] = used
+            except Exception as e:  # port gone meanwhile: its events follow
+                log.debug("FDB refresh %s failed: %s", key, e)
+        for key in [k for k in self.fdb_refreshed if k not in self.sync.shadow.fdb]:
+            del self.fdb_refreshed[key]
+
+    def _fdb_refresh_period(self, bridge):
+        """A third of the bridge's ageing time (at least the scan period)."""
+        link = self.state.links.get(bridge)
+        ageing = link.bridge.ageing_time / 100.0 if link is not None and link.bridge else 300.0
+        return max(FDB_REFRESH, ageing / 3)
 
     # -- control requests (server thread) ---------------------------------
     def handle_request(self, req):
@@ -325,6 +379,7 @@ class Agent:
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
+        out["bridges"] = self._bridges_status()
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
@@ -332,7 +387,8 @@ class Agent:
     def _skipped_interfaces(self):
         """{name: why} for every interface the fast path does not receive on."""
         out = {l.name: why for l in self.state.links.values()
-               if (why := skip_reason(l, self.selection)) is not None}
+               if l.kind != "bridge" and not attachable(self.state, l, self.selection)
+               and (why := skip_reason(l, self.selection)) is not None}
         for ifindex, (_, why) in self.attach_failed.items():
             link = self.state.links.get(ifindex)
             if link is not None:
@@ -359,10 +415,23 @@ class Agent:
             return f"policy routing: {len(rules)} rule(s) beyond the defaults"
         return None
 
+    def _bridges_status(self):
+        """{bridge: {"ports": [...], "punted_because": why routed egress punts}}."""
+        out = {}
+        for index, link in sorted(self.state.links.items()):
+            if link.kind != "bridge":
+                continue
+            ports = [self.state.links[i].name for i in self.state.ports_of(index)]
+            out[link.name] = {"ports": sorted(ports), "egress_punted_because": bridge_egress_punt(self.state, link),
+                              "bridge_nf_call_iptables": self.state.bridge_sysctls.call_iptables
+                              or bool(link.bridge and link.bridge.nf_call_iptables)}
+        return out
+
     def dump(self, table, match=None):
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
-        looks up just that entry (a full read of a big table is slow)."""
-        if table not in ("routes", "neighbors", "links"):
+        or {"bridge": ..., "mac": ...} looks up just that entry (a full read of
+        a big table is slow)."""
+        if table not in ("routes", "neighbors", "links", "fdb"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}
         rows = self.sync.read(table, self._keys(table, match or {}, names))
@@ -378,8 +447,14 @@ class Agent:
         if table == "neighbors":
             return [{"interface": names.get(i, i), "ip": ip, "mac": mac}
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
+        if table == "fdb":
+            return [{"bridge": names.get(b, b), "mac": mac, "port": names.get(e.port, e.port),
+                     "local": e.local, "used": self.sync.fdb_used((b, mac)) or None}
+                    for (b, mac), e in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+        ports = self.sync.read("ports")
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
-                 "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), names)}
+                for i, e in sorted(rows.items())]
 
     @staticmethod
     def _keys(table, match, names):
@@ -388,13 +463,28 @@ class Agent:
             return [(dst, int(plen))]
         if table == "neighbors" and "ip" in match and "interface" in match:
             return [(i, match["ip"]) for i, name in names.items() if name == match["interface"]]
+        if table == "fdb" and "mac" in match and "bridge" in match:
+            return [(i, match["mac"]) for i, name in names.items() if name == match["bridge"]]
         return None
 
 
 def _link_flag_names(flags):
     names = [("up", LINK_UP), ("forwarding", LINK_FORWARDING), ("redirect_peer", LINK_REDIRECT_PEER),
-             ("rp_filter_strict", LINK_RPF_STRICT), ("rp_filter_loose", LINK_RPF_LOOSE)]
+             ("rp_filter_strict", LINK_RPF_STRICT), ("rp_filter_loose", LINK_RPF_LOOSE), ("bridge", LINK_BRIDGE)]
     return [n for n, bit in names if flags & bit]
+
+
+def _port_row(port, names):
+    """The bridge-port columns of a `dump links` row (empty for other links)."""
+    if port is None:
+        return {}
+    reason_names = {r.value: r.name for r in REASONS}
+    flags = [n for n, bit in (("forwarding", PORT_FORWARDING), ("learning", PORT_LEARNING),
+                              ("isolated", PORT_ISOLATED), ("br_netfilter", PORT_NF_IPV4)) if port.flags & bit]
+    punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
+                                                           ("to_bridge", port.up_punt)) if v}
+    return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts,
+            "peer_mac": port.peer_mac}
 
 
 def _ip_sort(ip):

@@ -155,7 +155,7 @@ def top(interval, count):
 
 
 @main.command()
-@click.argument("table", type=click.Choice(["routes", "neighbors", "links"]))
+@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "fdb"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dump(table, as_json):
     """Show a fast-path table as the datapath sees it."""
@@ -181,7 +181,15 @@ def _row_text(table, row):
         return f"{row['prefix']}{via}{dev}{mtu} {row['action']}"
     if table == "neighbors":
         return f"{row['ip']} dev {row['interface']} lladdr {row['mac']}"
-    return f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
+    if table == "fdb":
+        where = "local" if row["local"] else f"dev {row['port']}"
+        return f"{row['mac']} {where} master {row['bridge']}"
+    text = f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
+    if "bridge" in row:
+        punts = " ".join(f"punt-{k}:{v}" for k, v in row["port_punts"].items())
+        text += f" master {row['bridge']} <{','.join(row['port_flags'])}>" + (f" {punts}" if punts else "")
+        text += f" peer {row['peer_mac']}" if row.get("peer_mac") else ""
+    return text
 
 
 def _fail(message):

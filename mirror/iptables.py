@@ -544,7 +544,19 @@ def iptables_nft_owned_tables(doc: Any, iptables_nft: Optional[Ruleset] = None) 
     return owned
 
 
-def nft_forward_impact(doc: Any, iptables_nft: Optional[Ruleset] = None) -> Optional[str]:
+# Every bridged frame meets these: bridge-family chains (ebtables-nft, nft
+# bridge tables) at any hook, and netdev chains on the ports.
+NFT_BRIDGE_FAMILIES = frozenset({"bridge", "netdev"})
+NFT_BRIDGE_HOOKS = frozenset({"prerouting", "input", "forward", "output", "postrouting", "ingress", "egress"})
+
+
+def nft_bridge_impact(doc: Any) -> Optional[str]:
+    """Explanation when nftables chains can affect bridged frames, else None."""
+    return nft_forward_impact(doc, None, NFT_BRIDGE_FAMILIES, NFT_BRIDGE_HOOKS)
+
+
+def nft_forward_impact(doc: Any, iptables_nft: Optional[Ruleset] = None, families=NFT_FORWARD_FAMILIES,
+                       hooks=NFT_FORWARD_HOOKS) -> Optional[str]:
     """Explanation when native nftables chains can affect routed IPv4 traffic, else None.
 
     ``doc`` is ``nft -j list ruleset`` output (str or parsed). Base chains in
@@ -573,7 +585,7 @@ def nft_forward_impact(doc: Any, iptables_nft: Optional[Ruleset] = None) -> Opti
     reasons = []
     for k, c in base.items():
         fam, tname, cname = k
-        if fam not in NFT_FORWARD_FAMILIES or c.get("hook") not in NFT_FORWARD_HOOKS:
+        if fam not in families or c.get("hook") not in hooks:
             continue
         if fam == IPTABLES_NFT_FAMILY and tname in owned:
             continue

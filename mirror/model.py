@@ -6,7 +6,7 @@ object carries the full state the kernel reported (netlink messages are
 complete upserts), so replaying events over a dump converges.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, Optional, Set, Tuple
 
 # rtnetlink constants used across the agent (linux/rtnetlink.h, neighbour.h).
@@ -38,8 +38,63 @@ NUD_PERMANENT = 0x80
 # States in which the kernel itself would transmit to the cached MAC.
 NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
 
+AF_BRIDGE = 7
+# Bridge port STP states (linux/if_bridge.h BR_STATE_*).
+BR_STATE_DISABLED, BR_STATE_LISTENING, BR_STATE_LEARNING, BR_STATE_FORWARDING, BR_STATE_BLOCKING = range(5)
+BR_STATE_NAMES = ("disabled", "listening", "learning", "forwarding", "blocking")
+
 # The three rules every namespace starts with: (priority, table).
 DEFAULT_RULES = frozenset({(0, TABLE_LOCAL), (32766, TABLE_MAIN), (32767, TABLE_DEFAULT)})
+
+
+@dataclass(frozen=True)
+class BridgeInfo:
+    """A bridge's own settings (IFLA_INFO_DATA of kind "bridge")."""
+
+    ageing_time: int = 30000  # centiseconds
+    stp_state: int = 0
+    vlan_filtering: bool = False
+    group_fwd_mask: int = 0
+    nf_call_iptables: bool = False  # per-bridge override of the br_netfilter sysctls
+    nf_call_ip6tables: bool = False
+    nf_call_arptables: bool = False
+
+
+@dataclass(frozen=True)
+class BridgePort:
+    """A bridge port's state and flags (IFLA_BRPORT_*)."""
+
+    state: int = BR_STATE_FORWARDING
+    learning: bool = True
+    flood: bool = True
+    mcast_flood: bool = True
+    bcast_flood: bool = True
+    hairpin: bool = False
+    isolated: bool = False
+    neigh_suppress: bool = False
+    proxy_arp: bool = False
+    locked: bool = False
+    mab: bool = False
+    group_fwd_mask: int = 0
+    backup_port: int = 0
+
+
+@dataclass(frozen=True)
+class VlanInfo:
+    """An 802.1Q/802.1ad sub-interface (kind "vlan"): id and protocol."""
+
+    vid: int
+    protocol: int = 0x8100
+
+
+@dataclass(frozen=True)
+class PortVlan:
+    """A VLAN a bridge port is a member of (IFLA_BRIDGE_VLAN_INFO): only
+    used by vlan_filtering bridges, which the datapath punts."""
+
+    vid: int
+    pvid: bool = False  # untagged ingress frames get this VLAN
+    untagged: bool = False  # egress frames of this VLAN leave untagged
 
 
 @dataclass(frozen=True)
@@ -53,6 +108,11 @@ class Link:
     link_type: int = ARPHRD_ETHER  # ifi_type (ARPHRD_*)
     master: int = 0  # ifindex of the bridge/bond this is enslaved to
     peer_in_other_netns: bool = False  # IFLA_LINK_NETNSID present (veth)
+    peer_netnsid: Optional[int] = None  # IFLA_LINK_NETNSID: where the veth peer lives
+    peer_index: int = 0  # IFLA_LINK: the peer's ifindex there
+    bridge: Optional[BridgeInfo] = None  # kind "bridge"
+    port: Optional[BridgePort] = None  # enslaved to a bridge
+    vlan: Optional[VlanInfo] = None  # kind "vlan"
 
     @property
     def admin_up(self) -> bool:
@@ -110,6 +170,39 @@ class Neighbor:
 
 
 @dataclass(frozen=True)
+class FdbEntry:
+    """A bridge FDB entry (AF_BRIDGE neighbour with NDA_MASTER)."""
+
+    bridge: int
+    mac: str
+    port: int  # ifindex the MAC sits behind; the bridge itself for its own address
+    state: int  # NUD_PERMANENT: local, NUD_NOARP: static, else learned/dynamic
+    vlan: int = 0
+    flags: int = 0  # NTF_*
+
+    @property
+    def key(self):
+        return (self.bridge, self.mac, self.vlan)
+
+    @property
+    def local(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+    @property
+    def static(self) -> bool:
+        return bool(self.state & NUD_NOARP) and not self.local
+
+
+@dataclass(frozen=True)
+class BridgeSysctls:
+    """net.bridge.bridge-nf-call-* of this namespace (br_netfilter)."""
+
+    call_iptables: bool = True
+    call_ip6tables: bool = True
+    call_arptables: bool = True
+
+
+@dataclass(frozen=True)
 class Rule:
     priority: int
     table: int
@@ -131,6 +224,7 @@ class Changes:
     prefixes: Set[Tuple[str, int]] = field(default_factory=set)  # route table keys
     links: Set[int] = field(default_factory=set)
     neighbors: Set[Tuple[int, str]] = field(default_factory=set)
+    fdb: Set[Tuple[int, str, int]] = field(default_factory=set)  # (bridge, MAC, vlan)
     all_routes: bool = False  # a covering local-table prefix changed
 
 
@@ -158,11 +252,23 @@ class KernelState:
     fwd_use_pmtu: bool = False
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
+    # Bridges: FDB, br_netfilter sysctls, netfilter chains every bridged
+    # frame meets (nft bridge/netdev families; None = none), bridges with
+    # something on their own ingress hook (ifindex -> what).
+    fdb: Dict[Tuple[int, str, int], FdbEntry] = field(default_factory=dict)
+    bridge_sysctls: BridgeSysctls = BridgeSysctls()
+    bridge_nf_impact: Optional[str] = "netfilter state not read yet"
+    ingress_tc: Dict[int, str] = field(default_factory=dict)
+    # VLAN membership of bridge ports (from the bridge's AF_BRIDGE messages).
+    port_vlans: Dict[int, Tuple[PortVlan, ...]] = field(default_factory=dict)
+    # MACs of the veth peers of bridge ports (read from the peer's netns).
+    peer_macs: Dict[int, str] = field(default_factory=dict)
     # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;
     # ifindex -> its neighbours' keys.
     by_prefix: Dict[Tuple[str, int], Dict[tuple, Route]] = field(default_factory=dict)
     by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
     neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
+    fdb_by_link: Dict[int, Set[Tuple[int, str, int]]] = field(default_factory=dict)  # bridge and port
     local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
     changes: Changes = field(default_factory=Changes)
 
@@ -177,6 +283,12 @@ class KernelState:
         if old == link:
             return
         self._link_changed(link.index, routes=old is None or old.mtu != link.mtu)
+        if link.kind == "bridge" or (old is not None and old.kind == "bridge"):
+            self._ports_changed(link.index)
+        if old is not None and old.master and old.master != link.master:
+            self._flush_fdb(link.index)  # left the bridge: br_fdb_delete_by_port()
+        if old is None or (old.master, old.port, old.bridge) != (link.master, link.port, link.bridge):
+            self.changes.fdb |= self.fdb_by_link.get(link.index, set())  # eligibility
         if old is None:
             return
         # The kernel flushes these without sending messages for them.
@@ -189,12 +301,37 @@ class KernelState:
     def del_link(self, index: int):
         """A link is gone: its addresses, routes and neighbours go with it."""
         self._link_changed(index, routes=False)
+        if getattr(self.links.get(index), "kind", "") == "bridge":
+            self._ports_changed(index)
         self.links.pop(index, None)
         self.egress_tc.pop(index, None)
         for addr in [a for a in self.addresses if a.index == index]:
             self.del_address(addr)
         self._flush_neighbors(index, keep_permanent=False)
         self._flush_routes(index)
+        self._flush_fdb(index)
+        self.ingress_tc.pop(index, None)
+        self.port_vlans.pop(index, None)
+
+    def set_port(self, index: int, port: Optional[BridgePort], master: int, vlans=None):
+        """AF_BRIDGE RTM_NEWLINK/DELLINK: only the port state of a link changed
+        (these messages lack the link's kind, so they must not replace it)."""
+        link = self.links.get(index)
+        if link is None:
+            return
+        if port is None:
+            self.port_vlans.pop(index, None)
+        elif vlans is not None:
+            self.port_vlans[index] = tuple(vlans)
+        self.set_link(replace(link, port=port, master=master if port else 0))
+
+    def ports_of(self, bridge: int):
+        return [i for i, l in self.links.items() if l.master == bridge and l.port is not None]
+
+    def _ports_changed(self, bridge: int):
+        """Whether a port is managed, and its entry, depend on its bridge."""
+        for index in [i for i, l in self.links.items() if l.master == bridge]:
+            self._link_changed(index, routes=False)
 
     def _link_changed(self, index: int, routes: bool):
         """The link's entry, its neighbours (eligibility) and, if its MTU
@@ -288,6 +425,49 @@ class KernelState:
             if not keys:
                 del self.neighbors_by_link[neigh.ifindex]
         self.changes.neighbors.add(neigh.key)
+
+    # -- bridge FDB ---------------------------------------------------------
+    def set_fdb(self, entry: FdbEntry):
+        old = self.fdb.get(entry.key)
+        if old is not None:
+            self._unindex_fdb(old)
+        self.fdb[entry.key] = entry
+        for index in {entry.bridge, entry.port}:
+            self.fdb_by_link.setdefault(index, set()).add(entry.key)
+        self.changes.fdb.add(entry.key)
+
+    def del_fdb(self, entry: FdbEntry):
+        old = self.fdb.pop(entry.key, None)
+        if old is not None:
+            self._unindex_fdb(old)
+        self.changes.fdb.add(entry.key)
+
+    def _unindex_fdb(self, entry: FdbEntry):
+        for index in {entry.bridge, entry.port}:
+            keys = self.fdb_by_link.get(index)
+            if keys is not None:
+                keys.discard(entry.key)
+                if not keys:
+                    del self.fdb_by_link[index]
+
+    def _flush_fdb(self, index: int):
+        """Entries of a bridge or port that is gone (the kernel deletes them too)."""
+        for key in list(self.fdb_by_link.get(index, ())):
+            self.del_fdb(self.fdb[key])
+
+    def set_peer_macs(self, macs: Dict[int, str]):
+        changed = {i for i in set(macs) | set(self.peer_macs) if macs.get(i) != self.peer_macs.get(i)}
+        self.peer_macs = dict(macs)
+        self.changes.links |= changed
+
+    def set_ingress_tc(self, index: int, what: Optional[str]):
+        if self.ingress_tc.get(index) == what:
+            return
+        if what is None:
+            self.ingress_tc.pop(index, None)
+        else:
+            self.ingress_tc[index] = what
+        self.changes.links |= set(self.ports_of(index))
 
     def _flush_neighbors(self, index: int, keep_permanent: bool):
         for key in list(self.neighbors_by_link.get(index, ())):

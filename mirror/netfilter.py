@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from mirror.iptables import (
     Ruleset,
     forward_impact as iptables_forward_impact,
+    nft_bridge_impact,
     nft_forward_impact,
     nft_normalize,
     parse_save,
@@ -105,6 +106,8 @@ class NetfilterState:
     rulesets: Dict[str, Optional[Ruleset]] = field(default_factory=dict)
     nft: Optional[List[Any]] = None
     forward_impact: Optional[str] = None
+    # Likewise for every bridged frame (nft bridge/netdev families).
+    bridge_impact: Optional[str] = None
     errors: List[str] = field(default_factory=list)
     read_at: float = field(default=0.0, compare=False)        # time.monotonic()
     read_duration: float = field(default=0.0, compare=False)  # seconds
@@ -251,6 +254,7 @@ def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
             if imp:
                 reasons.append(f"{backend}: {imp}")
     nft_objs: Optional[List[Any]] = None
+    bridge: List[str] = []
     text, err = outputs.get("nft", (None, "nft: not read"))
     if err:
         errors.append(err)
@@ -261,11 +265,16 @@ def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
             imp = nft_forward_impact(doc, rulesets.get("iptables-nft"))
             if imp:
                 reasons.append(imp)
+            imp = nft_bridge_impact(doc)
+            if imp:
+                bridge.append(imp)
         except ValueError as e:
             errors.append(f"nft: unreadable JSON ({e})")
     reasons.extend(f"unknown ({e})" for e in errors)
+    bridge.extend(f"unknown ({e})" for e in errors)
     return NetfilterState(rulesets=rulesets, nft=nft_objs,
-                          forward_impact="; ".join(reasons) or None, errors=errors,
+                          forward_impact="; ".join(reasons) or None,
+                          bridge_impact="; ".join(bridge) or None, errors=errors,
                           read_at=time.monotonic(), outputs=dict(outputs))
 
 
@@ -483,7 +492,7 @@ class NetfilterWatcher:
         except Exception as e:    # the reader should not raise; never stop watching
             log.exception("netfilter read failed")
             new = NetfilterState(forward_impact=f"unknown (read failed: {e})",
-                                 errors=[f"read failed: {e}"], read_at=time.monotonic())
+                                 bridge_impact=f"unknown (read failed: {e})", errors=[f"read failed: {e}"], read_at=time.monotonic())
         self.stats["reads"] += 1
         if self.state is not None and new == self.state:
             self.state.read_at, self.state.outputs = new.read_at, new.outputs

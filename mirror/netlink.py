@@ -11,8 +11,9 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
-from typing import Optional
+from typing import Dict, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
@@ -50,9 +51,54 @@ _ROUTE_ATTRS = {"RTA_TABLE", "RTA_DST", "RTA_PREFSRC", "RTA_OIF", "RTA_GATEWAY",
                 "RTA_METRICS", "RTA_MULTIPATH", "RTA_CACHEINFO", "RTA_PREF"}  # FRA_SUPPRESS_PREFIXLEN / _IFGROUP "not set"
 
 
+def _attrs(nla) -> dict:
+    return dict(nla["attrs"]) if nla else {}
+
+
+def parse_bridge(data: dict) -> m.BridgeInfo:
+    """IFLA_INFO_DATA of a bridge (IFLA_BR_*), as a dict."""
+    return m.BridgeInfo(
+        ageing_time=data.get("IFLA_BR_AGEING_TIME", 30000),
+        stp_state=data.get("IFLA_BR_STP_STATE", 0),
+        vlan_filtering=bool(data.get("IFLA_BR_VLAN_FILTERING", 0)),
+        group_fwd_mask=data.get("IFLA_BR_GROUP_FWD_MASK", 0),
+        nf_call_iptables=bool(data.get("IFLA_BR_NF_CALL_IPTABLES", 0)),
+        nf_call_ip6tables=bool(data.get("IFLA_BR_NF_CALL_IP6TABLES", 0)),
+        nf_call_arptables=bool(data.get("IFLA_BR_NF_CALL_ARPTABLES", 0)),
+    )
+
+
+def parse_port(data: dict) -> m.BridgePort:
+    """IFLA_INFO_SLAVE_DATA or IFLA_PROTINFO of a bridge port (IFLA_BRPORT_*)."""
+    def flag(name, default):
+        return bool(data.get(name, default))
+
+    return m.BridgePort(
+        state=data.get("IFLA_BRPORT_STATE", m.BR_STATE_FORWARDING),
+        learning=flag("IFLA_BRPORT_LEARNING", 1),
+        flood=flag("IFLA_BRPORT_UNICAST_FLOOD", 1),
+        mcast_flood=flag("IFLA_BRPORT_MCAST_FLOOD", 1),
+        bcast_flood=flag("IFLA_BRPORT_BCAST_FLOOD", 1),
+        hairpin=flag("IFLA_BRPORT_MODE", 0),
+        isolated=flag("IFLA_BRPORT_ISOLATED", 0),
+        neigh_suppress=flag("IFLA_BRPORT_NEIGH_SUPPRESS", 0),
+        proxy_arp=flag("IFLA_BRPORT_PROXYARP", 0),
+        locked=flag("IFLA_BRPORT_LOCKED", 0),
+        mab=flag("IFLA_BRPORT_MAB", 0),
+        group_fwd_mask=data.get("IFLA_BRPORT_GROUP_FWD_MASK", 0),
+        backup_port=data.get("IFLA_BRPORT_BACKUP_PORT", 0),
+    )
+
+
+def parse_vlan(data: dict) -> m.VlanInfo:
+    return m.VlanInfo(vid=data.get("IFLA_VLAN_ID", 0), protocol=data.get("IFLA_VLAN_PROTOCOL", 0x8100))
+
+
 def parse_link(msg) -> m.Link:
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+    info = _attrs(msg.get_attr("IFLA_LINKINFO"))
+    kind = info.get("IFLA_INFO_KIND") or ""
+    data = _attrs(info.get("IFLA_INFO_DATA"))
+    slave = _attrs(info.get("IFLA_INFO_SLAVE_DATA")) if info.get("IFLA_INFO_SLAVE_KIND") == "bridge" else None
     return m.Link(
         index=msg["index"],
         name=msg.get_attr("IFLA_IFNAME") or "",
@@ -63,7 +109,62 @@ def parse_link(msg) -> m.Link:
         link_type=msg["ifi_type"],
         master=msg.get_attr("IFLA_MASTER") or 0,
         peer_in_other_netns=msg.get_attr("IFLA_LINK_NETNSID") is not None,
+        peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
+        peer_index=msg.get_attr("IFLA_LINK") or 0,
+        bridge=parse_bridge(data) if kind == "bridge" else None,
+        port=parse_port(slave) if slave is not None else None,
+        vlan=parse_vlan(data) if kind == "vlan" else None,
     )
+
+
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+BRIDGE_VLAN_INFO_RANGE_BEGIN = 0x8
+
+
+def parse_port_vlans(af_spec):
+    """IFLA_AF_SPEC of an AF_BRIDGE link message: the port's VLANs (ranges
+    of a compressed dump expanded); None when the message has no VLAN list."""
+    if not af_spec:
+        return None
+    out, begin = [], None
+    for name, info in af_spec["attrs"]:
+        if name != "IFLA_BRIDGE_VLAN_INFO":
+            continue
+        flags, vid = info["flags"], info["vid"]
+        if flags & BRIDGE_VLAN_INFO_RANGE_BEGIN:
+            begin = vid
+            continue
+        first, begin = (begin, None) if begin is not None else (vid, None)
+        out += [m.PortVlan(v, bool(flags & BRIDGE_VLAN_INFO_PVID), bool(flags & BRIDGE_VLAN_INFO_UNTAGGED))
+                for v in range(first, vid + 1)]
+    return out
+
+
+def parse_bridge_link(msg):
+    """AF_BRIDGE RTM_NEWLINK/DELLINK (a port's state, sent by the bridge):
+    (ifindex, BridgePort or None when it left, bridge ifindex, VLANs or None)."""
+    if msg.get("event") == "RTM_DELLINK":
+        return msg["index"], None, 0, None
+    protinfo = msg.get_attr("IFLA_PROTINFO")
+    port = parse_port(_attrs(protinfo)) if protinfo else None
+    return msg["index"], port, msg.get_attr("IFLA_MASTER") or 0, parse_port_vlans(msg.get_attr("IFLA_AF_SPEC"))
+
+
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+NTF_USE = 0x01
+
+
+def parse_fdb(msg) -> Optional[m.FdbEntry]:
+    """A bridge FDB entry from an AF_BRIDGE neighbour message; None for the
+    devices' own address lists (NTF_SELF, no NDA_MASTER)."""
+    bridge = msg.get_attr("NDA_MASTER")
+    mac = msg.get_attr("NDA_LLADDR")
+    if not bridge or not mac:
+        return None
+    return m.FdbEntry(bridge=bridge, mac=mac, port=msg["ifindex"], state=msg["state"],
+                      vlan=msg.get_attr("NDA_VLAN") or 0, flags=msg["flags"])
 
 
 def parse_address(msg) -> m.Address:
@@ -154,10 +255,17 @@ def apply(state: m.KernelState, msg) -> bool:
     caller to re-read the forwarding / rp_filter sysctls or a link's qdiscs.
     """
     event = msg.get("event")
-    if event == "RTM_NEWLINK":
+    if event in ("RTM_NEWLINK", "RTM_DELLINK") and msg.get("family") == m.AF_BRIDGE:
+        state.set_port(*parse_bridge_link(msg))
+    elif event == "RTM_NEWLINK":
         state.set_link(parse_link(msg))
     elif event == "RTM_DELLINK":
         state.del_link(msg["index"])
+    elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and msg.get("family") == m.AF_BRIDGE:
+        entry = parse_fdb(msg)
+        if entry is None:
+            return False
+        (state.set_fdb if event == "RTM_NEWNEIGH" else state.del_fdb)(entry)
     elif event in _OBJECT_EVENTS:
         if msg.get("family") != socket.AF_INET:
             return False
@@ -198,6 +306,74 @@ def read_egress_tc(ipr, indexes):
         if what:
             out[index] = ", ".join(what)
     return out
+
+
+def read_ingress_tc(ipr, indexes):
+    """{ifindex: description} for links with filters on their ingress hook
+    (for bridges: frames passed up to them meet these first)."""
+    out = {}
+    for index in indexes:
+        try:
+            qdiscs = [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=index)]
+            if not {"clsact", "ingress"} & set(qdiscs):
+                continue
+            filters = [f for f in ipr.get_filters(index=index, parent=tc.INGRESS_PARENT) if f["handle"]]
+        except Exception as e:  # vanished: its RTM_DELLINK follows
+            log.debug("tc dump of ifindex %d failed: %s", index, e)
+            continue
+        if filters:
+            out[index] = f"{len(filters)} ingress filter(s)"
+    return out
+
+
+RTM_GETLINK = 18
+NLM_F_REQUEST = 0x1
+IFLA_TARGET_NETNSID = 46
+
+
+def read_peer_mac(link: m.Link) -> Optional[str]:
+    """The MAC of a veth's peer in another netns (RTM_GETLINK with
+    IFLA_TARGET_NETNSID; pyroute2's link() does not pass that attribute)."""
+    if link.peer_netnsid is None or not link.peer_index:
+        return None
+    body = struct.pack("=BxHiII", 0, 0, link.peer_index, 0, 0) + struct.pack("=HHi", 8, IFLA_TARGET_NETNSID,
+                                                                              link.peer_netnsid)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as s:
+        s.bind((0, 0))
+        s.settimeout(1.0)
+        s.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, 1, 0) + body)
+        data = s.recv(RECV_BYTES)
+    for msg in MarshalRtnl().parse(data):
+        if msg["header"]["type"] == rtnl.RTM_NEWLINK and msg["index"] == link.peer_index:
+            return msg.get_attr("IFLA_ADDRESS")
+    return None  # gone or not allowed: the datapath then does not redirect into it
+
+
+def read_peer_macs(links) -> Dict[int, str]:
+    out = {}
+    for link in links:
+        try:
+            mac = read_peer_mac(link)
+        except OSError as e:
+            log.debug("peer of %s unreadable: %s", link.name, e)
+            continue
+        if mac:
+            out[link.index] = mac
+    return out
+
+
+def read_bridge_sysctls(root="/proc/sys/net/bridge") -> m.BridgeSysctls:
+    """net.bridge.bridge-nf-call-*; absent (no br_netfilter) means 0."""
+    def read(name):
+        try:
+            with open(os.path.join(root, name)) as f:
+                return f.read().strip() != "0"
+        except OSError:
+            return False
+
+    return m.BridgeSysctls(call_iptables=read("bridge-nf-call-iptables"),
+                           call_ip6tables=read("bridge-nf-call-ip6tables"),
+                           call_arptables=read("bridge-nf-call-arptables"))
 
 
 def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
@@ -244,8 +420,15 @@ def dump(ipr) -> m.KernelState:
             state.set_neighbor(neigh)
     for msg in ipr.get_rules(family=socket.AF_INET):
         state.add_rule(parse_rule(msg))
+    for msg in ipr.get_neighbours(family=m.AF_BRIDGE):
+        entry = parse_fdb(msg)
+        if entry is not None:
+            state.set_fdb(entry)
     for index, what in read_egress_tc(ipr, list(state.links)).items():
         state.set_egress_tc(index, what)
+    bridges = [i for i, l in state.links.items() if l.kind == "bridge"]
+    for index, what in read_ingress_tc(ipr, bridges).items():
+        state.set_ingress_tc(index, what)
     return state
 
 
@@ -315,6 +498,12 @@ class NetlinkWatcher:
         """Tell the kernel the neighbour is in use (NTF_USE), as its own
         forwarding would: a STALE entry then gets re-confirmed by probes."""
         self.requests.neigh("change", ifindex=ifindex, dst=dst, flags=0x01, family=socket.AF_INET)
+
+    def fdb_use(self, port: int, mac: str):
+        """Tell the bridge the MAC was seen on the port (NTF_USE): it
+        refreshes the entry's age exactly as its own learning would."""
+        self.requests.neigh("add", family=m.AF_BRIDGE, ifindex=port, lladdr=mac,
+                            flags=NTF_USE | NTF_MASTER, state=m.NUD_REACHABLE)
 
     def close(self):
         self._stopping = True

@@ -13,11 +13,12 @@ import socket
 import struct
 import threading
 
-from .translate import Desired, LinkEntry, RouteEntry
+from .translate import MAP_TABLES as TABLES
+from .translate import Desired, FdbTarget, LinkEntry, PortEntry, RouteEntry
 
 log = logging.getLogger(__name__)
 
-TABLES = ("routes", "neighbors", "links")
+FDB_LOCAL = 1 << 0  # LM_FDB_LOCAL
 
 
 def ip_to_u32(ip: str) -> int:
@@ -82,6 +83,35 @@ class Codec:
     def decode_link(self, k, v):
         return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu)
 
+    # ports: ifindex <-> u32, PortEntry <-> lm_port
+    def port_key(self, ifindex):
+        return self.t["ports"].Key(ifindex)
+
+    def port_leaf(self, e: PortEntry):
+        leaf = self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
+        if e.peer_mac:
+            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
+        return leaf
+
+    def decode_port(self, k, v):
+        peer = bytes_to_mac(v.peer_mac)
+        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt,
+                                  None if peer == "00:00:00:00:00:00" else peer)
+
+    # fdb: (bridge, MAC) <-> lm_fdb_key, FdbTarget <-> lm_fdb
+    def fdb_key(self, key):
+        bridge, mac = key
+        k = self.t["fdb"].Key()
+        k.bridge = bridge
+        ctypes.memmove(k.mac, mac_to_bytes(mac), 6)
+        return k
+
+    def fdb_leaf(self, e: FdbTarget):
+        return self.t["fdb"].Leaf(e.port, FDB_LOCAL if e.local else 0, 0)
+
+    def decode_fdb(self, k, v):
+        return (k.bridge, bytes_to_mac(k.mac)), FdbTarget(v.port, bool(v.flags & FDB_LOCAL))
+
 
 class Reconciler:
     def __init__(self, tables, beat, hz: int):
@@ -129,10 +159,14 @@ class Reconciler:
         if delta.punt_forward_reason:
             changes += self._set_punt_reason(delta.punt_forward_reason)
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
+        changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
         changes += self._upsert(t["links"], cur.links, delta.links, c.link_key, c.link_leaf)
+        changes += self._upsert(t["ports"], cur.ports, delta.ports, c.port_key, c.port_leaf)
         changes += self._upsert(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key, c.neigh_leaf)
+        changes += self._upsert(t["fdb"], cur.fdb, delta.fdb, c.fdb_key, c.fdb_leaf)
         changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
+        changes += self._delete(t["ports"], cur.ports, delta.ports, c.port_key)
         changes += self._delete(t["links"], cur.links, delta.links, c.link_key)
         if not delta.punt_forward_reason:
             changes += self._set_punt_reason(0)
@@ -162,12 +196,9 @@ class Reconciler:
         return n
 
     def _load_shadow(self):
-        c, t = self.codec, self.tables
-        self.shadow = Desired(
-            routes=dict(c.decode_route(k, v) for k, v in t["routes"].items()),
-            neighbors=dict(c.decode_neigh(k, v) for k, v in t["neighbors"].items()),
-            links=dict(c.decode_link(k, v) for k, v in t["links"].items()),
-        )
+        t = self.tables
+        self.shadow = Desired(**{name: dict(self._decoder(name)(k, v) for k, v in t[name].items())
+                                 for name in TABLES})
         self._punt_forward_reason = self._config().punt_forward_reason
 
     # -- config and heartbeat --------------------------------------------
@@ -199,12 +230,12 @@ class Reconciler:
     def read(self, name, keys=None):
         """A table's real contents, decoded (for `dump`); with `keys`, just
         those entries, looked up one by one."""
-        c, t = self.codec, self.tables
-        decode = {"routes": c.decode_route, "neighbors": c.decode_neigh, "links": c.decode_link}[name]
+        t = self.tables
+        decode = self._decoder(name)
         if keys is None:
             with self.lock:
                 return dict(decode(k, v) for k, v in t[name].items())
-        key_fn = {"routes": c.route_key, "neighbors": c.neigh_key, "links": c.link_key}[name]
+        key_fn = self._key_fn(name)
         out = {}
         with self.lock:
             for key in keys:
@@ -214,6 +245,24 @@ class Reconciler:
                 except KeyError:
                     pass
         return out
+
+    def _decoder(self, name):
+        c = self.codec
+        return {"routes": c.decode_route, "neighbors": c.decode_neigh, "links": c.decode_link,
+                "ports": c.decode_port, "fdb": c.decode_fdb}[name]
+
+    def _key_fn(self, name):
+        c = self.codec
+        return {"routes": c.route_key, "neighbors": c.neigh_key, "links": c.link_key,
+                "ports": c.port_key, "fdb": c.fdb_key}[name]
+
+    def fdb_used(self, key) -> int:
+        """When the datapath last fast-pathed a frame from this (bridge, MAC)
+        (jiffies, 0 = never)."""
+        try:
+            return self.tables["fdb"][self.codec.fdb_key(key)].used
+        except KeyError:
+            return 0
 
     def neighbor_used(self, key) -> int:
         """When the datapath last used the neighbour (jiffies, 0 = never)."""

@@ -6,7 +6,7 @@ does not understand becomes a punt with a named reason, never a guess.
 
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 from . import model as m
@@ -18,10 +18,16 @@ LINK_FORWARDING = 1 << 1
 LINK_REDIRECT_PEER = 1 << 2
 LINK_RPF_STRICT = 1 << 3
 LINK_RPF_LOOSE = 1 << 4
+LINK_BRIDGE = 1 << 5
+# Bridge port flags (LM_PORT_*).
+PORT_FORWARDING = 1 << 0
+PORT_LEARNING = 1 << 1
+PORT_ISOLATED = 1 << 2
+PORT_NF_IPV4 = 1 << 3
 
-# Link kinds the fast path can receive on and transmit to today.  Bridges,
-# VXLAN, bonds ... arrive with their own issues; until then they are not
-# attached and routes through them punt (EGRESS_UNMANAGED).
+# Link kinds the fast path can receive on and transmit to today, directly
+# or as bridge ports.  VXLAN, bonds ... arrive with their own issues; until
+# then they are not attached and routes through them punt (EGRESS_UNMANAGED).
 SUPPORTED_KINDS = ("veth", "")
 
 
@@ -40,6 +46,22 @@ class LinkEntry:
     mtu: int
 
 
+@dataclass(frozen=True)
+class PortEntry:
+    bridge: int
+    flags: int
+    punt: int = 0  # every frame arriving on the port punts with this
+    ipv4_punt: int = 0  # bridged IPv4 punts with this (br_netfilter)
+    up_punt: int = 0  # frames for the bridge's own MAC punt with this
+    peer_mac: Optional[str] = None  # veth port: the peer's MAC (redirect_peer only to it)
+
+
+@dataclass(frozen=True)
+class FdbTarget:
+    port: int
+    local: bool = False  # the bridge's own address: passed up, not forwarded
+
+
 @dataclass
 class Desired:
     """Map contents.  As a full translation: every entry.  As a delta
@@ -49,6 +71,8 @@ class Desired:
     routes: Dict[Tuple[str, int], Optional[RouteEntry]] = field(default_factory=dict)  # (dst, len)
     neighbors: Dict[Tuple[int, str], Optional[str]] = field(default_factory=dict)  # (ifindex, ip) -> MAC
     links: Dict[int, Optional[LinkEntry]] = field(default_factory=dict)
+    ports: Dict[int, Optional[PortEntry]] = field(default_factory=dict)
+    fdb: Dict[Tuple[int, str], Optional[FdbTarget]] = field(default_factory=dict)  # (bridge, MAC)
     punt_forward_reason: int = 0
     attach: Dict[int, str] = field(default_factory=dict)  # ifindex -> name to attach TC to
 
@@ -67,17 +91,19 @@ class Selection:
 
 
 def eligible(link: m.Link, selection: Selection) -> bool:
+    """An Ethernet device of a kind the fast path handles, not enslaved."""
     return skip_reason(link, selection) is None
 
 
 def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
-    """Why the agent does not manage this interface (None: it does)."""
+    """Why the device is not eligible (None: it is).  Ports of managed
+    bridges are managed all the same (managed())."""
     if link.name == "lo" or link.link_type != m.ARPHRD_ETHER:
         return "not an Ethernet interface"
-    if link.kind not in SUPPORTED_KINDS:
+    if link.kind not in SUPPORTED_KINDS + ("bridge",):
         return f"{link.kind} interfaces are not handled yet"
     if link.master:
-        return "enslaved to a bridge or bond: its traffic is not routed here"
+        return "enslaved to a bond or to a bridge the agent does not manage"
     if not link.mac:
         return "no MAC address"
     if not selection.allows(link.name):
@@ -85,22 +111,46 @@ def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
     return None
 
 
+def managed(state: m.KernelState, link: m.Link, selection: Selection) -> bool:
+    """In the links map: eligible devices and bridges, and the ports of
+    managed bridges (bond ports and the like stay the kernel's)."""
+    if not link.master:
+        return eligible(link, selection)
+    bridge = state.links.get(link.master)
+    return (link.port is not None and bridge is not None and bridge.kind == "bridge"
+            and eligible(bridge, selection) and eligible(replace(link, master=0), selection)
+            and link.kind != "bridge")
+
+
+def attachable(state: m.KernelState, link: m.Link, selection: Selection) -> bool:
+    """Where the TC program goes: every managed device but bridges (frames
+    for a bridge arrive on its ports, where l2.h hands them on)."""
+    return link.kind != "bridge" and managed(state, link, selection)
+
+
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
     """Every map entry the state calls for."""
     changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses},
-                        links=set(state.links), neighbors=set(state.neighbors))
+                        links=set(state.links), neighbors=set(state.neighbors), fdb=set(state.fdb))
     full = translate_changes(state, changes, selection)
-    full.routes = {k: v for k, v in full.routes.items() if v is not None}
-    full.links = {k: v for k, v in full.links.items() if v is not None}
-    full.neighbors = {k: v for k, v in full.neighbors.items() if v is not None}
+    for table in MAP_TABLES:
+        setattr(full, table, {k: v for k, v in getattr(full, table).items() if v is not None})
     return full
+
+
+MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb")
 
 
 def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
     out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state))
-    out.links = {i: link_entry(state, i, selection) for i in changes.links}
+    # Bridges and ports are few and depend on global inputs (netfilter,
+    # br_netfilter sysctls, the bridge's state): always redone.
+    bridged = {i for i, l in state.links.items() if l.kind == "bridge" or l.port is not None}
+    out.links = {i: link_entry(state, i, selection) for i in changes.links | bridged}
+    out.ports = {i: port_entry(state, i, selection) for i in changes.links | bridged}
+    out.fdb = {(b, mac): fdb_entry(state, (b, mac, 0), selection) for b, mac, _ in changes.fdb}
     out.neighbors = {k: neighbor_entry(state, k, selection) for k in changes.neighbors}
     prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
     local_ips = {a.address for a in state.addresses}
@@ -110,20 +160,84 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
 
 
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
-    return {i: l.name for i, l in state.links.items() if eligible(l, selection)}
+    return {i: l.name for i, l in state.links.items() if attachable(state, l, selection)}
 
 
 def link_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[LinkEntry]:
     link = state.links.get(index)
-    if link is None or not eligible(link, selection):
+    if link is None or not managed(state, link, selection):
         return None
-    return _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc)
+    entry = _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc)
+    if link.kind != "bridge":
+        return entry
+    flags = entry.flags | LINK_BRIDGE
+    if bridge_egress_punt(state, link):
+        flags &= ~LINK_UP  # routes out of it punt: EGRESS_UNMANAGED
+    return replace(entry, flags=flags)
+
+
+def bridge_egress_punt(state: m.KernelState, bridge: m.Link) -> Optional[str]:
+    """Why packets routed out of the bridge must take the kernel's path:
+    whatever br_dev_xmit() would meet before it reaches the port."""
+    if bridge.index in state.egress_tc:
+        return f"egress: {state.egress_tc[bridge.index]}"
+    if state.bridge_nf_impact:
+        return f"bridge netfilter: {state.bridge_nf_impact}"
+    if bridge.bridge is None or bridge.bridge.vlan_filtering:
+        return "vlan_filtering"
+    return None
+
+
+def port_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[PortEntry]:
+    """What the datapath may do with frames arriving on a bridge port."""
+    link = state.links.get(index)
+    if link is None or link.port is None or not managed(state, link, selection):
+        return None
+    bridge, port = state.links[link.master], link.port
+    flags = PORT_FORWARDING if port.state == m.BR_STATE_FORWARDING else 0
+    flags |= PORT_LEARNING if port.learning else 0
+    flags |= PORT_ISOLATED if port.isolated else 0
+    info = bridge.bridge or m.BridgeInfo(vlan_filtering=True)  # unknown: punt
+    call_iptables = state.bridge_sysctls.call_iptables or info.nf_call_iptables
+    flags |= PORT_NF_IPV4 if call_iptables else 0  # br_netfilter validates bridged IPv4
+    return PortEntry(
+        bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
+        ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,
+        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0,
+        peer_mac=state.peer_macs.get(index))
+
+
+def _port_punt(state: m.KernelState, bridge: m.Link, info: m.BridgeInfo, port: m.BridgePort) -> int:
+    if not bridge.admin_up:
+        return R["BR_BLOCKED"]  # the kernel disables every port
+    if info.vlan_filtering or port.locked or port.mab:
+        return R["BR_UNSUPPORTED"]  # per-VLAN FDB, 802.1X-style admission
+    if state.bridge_nf_impact:
+        return R["NETFILTER"]  # ebtables / nft bridge or netdev chains
+    return 0
+
+
+def fdb_entry(state: m.KernelState, key, selection: Selection) -> Optional[FdbTarget]:
+    """The datapath's FDB entry for (bridge, MAC, VLAN 0): without
+    vlan_filtering the bridge looks up VLAN 0 only."""
+    entry = state.fdb.get(key)
+    if entry is None:
+        return None
+    bridge = state.links.get(entry.bridge)
+    if bridge is None or bridge.kind != "bridge" or not managed(state, bridge, selection):
+        return None
+    if entry.local:
+        return FdbTarget(port=entry.port, local=True)
+    port = state.links.get(entry.port)
+    if port is None or port.master != entry.bridge or not managed(state, port, selection):
+        return None  # behind a port the fast path does not manage: flood/punt
+    return FdbTarget(port=entry.port)
 
 
 def neighbor_entry(state: m.KernelState, key, selection: Selection) -> Optional[str]:
     neigh = state.neighbors.get(key)
     link = state.links.get(key[0])
-    if neigh is None or link is None or not eligible(link, selection):
+    if neigh is None or link is None or not managed(state, link, selection):
         return None
     return neigh.mac if neigh.mac and neigh.state & m.NUD_VALID else None
 

@@ -12,6 +12,8 @@ all traffic goes to addresses inside these namespaces.
         pod2 eth0  10.2.0.2/24 via 10.2.0.1
     DirectPair(prefix)       pod1 ── pod2           (the wire: no node at all)
         same pod addresses, each pod reaching the other's /24 on-link.
+    BridgedTopology(prefix, bridges=1|2, pods=4)   pods on Linux bridges in the node
+        (one bridge: switched; two bridges: routed by the node between them).
     Agent(topo)              `loxi-mirror start` in the node namespace, by PID.
 
 Usage:
@@ -40,7 +42,7 @@ import tempfile
 import time
 
 __all__ = [
-    "CommandError", "Netns", "RoutedTopology", "DirectPair", "Agent", "AgentError",
+    "CommandError", "Netns", "RoutedTopology", "DirectPair", "BridgedTopology", "Agent", "AgentError",
     "unique_prefix", "netns_exists", "agent_available", "have_root_and_netns",
     "fast_path_fraction",
 ]
@@ -356,6 +358,83 @@ class DirectPair(Netns):
             self._no_offload("pod2", "eth0")
 
 
+class BridgedTopology(Netns):
+    """Pods attached by veth to Linux bridges in the node, as docker0/cni0 do.
+
+    bridges=1: pod1..podN all on br1 (10.1.0.0/24, gateway br1 10.1.0.1):
+        pod1 -> pod2 is switched by the bridge.
+    bridges=2: odd pods on br1 (10.1.0.0/24), even pods on br2 (10.2.0.0/24),
+        the node routes between them (ip_forward=1): pod1 -> pod2 is routed.
+    Pod k: eth0 = 10.<b>.0.<10+k>/24, MAC 02:00:0a:0<b>:00:<k>, default route
+    via its bridge; its node-side veth is "vp<k>" (MAC 02:00:0b:0<b>:00:<k>).
+    Bridges get fixed MACs (02:00:0c:0<b>:00:00), as an address-holding
+    bridge keeps its MAC whatever ports come and go.
+    """
+
+    def __init__(self, prefix="lm", bridges=1, pods=4, **kw):
+        self.bridges = bridges
+        self.npods = pods
+        self.ROLES = ("node",) + tuple(f"pod{k}" for k in range(1, pods + 1))
+        super().__init__(prefix, **kw)
+
+    @property
+    def node(self):
+        return self.ns["node"]
+
+    def bridge_of(self, k):
+        return 1 if self.bridges == 1 else 2 - k % 2
+
+    def bridge_name(self, b):
+        return f"br{b}"
+
+    def bridge_mac(self, b):
+        return f"02:00:0c:0{b}:00:00"
+
+    def gw_ip(self, b):
+        return f"10.{b}.0.1"
+
+    def pod_ip(self, k):
+        return f"10.{self.bridge_of(k)}.0.{10 + k}"
+
+    def pod_mac(self, k):
+        return f"02:00:0a:0{self.bridge_of(k)}:00:{k:02x}"
+
+    def port_name(self, k):
+        return f"vp{k}"
+
+    def port_mac(self, k):
+        return f"02:00:0b:0{self.bridge_of(k)}:00:{k:02x}"
+
+    # The Netns pod1/pod2 properties the bench and tests share.
+    pod1_ip = property(lambda self: self.pod_ip(1))
+    pod2_ip = property(lambda self: self.pod_ip(2))
+    pod1_mac = property(lambda self: self.pod_mac(1))
+    pod2_mac = property(lambda self: self.pod_mac(2))
+
+    def _build(self):
+        for b in range(1, self.bridges + 1):
+            br = self.bridge_name(b)
+            self.run("node", ["ip", "link", "add", br, "address", self.bridge_mac(b), "type", "bridge"])
+            self._addr_up("node", br, f"{self.gw_ip(b)}/24")
+        if self.bridges > 1:
+            self.sysctl("node", "net.ipv4.ip_forward", 1)
+        for k in range(1, self.npods + 1):
+            pod, b = f"pod{k}", self.bridge_of(k)
+            self._veth(pod, "eth0", self.pod_mac(k), "node", self.port_name(k), self.port_mac(k))
+            self.run("node", ["ip", "link", "set", self.port_name(k), "master", self.bridge_name(b)])
+            self.run("node", ["ip", "link", "set", self.port_name(k), "up"])
+            self._addr_up(pod, "eth0", f"{self.pod_ip(k)}/24")
+            self.run(pod, ["ip", "route", "add", "default", "via", self.gw_ip(b), "dev", "eth0"])
+            if not self.offload:
+                self._no_offload(pod, "eth0")
+
+    def describe(self):
+        d = super().describe()
+        d.update({f"pod{k}": f"{self.pod_ip(k)}/24 on {self.bridge_name(self.bridge_of(k))} via "
+                  f"{self.port_name(k)}" for k in range(1, self.npods + 1)})
+        return d
+
+
 class AgentError(RuntimeError):
     pass
 
@@ -484,19 +563,23 @@ def _main(argv=None):
     u = sub.add_parser("up", help="build a topology and leave it in place")
     u.add_argument("--prefix", default="lm")
     u.add_argument("--direct", action="store_true", help="DirectPair instead of RoutedTopology")
+    u.add_argument("--bridges", type=int, choices=(1, 2), help="BridgedTopology with 1 or 2 bridges")
+    u.add_argument("--pods", type=int, default=4, help="pods of a BridgedTopology")
     u.add_argument("--no-offload", action="store_true", help="pods' TSO/GSO/GRO off")
-    d = sub.add_parser("down", help="delete PREFIX-pod1, PREFIX-node, PREFIX-pod2")
+    d = sub.add_parser("down", help="delete the namespaces PREFIX-*")
     d.add_argument("prefix")
     a = ap.parse_args(argv)
     if a.cmd == "up":
-        cls = DirectPair if a.direct else RoutedTopology
-        t = cls(a.prefix, offload=not a.no_offload).up()
+        if a.bridges:
+            t = BridgedTopology(a.prefix, bridges=a.bridges, pods=a.pods, offload=not a.no_offload).up()
+        else:
+            cls = DirectPair if a.direct else RoutedTopology
+            t = cls(a.prefix, offload=not a.no_offload).up()
         atexit.unregister(t.down)       # keep it
         print(json.dumps(t.describe(), indent=2))
         print(f"remove with: {sys.argv[0]} down {t.prefix}", file=sys.stderr)
     else:
-        for role in ("pod1", "node", "pod2"):
-            name = f"{a.prefix}-{role}"
+        for name in sorted(n for n in _list_netns() if n.startswith(a.prefix + "-")):
             if netns_exists(name):
                 subprocess.run(["ip", "netns", "del", name], check=False)
                 print(f"deleted {name}")

@@ -29,6 +29,15 @@ def top_punts(st: Dict) -> List[Tuple[str, int, float, str]]:
     return rows[:TOP_REASONS]
 
 
+def bridge_lines(st: Dict) -> List[str]:
+    out = []
+    for name, br in sorted((st.get("bridges") or {}).items()):
+        why = f"; routed egress punts: {br['egress_punted_because']}" if br.get("egress_punted_because") else ""
+        out.append(f"bridge {name}: ports {', '.join(br['ports']) or '-'}"
+                   f"{'; bridge-nf-call-iptables' if br.get('bridge_nf_call_iptables') else ''}{why}")
+    return out
+
+
 def tables(st: Dict) -> List[Tuple[str, int, int]]:
     cap = st.get("table_capacity", {})
     return [(name, n, cap.get(name, 0)) for name, n in sorted(st.get("tables", {}).items())]
@@ -51,6 +60,7 @@ def render_plain(st: Dict) -> str:
     for name, why in sorted(st.get("skipped_interfaces", {}).items()):
         lines.append(f"  skipped {name}: {why}")
     lines.append("tables: " + ", ".join(f"{n} {used}/{cap}" if cap else f"{n} {used}" for n, used, cap in tables(st)))
+    lines.extend(bridge_lines(st))
     if st.get("forwarding_punted_because"):
         lines.append(f"all forwarded traffic punts: {st['forwarding_punted_because']}")
     fast_rate = st.get("rates_pps", {}).get("FORWARDED", 0.0)
@@ -77,6 +87,8 @@ def render_rich(st: Dict, console) -> None:
     for name, why in sorted(st.get("skipped_interfaces", {}).items()):
         ifs.add_row(name, f"skipped: {why}")
     console.print(ifs)
+    for line in bridge_lines(st):
+        console.print(line)
     tab = Table(title="tables", title_justify="left")
     for col in ("table", "entries", "capacity", "fill"):
         tab.add_column(col, justify="right" if col != "table" else "left")

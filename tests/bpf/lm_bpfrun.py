@@ -195,6 +195,8 @@ class Maps:
         self.neighbors = dp.table("neighbors")
         self.links = dp.table("links")
         self.config = dp.table("config")
+        self.ports = dp.table("ports")
+        self.fdb_t = dp.table("fdb")
         self.counters_t = dp.table("counters")
         self.flows = dp.table("flows")
         self.flow_asked = dp.table("flow_asked")
@@ -220,7 +222,7 @@ class Maps:
             nat_sport=socket.htons(nat[2]), nat_dport=socket.htons(nat[3]))
 
     def clear(self) -> None:
-        for t in (self.routes, self.neighbors, self.links, self.flows, self.flow_asked):
+        for t in (self.routes, self.neighbors, self.links, self.flows, self.flow_asked, self.ports, self.fdb_t):
             for k in list(t.keys()):
                 del t[k]
         self.set_config(0)
@@ -247,6 +249,24 @@ class Maps:
 
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
+
+    def port(self, ifindex: int, bridge: int, flags: int, punt: int = 0, ipv4_punt: int = 0, up_punt: int = 0,
+             peer_mac=None):
+        self.ports[self.ports.Key(ifindex)] = self.ports.Leaf(
+            bridge=bridge, flags=flags, punt=punt, ipv4_punt=ipv4_punt, up_punt=up_punt,
+            peer_mac=_mac_arr(peer_mac or "00:00:00:00:00:00"))
+
+    def _fdb_key(self, bridge: int, m):
+        k = self.fdb_t.Key()
+        k.bridge = bridge
+        k.mac = _mac_arr(m)
+        return k
+
+    def fdb(self, bridge: int, m, port: int, local: bool = False, used: int = 0):
+        self.fdb_t[self._fdb_key(bridge, m)] = self.fdb_t.Leaf(port=port, flags=1 if local else 0, used=used)
+
+    def get_fdb(self, bridge: int, m):
+        return self.fdb_t[self._fdb_key(bridge, m)]
 
     def set_config(self, alive_seconds: float, punt_forward_reason: int = 0, **nf):
         """Fast path alive for that long (0: off), with that global punt

@@ -17,7 +17,7 @@ SELECTION = Selection(exclude="skip.*")
 
 
 def fold(current, delta):
-    for table in ("routes", "links", "neighbors"):
+    for table in ("routes", "links", "neighbors", "ports", "fdb"):
         cur = getattr(current, table)
         for key, value in getattr(delta, table).items():
             if value is None:
@@ -33,8 +33,10 @@ def random_step(rng, st):
     name = {3: "v1", 4: "v2", 5: "v3", 6: "skip0"}[idx]
     net = rng.choice(["10.1.0.0", "10.2.0.0", "10.3.0.0", "10.2.0.128", "10.9.0.0"])
     plen = 25 if net.endswith("128") else rng.choice([16, 24])
-    kind = rng.randrange(14)
-    if kind == 0:
+    kind = rng.randrange(20)
+    if kind >= 14:
+        bridge_step(rng, st, idx, name, kind)
+    elif kind == 0:
         st.set_link(m.Link(idx, name, "veth", f"02:00:00:00:00:0{idx}", rng.choice([1400, 1500]),
                            rng.choice([UP, m.IFF_UP, 0]), peer_in_other_netns=rng.random() < 0.5,
                            master=rng.choice([0, 0, 0, 9])))
@@ -67,6 +69,32 @@ def random_step(rng, st):
         st.set_egress_tc(idx, rng.choice([None, "root qdisc tbf"]))
     else:
         st.netfilter_impact = rng.choice([None, None, "filter FORWARD: 1 rule"])
+
+
+def bridge_step(rng, st, idx, name, kind):
+    """Bridges: br0 (ifindex 8) comes and goes, v1..v3 join and leave it,
+    port state changes, FDB entries are learned, moved, aged out."""
+    if kind == 14:
+        info = m.BridgeInfo(vlan_filtering=rng.random() < 0.2, nf_call_iptables=rng.random() < 0.3)
+        st.set_link(m.Link(8, "br0", "bridge", "02:00:00:00:00:08", 1500, rng.choice([UP, UP, 0]), bridge=info))
+    elif kind == 15:
+        st.del_link(8) if rng.random() < 0.3 else None
+    elif kind == 16 and idx in st.links:
+        port = m.BridgePort(state=rng.choice([m.BR_STATE_FORWARDING, m.BR_STATE_BLOCKING]),
+                            learning=rng.random() < 0.8, isolated=rng.random() < 0.2, locked=rng.random() < 0.1)
+        st.set_port(idx, port if rng.random() < 0.8 else None, 8)
+    elif kind == 17:
+        st.set_link(m.Link(idx, name, "veth", f"02:00:00:00:00:0{idx}", 1500, UP, master=8,
+                           port=m.BridgePort()))
+    elif kind == 18:
+        entry = m.FdbEntry(8, rng.choice(["02:bb:00:00:00:01", "02:bb:00:00:00:02", "02:00:00:00:00:08"]),
+                           rng.choice([idx, 8]), rng.choice([m.NUD_REACHABLE, m.NUD_NOARP, m.NUD_PERMANENT]),
+                           vlan=rng.choice([0, 0, 0, 10]))
+        st.set_fdb(entry) if rng.random() < 0.7 else st.del_fdb(entry)
+    else:
+        st.bridge_sysctls = m.BridgeSysctls(call_iptables=rng.random() < 0.5)
+        st.bridge_nf_impact = rng.choice([None, None, "nft bridge filter forward: 1 rule"])
+        st.set_ingress_tc(8, rng.choice([None, None, "1 ingress filter(s)"]))
 
 
 @pytest.mark.parametrize("seed", range(40))
