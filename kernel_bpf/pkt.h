@@ -30,12 +30,35 @@
 #define LM_NTOHS(x) LM_HTONS(x)
 
 
-/* Run one stage; leave the pipeline with its reason unless it says go on. */
-#define LM_STAGE(reason, call)                      \
-	do {                                        \
-		(reason) = (call);                  \
-		if ((reason) != LM_FORWARDED)       \
-			goto out;                   \
+/* Explain runs (explain.h): note which stage ran and what it said. */
+static __always_inline void lm_trace_step(struct lm_trace *t, __u32 stage, __u32 reason)
+{
+	__u32 i = t->n;
+
+	if (i < LM_TRACE_MAX) {
+		t->step[i].stage = stage;
+		t->step[i].reason = reason;
+		t->n = i + 1;
+	}
+}
+
+/* Run one stage; leave the pipeline with its reason unless it says go on.
+ * Expects the pipeline's `struct lm_pkt p` in scope.  An explain run records
+ * the stage as LM_STAGE_ID: the how-many-th LM_STAGE call of the source it
+ * is (the agent counts them in the compiled text, mirror/explain.py, so
+ * there is no list of stages to keep in step). */
+#define LM_STAGE_ID (__COUNTER__ - LM_STAGE_ID_BASE - 1)
+#define LM_STAGE(reason, call)                                  \
+	do {                                                    \
+		const __u32 id_ = LM_STAGE_ID;                  \
+		(reason) = (call);                              \
+		if ((reason) != LM_FORWARDED) {                 \
+			if (p.trace)                            \
+				lm_trace_step(p.trace, id_, (reason)); \
+			goto out;                               \
+		}                                               \
+		if (p.trace)                                    \
+			lm_trace_step(p.trace, id_, LM_FORWARDED); \
 	} while (0)
 
 #define LM_DROP_CASE(name) case LM_##name:
@@ -78,6 +101,8 @@ struct lm_pkt {
 	__u32 daddr;             /* destination routed on: iph->daddr, or
 				    after DNAT (ct.h) */
 	int action;              /* xmit.h: TC action when forwarded */
+	struct lm_trace *trace;  /* explain runs only (explain.h), else NULL:
+				    no side effect on datapath state then */
 };
 
 /* Make the first @len bytes linear and reload the packet pointers.

@@ -13,6 +13,7 @@
  */
 #include "common.h"
 #include "pkt.h"
+#include "explain.h"
 #include "gate.h"
 #include "parse.h"
 #include "ct.h"
@@ -26,7 +27,7 @@
 
 /*
  * The single exit: count the verdict (packets and bytes per reason, per
- * CPU) and return the TC action.
+ * CPU; an explain run records it instead) and return the TC action.
  *
  * Punt returns TC_ACT_UNSPEC, not TC_ACT_OK.  Both let the packet continue
  * into the kernel's stack, but TC_ACT_OK ends classification, so a filter
@@ -43,10 +44,14 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 	/* Route actions come from the agent: never index past the counters. */
 	if (reason >= LM_REASON_MAX)
 		reason = LM_ROUTE_UNSUPPORTED;
-	c = counters.lookup(&reason);
-	if (c) {
-		c->packets++;
-		c->bytes += skb->len;
+	if (p->trace) {
+		lm_explain_end(p, reason); /* and count nothing */
+	} else {
+		c = counters.lookup(&reason);
+		if (c) {
+			c->packets++;
+			c->bytes += skb->len;
+		}
 	}
 	if (reason == LM_FORWARDED)
 		return p->action;
@@ -61,6 +66,7 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	struct lm_ctinfo ci; /* filled by lm_ct() before any use */
 	__u32 reason;
 
+	p.trace = lm_explain_begin(skb);
 	LM_STAGE(reason, lm_gate(skb, &p));
 	LM_STAGE(reason, lm_parse_eth(skb, &p));
 	LM_STAGE(reason, lm_parse_ipv4(skb, &p));

@@ -1,0 +1,286 @@
+"""`loxi-mirror explain`: what the fast path does with one packet, and why.
+
+The answer is never computed here: the agent runs the frame through the
+LOADED program with BPF_PROG_TEST_RUN as an explain run (kernel_bpf/
+explain.h: no side effect on datapath state) and reads back the stages the
+program ran and what each said.  This module builds the frame, does the run,
+names the stages (from the compiled source: the line of each LM_STAGE call),
+adds what the agent knows about the culprit (route, neighbour, flow entry,
+ruleset) and renders the result.  Frame building and rendering are pure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from .bpfsys import SkBuff, prog_test_run
+from .reasons import BY_NAME, REASONS
+
+COMMON_H_DEFINE = re.compile(r"#define\s+(LM_EXPLAIN_MAGIC)\s+(0x[0-9a-fA-F]+|\d+)")
+_ANCHOR = "LM_STAGE_ID_BASE = __COUNTER__"
+_STAGE_CALL = re.compile(r"\bLM_STAGE\(\s*\w+\s*,\s*lm_(\w+)\s*\(")
+
+REASON_BY_VALUE = {r.value: r for r in REASONS}
+PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP}
+TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20}
+CLIENT_MAC = "02:00:5e:00:00:01"  # the frame's source MAC: the datapath does not look at it
+TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+
+# What each stage function is about, for people.  The stages themselves come
+# from the compiled source (stage_sites); a stage missing here shows by its
+# function name, and tests/unit/test_explain.py fails until it is added.
+STAGE_TITLES = {
+    "gate": "interface", "parse_eth": "parse Ethernet", "parse_ipv4": "parse IPv4", "ct": "conntrack",
+    "fib_route": "route", "fib_source": "source check", "fib_egress": "egress", "fwd_checks": "TTL/MTU",
+    "verdict": "ruleset verdict", "fib_neigh": "neighbour", "rewrite": "rewrite", "xmit": "xmit",
+    "nat": "NAT rewrite",
+}
+
+
+def explain_magic(common_h_text: str) -> int:
+    m = COMMON_H_DEFINE.search(common_h_text)
+    if not m:
+        raise ValueError("common.h has no LM_EXPLAIN_MAGIC")
+    return int(m.group(2), 0)
+
+
+def stage_sites(text: str) -> Dict[int, str]:
+    """{LM_STAGE_ID: stage name} of the compiled text (datapath.text): the
+    LM_STAGE calls after explain.h's counter anchor, numbered in order, as
+    __COUNTER__ numbers them."""
+    anchor = text.find(_ANCHOR)
+    if anchor < 0:
+        raise ValueError("the datapath source has no LM_STAGE_ID_BASE anchor (explain.h)")
+    body = text[anchor + len(_ANCHOR):]
+    stray = [ln for ln in body.splitlines() if "__COUNTER__" in ln and not ln.lstrip().startswith("#define")]
+    if stray or "__COUNTER__" in text[:anchor].replace("#define LM_STAGE_ID (__COUNTER__", ""):
+        raise ValueError("__COUNTER__ used outside LM_STAGE_ID: explain would misname the stages")
+    calls = [m.group(1) for ln in body.splitlines() if not ln.lstrip().startswith("#define")
+             for m in [_STAGE_CALL.search(ln)] if m]
+    return dict(enumerate(calls))
+
+
+# --- the frame ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PacketSpec:
+    src: str
+    dst: str
+    proto: str = "udp"
+    sport: int = 40000
+    dport: int = 80
+    ttl: int = 64
+    length: Optional[int] = None  # IPv4 total length; None: headers + 32 bytes
+    tcp_flags: str = "A"
+
+    def header_len(self) -> int:
+        return 20 + {"tcp": 20, "udp": 8, "icmp": 8}[self.proto]
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _mac(m: str) -> bytes:
+    return bytes.fromhex(m.replace(":", ""))
+
+
+def build_frame(spec: PacketSpec, dst_mac: str, src_mac: str = CLIENT_MAC) -> bytes:
+    """An Ethernet + IPv4 + TCP/UDP/ICMP echo frame with valid checksums
+    (DF set, as TCP stacks send), total length spec.length."""
+    hdr = spec.header_len()
+    tot = spec.length if spec.length is not None else hdr + 32
+    if not hdr <= tot <= 65535:
+        raise ValueError(f"--len must be between {hdr} and 65535 for {spec.proto}")
+    if not 0 <= spec.ttl <= 255:
+        raise ValueError("--ttl must be 0..255")
+    payload = bytes(tot - hdr)
+    src, dst = socket.inet_aton(spec.src), socket.inet_aton(spec.dst)
+    proto = PROTOS[spec.proto]
+    if spec.proto == "icmp":
+        l4 = struct.pack("!BBHHH", 8, 0, 0, spec.sport & 0xFFFF, 1) + payload
+        l4 = l4[:2] + struct.pack("!H", _csum(l4)) + l4[4:]
+    else:
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, tot - 20)
+        if spec.proto == "tcp":
+            flags = sum(TCP_FLAG_BITS[c] for c in spec.tcp_flags.upper())
+            l4 = struct.pack("!HHIIBBHHH", spec.sport, spec.dport, 1000, 2000, 5 << 4, flags, 8192, 0, 0) + payload
+            at = 16
+        else:
+            l4 = struct.pack("!HHHH", spec.sport, spec.dport, tot - 20, 0) + payload
+            at = 6
+        check = _csum(pseudo + l4) or (0xFFFF if spec.proto == "udp" else 0)
+        l4 = l4[:at] + struct.pack("!H", check) + l4[at + 2:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, tot, 1, 0x4000, spec.ttl, proto, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return _mac(dst_mac) + _mac(src_mac) + b"\x08\x00" + ip + l4
+
+
+def frame_summary(frame: bytes) -> Dict:
+    """The addresses and ports of an Ethernet/IPv4 frame (for output)."""
+    out: Dict = {"len": len(frame)}
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return out
+    ihl = (frame[14] & 0xF) * 4
+    proto = frame[23]
+    out.update(src=socket.inet_ntoa(frame[26:30]), dst=socket.inet_ntoa(frame[30:34]), ttl=frame[22],
+               proto={v: k for k, v in PROTOS.items()}.get(proto, str(proto)),
+               eth_src=frame[6:12].hex(":"), eth_dst=frame[0:6].hex(":"))
+    if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) and len(frame) >= 14 + ihl + 4:
+        out["sport"], out["dport"] = struct.unpack("!HH", frame[14 + ihl:18 + ihl])
+    return out
+
+
+# --- the run --------------------------------------------------------------------
+
+
+def _ip(u32: int) -> str:
+    return socket.inet_ntoa(struct.pack("<I", u32))
+
+
+class Explainer:
+    """Runs explain runs on a loaded mirror.datapath.Datapath.  Call run()
+    from a thread in the datapath's network namespace (ctx.ifindex is
+    resolved there)."""
+
+    def __init__(self, datapath, common_h_text: str):
+        self.dp = datapath
+        self.magic = explain_magic(common_h_text)
+        self.sites = stage_sites(datapath.text)
+        self.trace = datapath.table("explain_trace")
+
+    def run(self, frame: bytes, ifindex: int) -> Dict:
+        nonce = secrets.randbits(32) | 1
+        ctx = SkBuff(ifindex=ifindex)
+        ctx.cb[0], ctx.cb[1] = self.magic, nonce
+        res = prog_test_run(self.dp.fd, frame, ctx)
+        mine = [t for t in self.trace.getvalue(self.trace.Key(0)) if t.nonce == nonce]
+        if len(mine) != 1:
+            raise RuntimeError("the explain run left no trace (is the program an explain-capable build?)")
+        return self.decode(mine[0], res.retval, res.data, frame)
+
+    def decode(self, t, retval: int, out: bytes, frame: bytes) -> Dict:
+        reason = REASON_BY_VALUE[t.reason]
+        steps = [{"stage": self.sites.get(s.stage, f"stage {s.stage}"),
+                  "verdict": REASON_BY_VALUE[s.reason].name if s.reason in REASON_BY_VALUE else str(s.reason)}
+                 for s in t.step[:t.n]]
+        result = {"verdict": reason.name, "action": outcome(reason.name), "why": reason.description,
+                  "retval": retval, "steps": steps, "packet": frame_summary(frame)}
+        if t.oif:
+            result["route"] = {"daddr": _ip(t.daddr), "oif": t.oif,
+                               "gateway": _ip(t.gateway) if t.gateway else None, "mtu": t.mtu}
+        if reason.name == "FORWARDED":
+            result["out"] = frame_summary(out)
+        return result
+
+
+def outcome(verdict: str) -> str:
+    if verdict == "FORWARDED":
+        return "forward"
+    return "drop" if REASONS[BY_NAME[verdict]].drop else "punt"
+
+
+# --- what the agent knows about the culprit ------------------------------------
+
+
+def longest_prefix(routes: Dict, daddr: str):
+    """(prefix, entry) of the desired-routes dict matching daddr, or None."""
+    addr = ipaddress.IPv4Address(daddr)
+    for plen in range(32, -1, -1):
+        net = str(ipaddress.IPv4Network((int(addr) >> (32 - plen) << (32 - plen) if plen else 0, plen)).network_address)
+        entry = routes.get((net, plen))
+        if entry is not None:
+            return f"{net}/{plen}", entry
+    return None
+
+
+def stage_notes(result: Dict, ctx: Dict) -> None:
+    """Add a 'note' to the steps the agent can say more about.  ctx: names
+    {ifindex: name}, routes (desired), neighbors (desired), kernel_neighbors
+    {(ifindex, ip): state name}, flow (the flows entry or None), nf_gen,
+    global_punt (why all forwarding punts, or None), ingress (name)."""
+    names = ctx.get("names", {})
+    pkt = result["packet"]
+    route = result.get("route")
+    daddr = route["daddr"] if route else pkt.get("dst")
+    for step in result["steps"]:
+        note = _note(step["stage"], step["verdict"], daddr, route, pkt, names, ctx)
+        if note:
+            step["note"] = note
+
+
+def _note(stage, verdict, daddr, route, pkt, names, ctx):
+    dev = lambda i: names.get(i, f"ifindex {i}")  # noqa: E731
+    if stage == "gate":
+        if verdict == "IFACE_UNMANAGED":
+            return f"{ctx.get('ingress')}: {ctx.get('ingress_skip') or 'not attached'}"
+        return f"{ctx.get('ingress')} is managed" if verdict == "FORWARDED" else None
+    if stage == "fib_route" and daddr:
+        hit = longest_prefix(ctx.get("routes", {}), daddr)
+        if verdict in ("NETFILTER", "POLICY_ROUTING", "IPSEC") and ctx.get("global_punt"):
+            return ctx["global_punt"]
+        if hit is None:
+            return f"no route to {daddr} in the fast path table"
+        prefix, e = hit
+        if verdict == "FORWARDED" or e.action == 0:
+            via = f" via {e.gateway}" if e.gateway else ""
+            return f"route {prefix}{via} dev {dev(e.oif)} mtu {e.mtu}"
+        return f"route {prefix} is compiled as punt {REASON_BY_VALUE[e.action].name}"
+    if stage == "fwd_checks" and route:
+        if verdict == "TTL_EXCEEDED":
+            return f"TTL {pkt.get('ttl')} <= 1"
+        if verdict == "MTU_EXCEEDED":
+            return f"{pkt['len'] - 14} bytes > path MTU {route['mtu']} (dev {dev(route['oif'])})"
+    if stage == "fib_neigh" and route:
+        nh = route["gateway"] or route["daddr"]
+        key = (route["oif"], nh)
+        if verdict == "FORWARDED":
+            return f"{nh} dev {dev(route['oif'])} lladdr {ctx.get('neighbors', {}).get(key)}"
+        state = ctx.get("kernel_neighbors", {}).get(key)
+        return f"{nh} dev {dev(route['oif'])}: " + (f"kernel entry {state}" if state else "no kernel entry")
+    if stage == "verdict":
+        f = ctx.get("flow")
+        if f is None:
+            return "no flows entry for this flow direction"
+        gen = "current" if f["gen"] == ctx.get("nf_gen") else f"stale (gen {f['gen']}, ruleset gen {ctx.get('nf_gen')})"
+        return f"flows entry: {f['action']}, oif {dev(f['oif'])}, {gen}"
+    return None
+
+
+# --- rendering -------------------------------------------------------------------
+
+
+def _packet_text(p: Dict) -> str:
+    src, dst = p.get("src", "?"), p.get("dst", "?")
+    if "sport" in p:
+        src, dst = f"{src}:{p['sport']}", f"{dst}:{p['dport']}"
+    return f"{p.get('proto', '?')} {src} -> {dst} ttl {p.get('ttl')} len {p['len'] - 14}"
+
+
+def render_text(result: Dict, ingress: str) -> str:
+    lines = [f"packet: {_packet_text(result['packet'])} in {ingress}"]
+    for i, s in enumerate(result["steps"], 1):
+        title = STAGE_TITLES.get(s["stage"], s["stage"])
+        mark = "ok" if s["verdict"] == "FORWARDED" else s["verdict"]
+        note = f"  {s['note']}" if s.get("note") else ""
+        lines.append(f"  {i:2d}. {title:<16s} {mark:<18s}{note}")
+    verdict = result["verdict"]
+    if verdict == "FORWARDED":
+        out = result.get("out", {})
+        lines.append(f"verdict: FORWARDED by the fast path, leaves as {_packet_text(out)} "
+                     f"({out.get('eth_src')} -> {out.get('eth_dst')})")
+    else:
+        lines.append(f"verdict: {outcome(verdict)} {verdict}: {result['why']}")
+    return "\n".join(lines)
