@@ -235,21 +235,15 @@ struct lm_counter {
  * CPU's explain_trace slot, tagged with the nonce.
  */
 #define LM_EXPLAIN_MAGIC 0x4c4d5845 /* "EXML" */
-#define LM_TRACE_MAX 32
-
-struct lm_trace_step {
-	__u32 stage;  /* LM_STAGE_ID: which LM_STAGE call (pkt.h) */
-	__u32 reason; /* what the stage returned */
-};
 
 struct lm_trace {
 	__u32 nonce;  /* skb->cb[1] of the run that wrote it */
-	__u32 n;      /* steps recorded */
-	__u32 reason; /* the verdict lm_exit() returned with */
+	__u32 ran;    /* bit LM_STAGE_ID (pkt.h) set for every stage that ran;
+			 all said LM_FORWARDED but the last one */
+	__u32 reason; /* the last stage's verdict, as lm_exit() got it */
 	__u32 daddr;  /* destination routed on (after DNAT) */
 	__u32 oif, gateway, mtu; /* the route's, if one was found */
-	__u32 pad;
-	struct lm_trace_step step[LM_TRACE_MAX];
+	__u32 pad;    /* per-CPU values: a multiple of 8 bytes */
 };
 
 /* The maps. */

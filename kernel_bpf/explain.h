@@ -4,11 +4,11 @@
  * itself what it does with a packet (see LM_EXPLAIN_MAGIC in common.h).
  *
  * lm_explain_begin() recognises the run and hands the pipeline its CPU's
- * trace slot (p->trace); LM_STAGE records each stage's verdict into it,
- * lm_explain_end() what the run found.  Every stage with a side effect on
- * datapath state skips it while p->trace is set.  On real traffic the whole
- * cost is one load and compare of skb->cb[0] plus the never-taken
- * `if (p.trace)` branches.
+ * trace slot (p->trace); lm_explain_end() records there which stages ran
+ * (p->ran, kept by LM_STAGE) and the verdict.  Every stage with a side
+ * effect on datapath state skips it while p->trace is set.  On real
+ * traffic the cost is the compare of skb->cb[0] and a never-taken branch at
+ * each side-effect site.
  *
  * The slot is per CPU and a test run does not migrate, so a concurrent run
  * on another CPU cannot touch it; the agent finds its slot by the nonce.
@@ -40,6 +40,7 @@ static __always_inline void lm_explain_end(struct lm_pkt *p, __u32 reason)
 {
 	struct lm_trace *t = p->trace;
 
+	t->ran = p->ran;
 	t->reason = reason;
 	t->daddr = p->daddr;
 	if (p->rt) {

@@ -30,35 +30,21 @@
 #define LM_NTOHS(x) LM_HTONS(x)
 
 
-/* Explain runs (explain.h): note which stage ran and what it said. */
-static __always_inline void lm_trace_step(struct lm_trace *t, __u32 stage, __u32 reason)
-{
-	__u32 i = t->n;
-
-	if (i < LM_TRACE_MAX) {
-		t->step[i].stage = stage;
-		t->step[i].reason = reason;
-		t->n = i + 1;
-	}
-}
-
 /* Run one stage; leave the pipeline with its reason unless it says go on.
- * Expects the pipeline's `struct lm_pkt p` in scope.  An explain run records
- * the stage as LM_STAGE_ID: the how-many-th LM_STAGE call of the source it
- * is (the agent counts them in the compiled text, mirror/explain.py, so
- * there is no list of stages to keep in step). */
+ * Expects the pipeline's `struct lm_pkt p` in scope.  Each stage sets its
+ * bit in p.ran for explain runs (explain.h): a bit per LM_STAGE_ID, the
+ * how-many-th LM_STAGE call of the source it is (the agent counts them in
+ * the compiled text, mirror/explain.py: no list of stages to keep in step).
+ * No branch: along every path p.ran is a constant the compiler folds into
+ * the jump to `out`. */
 #define LM_STAGE_ID (__COUNTER__ - LM_STAGE_ID_BASE - 1)
+#define LM_STAGE_BIT(id) ((id) < 32 ? 1U << (id) : 0)
 #define LM_STAGE(reason, call)                                  \
 	do {                                                    \
-		const __u32 id_ = LM_STAGE_ID;                  \
+		p.ran |= LM_STAGE_BIT(LM_STAGE_ID);             \
 		(reason) = (call);                              \
-		if ((reason) != LM_FORWARDED) {                 \
-			if (p.trace)                            \
-				lm_trace_step(p.trace, id_, (reason)); \
+		if ((reason) != LM_FORWARDED)                   \
 			goto out;                               \
-		}                                               \
-		if (p.trace)                                    \
-			lm_trace_step(p.trace, id_, LM_FORWARDED); \
 	} while (0)
 
 #define LM_DROP_CASE(name) case LM_##name:
@@ -103,6 +89,7 @@ struct lm_pkt {
 	int action;              /* xmit.h: TC action when forwarded */
 	struct lm_trace *trace;  /* explain runs only (explain.h), else NULL:
 				    no side effect on datapath state then */
+	__u32 ran;               /* LM_STAGE: bit LM_STAGE_ID per stage run */
 };
 
 /* Make the first @len bytes linear and reload the packet pointers.

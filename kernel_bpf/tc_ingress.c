@@ -42,11 +42,11 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 	struct lm_counter *c;
 
 	/* Route actions come from the agent: never index past the counters. */
+	if (p->trace)
+		lm_explain_end(p, reason); /* and count nothing */
 	if (reason >= LM_REASON_MAX)
 		reason = LM_ROUTE_UNSUPPORTED;
-	if (p->trace) {
-		lm_explain_end(p, reason); /* and count nothing */
-	} else {
+	if (!p->trace) {
 		c = counters.lookup(&reason);
 		if (c) {
 			c->packets++;

@@ -31,6 +31,7 @@ PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.I
 TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20}
 CLIENT_MAC = "02:00:5e:00:00:01"  # the frame's source MAC: the datapath does not look at it
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+MAX_STAGES = 32  # bits of lm_pkt.ran (LM_STAGE_BIT)
 
 # What each stage function is about, for people.  The stages themselves come
 # from the compiled source (stage_sites); a stage missing here shows by its
@@ -63,6 +64,8 @@ def stage_sites(text: str) -> Dict[int, str]:
         raise ValueError("__COUNTER__ used outside LM_STAGE_ID: explain would misname the stages")
     calls = [m.group(1) for ln in body.splitlines() if not ln.lstrip().startswith("#define")
              for m in [_STAGE_CALL.search(ln)] if m]
+    if len(calls) > MAX_STAGES:
+        raise ValueError(f"{len(calls)} LM_STAGE calls: p.ran has bits for {MAX_STAGES}")
     return dict(enumerate(calls))
 
 
@@ -172,10 +175,13 @@ class Explainer:
         return self.decode(mine[0], res.retval, res.data, frame)
 
     def decode(self, t, retval: int, out: bytes, frame: bytes) -> Dict:
-        reason = REASON_BY_VALUE[t.reason]
-        steps = [{"stage": self.sites.get(s.stage, f"stage {s.stage}"),
-                  "verdict": REASON_BY_VALUE[s.reason].name if s.reason in REASON_BY_VALUE else str(s.reason)}
-                 for s in t.step[:t.n]]
+        final = t.reason if t.reason in REASON_BY_VALUE else BY_NAME["ROUTE_UNSUPPORTED"]  # as lm_exit()
+        reason = REASON_BY_VALUE[final]
+        ran = [self.sites.get(i, f"stage {i}") for i in range(MAX_STAGES) if t.ran >> i & 1]
+        steps = [{"stage": stage, "verdict": "FORWARDED"} for stage in ran]
+        if steps:
+            steps[-1]["verdict"] = REASON_BY_VALUE[t.reason].name if t.reason in REASON_BY_VALUE \
+                else f"route action {t.reason}"
         result = {"verdict": reason.name, "action": outcome(reason.name), "why": reason.description,
                   "retval": retval, "steps": steps, "packet": frame_summary(frame)}
         if t.oif:
@@ -183,6 +189,7 @@ class Explainer:
                                "gateway": _ip(t.gateway) if t.gateway else None, "mtu": t.mtu}
         if reason.name == "FORWARDED":
             result["out"] = frame_summary(out)
+            result["frame_out"] = out.hex()
         return result
 
 
@@ -284,3 +291,70 @@ def render_text(result: Dict, ingress: str) -> str:
     else:
         lines.append(f"verdict: {outcome(verdict)} {verdict}: {result['why']}")
     return "\n".join(lines)
+
+
+# --- agent side: the request ------------------------------------------------------
+
+NUD_NAMES = {0x01: "INCOMPLETE", 0x02: "REACHABLE", 0x04: "STALE", 0x08: "DELAY", 0x10: "PROBE",
+             0x20: "FAILED", 0x40: "NOARP", 0x80: "PERMANENT"}
+
+
+def neighbor_state_name(state: int) -> str:
+    return "|".join(name for bit, name in NUD_NAMES.items() if state & bit) or "NONE"
+
+
+def flow_entry(flows, ifindex: int, pkt: Dict) -> Optional[Dict]:
+    """The `flows` map entry for the packet's direction (TCP/UDP), decoded."""
+    if pkt.get("proto") not in ("tcp", "udp") or "sport" not in pkt:
+        return None
+    key = flows.Key(ifindex=ifindex, saddr=_u32(pkt["src"]), daddr=_u32(pkt["dst"]),
+                    sport=socket.htons(pkt["sport"]), dport=socket.htons(pkt["dport"]), proto=PROTOS[pkt["proto"]])
+    try:
+        f = flows[key]
+    except KeyError:
+        return None
+    action = REASON_BY_VALUE.get(f.action)
+    return {"gen": f.gen, "action": "ACCEPT" if f.action == 0 else (action.name if action else str(f.action)),
+            "oif": f.oif, "nat": f"{_ip(f.nat_saddr)}:{socket.ntohs(f.nat_sport)} -> "
+                                 f"{_ip(f.nat_daddr)}:{socket.ntohs(f.nat_dport)}",
+            "packets": f.packets}
+
+
+def _u32(ip: str) -> int:
+    return struct.unpack("<I", socket.inet_aton(ip))[0]
+
+
+def spec_from_request(p: Dict) -> PacketSpec:
+    proto = p.get("proto", "udp")
+    if proto not in PROTOS:
+        raise ValueError(f"--proto must be one of {', '.join(PROTOS)}")
+    for name in ("src", "dst"):
+        socket.inet_aton(p[name])  # OSError on a bad address
+    return PacketSpec(src=p["src"], dst=p["dst"], proto=proto, sport=int(p.get("sport", 40000)),
+                      dport=int(p.get("dport", 80)), ttl=int(p.get("ttl", 64)),
+                      length=None if p.get("length") is None else int(p["length"]),
+                      tcp_flags=p.get("tcp_flags", "A"))
+
+
+# --- recorded frames ----------------------------------------------------------------
+
+PCAP_MAGICS = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">", b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}
+LINKTYPE_ETHERNET = 1
+
+
+def read_pcap(data: bytes) -> List[bytes]:
+    """The frames of a classic pcap file (Ethernet link type)."""
+    order = PCAP_MAGICS.get(data[:4])
+    if order is None:
+        raise ValueError("not a pcap file (pcapng is not supported: convert with editcap -F pcap)")
+    linktype = struct.unpack(order + "I", data[20:24])[0]
+    if linktype != LINKTYPE_ETHERNET:
+        raise ValueError(f"pcap link type {linktype}: only Ethernet (1) frames can be explained")
+    frames, off = [], 24
+    while off + 16 <= len(data):
+        incl, orig = struct.unpack(order + "II", data[off + 8:off + 16])
+        if incl != orig:
+            raise ValueError(f"frame {len(frames) + 1} was captured truncated ({incl} of {orig} bytes)")
+        frames.append(data[off + 16:off + 16 + incl])
+        off += 16 + incl
+    return frames

@@ -341,6 +341,9 @@ def test_program_is_small(datapath):
     ~400 for the routed path; the stateful stages (ct.h, verdict.h, nat.h:
     lookup, status/extension checks, both tuple directions, the flow
     verdict and event, four checksum updates) add ~630, run only in
-    LM_NF_STATEFUL."""
+    LM_NF_STATEFUL.  Explain runs (explain.h) add ~95: ~55 that run only
+    in an explain run (trace slot, verdict, route) or are never-taken
+    branches at the side-effect sites, and one constant move per exit
+    edge for p.ran."""
     insns = len(datapath._bpf.dump_func(datapath.name.encode())) // 8
-    assert insns < 1200, insns
+    assert insns < 1300, insns
