@@ -394,6 +394,7 @@ class Agent:
         return {"names": {i: l.name for i, l in self.state.links.items()}, "ingress": link.name,
                 "ingress_skip": self._skipped_interfaces().get(link.name),
                 "routes": self.sync.shadow.routes, "neighbors": self.sync.shadow.neighbors,
+                "links": self.sync.shadow.links,
                 "kernel_neighbors": {k: neighbor_state_name(n.state) for k, n in self.state.neighbors.items()},
                 "nf_gen": cfg.nf_gen, "global_punt": self._punt_forward_explanation()}
 

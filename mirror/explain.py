@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 from .bpfsys import SkBuff, prog_test_run
 from .reasons import BY_NAME, REASONS
+from .translate import LINK_REDIRECT_PEER
 
 COMMON_H_DEFINE = re.compile(r"#define\s+(LM_EXPLAIN_MAGIC)\s+(0x[0-9a-fA-F]+|\d+)")
 _ANCHOR = "LM_STAGE_ID_BASE = __COUNTER__"
@@ -133,9 +134,10 @@ def build_frame(spec: PacketSpec, dst_mac: str, src_mac: str = CLIENT_MAC) -> by
 
 def frame_summary(frame: bytes) -> Dict:
     """The addresses and ports of an Ethernet/IPv4 frame (for output)."""
-    out: Dict = {"len": len(frame)}
+    out: Dict = {"frame_len": len(frame)}
     if len(frame) < 34 or frame[12:14] != b"\x08\x00":
         return out
+    out["ip_len"] = struct.unpack("!H", frame[16:18])[0]
     ihl = (frame[14] & 0xF) * 4
     proto = frame[23]
     out.update(src=socket.inet_ntoa(frame[26:30]), dst=socket.inet_ntoa(frame[30:34]), ttl=frame[22],
@@ -249,7 +251,7 @@ def _note(stage, verdict, daddr, route, pkt, names, ctx):
         if verdict == "TTL_EXCEEDED":
             return f"TTL {pkt.get('ttl')} <= 1"
         if verdict == "MTU_EXCEEDED":
-            return f"{pkt['len'] - 14} bytes > path MTU {route['mtu']} (dev {dev(route['oif'])})"
+            return f"{pkt['ip_len']} bytes > path MTU {route['mtu']} (dev {dev(route['oif'])})"
     if stage == "fib_neigh" and route:
         nh = route["gateway"] or route["daddr"]
         key = (route["oif"], nh)
@@ -257,6 +259,13 @@ def _note(stage, verdict, daddr, route, pkt, names, ctx):
             return f"{nh} dev {dev(route['oif'])} lladdr {ctx.get('neighbors', {}).get(key)}"
         state = ctx.get("kernel_neighbors", {}).get(key)
         return f"{nh} dev {dev(route['oif'])}: " + (f"kernel entry {state}" if state else "no kernel entry")
+    if stage in ("fib_egress", "xmit") and route and verdict == "FORWARDED":
+        link = ctx.get("links", {}).get(route["oif"])
+        if stage == "fib_egress":
+            return f"{dev(route['oif'])} is up and managed"
+        if link is not None and link.flags & LINK_REDIRECT_PEER:
+            return f"bpf_redirect_peer: into the peer of {dev(route['oif'])}"
+        return f"bpf_redirect: out of {dev(route['oif'])}"
     if stage == "verdict":
         f = ctx.get("flow")
         if f is None:
@@ -273,7 +282,7 @@ def _packet_text(p: Dict) -> str:
     src, dst = p.get("src", "?"), p.get("dst", "?")
     if "sport" in p:
         src, dst = f"{src}:{p['sport']}", f"{dst}:{p['dport']}"
-    return f"{p.get('proto', '?')} {src} -> {dst} ttl {p.get('ttl')} len {p['len'] - 14}"
+    return f"{p.get('proto', '?')} {src} -> {dst} ttl {p.get('ttl')} len {p.get('ip_len')}"
 
 
 def render_text(result: Dict, ingress: str) -> str:
@@ -282,7 +291,7 @@ def render_text(result: Dict, ingress: str) -> str:
         title = STAGE_TITLES.get(s["stage"], s["stage"])
         mark = "ok" if s["verdict"] == "FORWARDED" else s["verdict"]
         note = f"  {s['note']}" if s.get("note") else ""
-        lines.append(f"  {i:2d}. {title:<16s} {mark:<18s}{note}")
+        lines.append(f"  {i:2d}. {title:<16s} {mark:<18s}{note}".rstrip())
     verdict = result["verdict"]
     if verdict == "FORWARDED":
         out = result.get("out", {})

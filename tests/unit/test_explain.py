@@ -12,7 +12,7 @@ from scapy.utils import wrpcap
 
 from mirror import explain as ex
 from mirror.datapath import source_text
-from mirror.translate import RouteEntry
+from mirror.translate import LINK_REDIRECT_PEER, LinkEntry, RouteEntry
 
 NODE_MAC = "02:00:0a:01:00:01"
 
@@ -86,7 +86,10 @@ def _result(verdict="NO_NEIGHBOR"):
 
 def test_notes_name_route_and_neighbour():
     r = _result()
+    r["steps"].insert(7, {"stage": "rewrite", "verdict": "FORWARDED"})  # (not where it runs: a note test)
+    r["steps"].insert(8, {"stage": "xmit", "verdict": "FORWARDED"})
     ctx = {"names": {2: "veth1", 3: "veth2"}, "ingress": "veth1",
+           "links": {3: LinkEntry(mac=NODE_MAC, flags=LINK_REDIRECT_PEER, mtu=1500)},
            "routes": {("10.2.0.0", 24): RouteEntry(action=0, oif=3, mtu=1500), ("0.0.0.0", 0): RouteEntry(18)},
            "neighbors": {}, "kernel_neighbors": {(3, "10.2.0.9"): "INCOMPLETE"}}
     ex.stage_notes(r, ctx)
@@ -94,6 +97,9 @@ def test_notes_name_route_and_neighbour():
     assert notes["gate"] == "veth1 is managed"
     assert notes["fib_route"] == "route 10.2.0.0/24 dev veth2 mtu 1500"
     assert notes["fib_neigh"] == "10.2.0.9 dev veth2: kernel entry INCOMPLETE"
+    assert notes["fib_egress"] == "veth2 is up and managed"
+    assert notes["xmit"] == "bpf_redirect_peer: into the peer of veth2"
+    assert notes["rewrite"] is None
 
 
 def test_longest_prefix():
