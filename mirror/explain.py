@@ -36,7 +36,7 @@ MAX_STAGES = 32  # bits of lm_pkt.ran (LM_STAGE_BIT)
 
 # What each stage function is about, for people.  The stages themselves come
 # from the compiled source (stage_sites); a stage missing here shows by its
-# function name, and tests/unit/test_explain.py fails until it is added.
+# function name, and tests/unit/test_explain_pure.py fails until it is added.
 STAGE_TITLES = {
     "gate": "interface", "parse_eth": "parse Ethernet", "parse_ipv4": "parse IPv4", "ct": "conntrack",
     "fib_route": "route", "fib_source": "source check", "fib_egress": "egress", "fwd_checks": "TTL/MTU",

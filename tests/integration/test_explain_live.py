@@ -5,7 +5,7 @@ topology).  Frames across the routed features are explained with `explain
 --pcap` (the agent runs each through the attached program as an explain
 run), then sent for real from pod1: the counter that moves and what arrives
 at pod2 must be what explain said.  (The stateful mode needs the agent's
-flow verdicts, which this agent does not write yet: tests/bpf/test_explain.py
+flow verdicts, which this agent does not write yet: tests/bpf/test_explain_runs.py
 covers it against real conntrack entries.)
 """
 
