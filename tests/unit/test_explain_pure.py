@@ -46,7 +46,7 @@ def test_frame_tcp_flags_and_bad_lengths():
 def test_stages_are_named_from_the_datapath_source_in_order():
     sites = ex.stage_sites(source_text())
     names = [sites[i] for i in sorted(sites)]
-    assert names[:3] == ["gate", "parse_eth", "parse_ipv4"]
+    assert names[0] == "gate" and names.index("parse_eth") < names.index("parse_ipv4") < names.index("fib_route")
     assert names.index("fib_route") < names.index("fib_neigh") < names.index("rewrite") < names.index("xmit")
     # Every stage has a title for people: a new stage must add one here.
     assert set(names) <= set(ex.STAGE_TITLES), set(names) - set(ex.STAGE_TITLES)
