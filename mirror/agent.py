@@ -384,6 +384,9 @@ class Agent:
         for frame in frames:
             result = self.explainer.run(frame, link.index)
             ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"])
+            ctx.pop("conntrack", None)
+            if any(s["stage"] == "ct" for s in result["steps"]) and "sport" in result["packet"]:
+                ctx["conntrack"] = explain.conntrack_entry(result["packet"])
             explain.stage_notes(result, ctx)
             results.append(result)
         return {"in": link.name, "ifindex": link.index, "mac": link.mac, "results": results}

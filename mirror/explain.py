@@ -220,7 +220,8 @@ def stage_notes(result: Dict, ctx: Dict) -> None:
     """Add a 'note' to the steps the agent can say more about.  ctx: names
     {ifindex: name}, routes (desired), neighbors (desired), kernel_neighbors
     {(ifindex, ip): state name}, flow (the flows entry or None), nf_gen,
-    global_punt (why all forwarding punts, or None), ingress (name)."""
+    conntrack (conntrack_entry() or None), global_punt (why all forwarding
+    punts, or None), ingress (name)."""
     names = ctx.get("names", {})
     pkt = result["packet"]
     route = result.get("route")
@@ -267,6 +268,8 @@ def _note(stage, verdict, daddr, route, pkt, names, ctx):
         if link is not None and link.flags & LINK_REDIRECT_PEER:
             return f"bpf_redirect_peer: into the peer of {dev(route['oif'])}"
         return f"bpf_redirect: out of {dev(route['oif'])}"
+    if stage == "ct" and "conntrack" in ctx:
+        return _ct_note(verdict, pkt, ctx["conntrack"])
     if stage == "verdict":
         f = ctx.get("flow")
         if f is None:
@@ -328,6 +331,55 @@ def flow_entry(flows, ifindex: int, pkt: Dict) -> Optional[Dict]:
             "oif": f.oif, "nat": f"{_ip(f.nat_saddr)}:{socket.ntohs(f.nat_sport)} -> "
                                  f"{_ip(f.nat_daddr)}:{socket.ntohs(f.nat_dport)}",
             "packets": f.packets}
+
+
+# uapi enum ip_conntrack_status bits and enum tcp_conntrack states (stable ABI).
+IPS_NAMES = ("EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT", "SEQ_ADJUST", "SRC_NAT_DONE",
+             "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT", "TEMPLATE", "UNTRACKED", "HELPER", "OFFLOAD", "HW_OFFLOAD")
+TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT",
+              "CLOSE", "SYN_SENT2")
+
+
+def conntrack_entry(pkt: Dict) -> Optional[Dict]:
+    """The kernel's conntrack entry for the packet's tuple (either
+    direction), through ctnetlink in the caller's netns; None if none."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    tup = NFCTAttrTuple(saddr=pkt["src"], daddr=pkt["dst"], proto=PROTOS[pkt["proto"]],
+                        sport=pkt["sport"], dport=pkt["dport"])
+    try:
+        with NFCTSocket() as nfct:
+            [msg] = [m for m in nfct.entry("get", tuple_orig=tup) if m.get_attr("CTA_STATUS") is not None]
+    except NetlinkError:
+        return None
+    status = msg.get_attr("CTA_STATUS")
+    orig, reply = (_tuple_text(msg.get_attr(a)) for a in ("CTA_TUPLE_ORIG", "CTA_TUPLE_REPLY"))
+    state = None
+    info = msg.get_attr("CTA_PROTOINFO")
+    if info is not None and info.get_attr("CTA_PROTOINFO_TCP") is not None:
+        state = TCP_STATES[info.get_attr("CTA_PROTOINFO_TCP").get_attr("CTA_PROTOINFO_TCP_STATE")]
+    return {"original": orig, "reply": reply, "state": state, "timeout": msg.get_attr("CTA_TIMEOUT"),
+            "status": [n for i, n in enumerate(IPS_NAMES) if status >> i & 1],
+            "direction": "original" if orig.startswith(f"{pkt['src']}:{pkt['sport']} ") else "reply"}
+
+
+def _tuple_text(t) -> str:
+    ip, proto = t.get_attr("CTA_TUPLE_IP"), t.get_attr("CTA_TUPLE_PROTO")
+    return (f"{ip.get_attr('CTA_IP_V4_SRC')}:{proto.get_attr('CTA_PROTO_SRC_PORT')} -> "
+            f"{ip.get_attr('CTA_IP_V4_DST')}:{proto.get_attr('CTA_PROTO_DST_PORT')}")
+
+
+def _ct_note(verdict, pkt, ct):
+    if verdict in ("CT_PROTO", "SKB_MARK", "CT_TCP_FLAGS"):
+        return None  # decided from the packet itself
+    if ct is None:
+        return f"no kernel conntrack entry for {pkt.get('proto')} {pkt.get('src')}:{pkt.get('sport')} -> " \
+               f"{pkt.get('dst')}:{pkt.get('dport')}"
+    state = f"{ct['state']} " if ct["state"] else ""
+    return (f"kernel entry {ct['original']} / {ct['reply']}: {state}{'|'.join(ct['status'])}, "
+            f"{ct['timeout']} s left; this packet is the {ct['direction']} direction")
 
 
 def _u32(ip: str) -> int:

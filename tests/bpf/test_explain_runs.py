@@ -19,8 +19,8 @@ import pytest
 
 from lm_bpfrun import SkBuff, TC_ACT_REDIRECT, TC_ACT_SHOT, conntrack, ct_list, ct_set_tcp_flags, prog_test_run
 from mirror.datapath import COMMON_H
-from mirror.explain import STAGE_TITLES, Explainer, PacketSpec, build_frame
-from test_ct import (BE_LIBERAL, CLIENT, CPORT, SERVER, VIP, VPORT, c2s, c2s_flow, c2s_key, liberal_nat_entry,  # noqa: F401 (fixtures)
+from mirror.explain import STAGE_TITLES, Explainer, PacketSpec, build_frame, conntrack_entry, stage_notes
+from test_ct import (BE_LIBERAL, CLIENT, CPORT, SERVER, VIP, VPORT, s2c, c2s, c2s_flow, c2s_key, liberal_nat_entry,  # noqa: F401 (fixtures)
                      nf_sysctls, probe, st, udp_pkt, NAT_ENTRY, GEN)
 from test_tc_ingress import CASES, IN0_MAC, R, base_state
 
@@ -101,6 +101,14 @@ def test_explain_agrees_stateful(scenario, st, topo, datapath, probe, explainer)
     ex = agree(explainer, datapath, st, c2s(), topo.in0)
     assert ex["verdict"] == STATEFUL_WANT.get(scenario, scenario)
     assert "ct" in [s["stage"] for s in ex["steps"]]
+    # What the agent adds to the conntrack stage, from ctnetlink.
+    stage_notes(ex, {"conntrack": conntrack_entry(ex["packet"])})
+    ct_note = next(s["note"] for s in ex["steps"] if s["stage"] == "ct")
+    if scenario == "CT_MISS":
+        assert ct_note == f"no kernel conntrack entry for tcp {CLIENT}:{CPORT} -> {VIP}:{VPORT}"
+    else:
+        assert ct_note.startswith(f"kernel entry {CLIENT}:{CPORT} -> {VIP}:{VPORT} / {SERVER}:8080 -> ")
+        assert "ESTABLISHED" in ct_note and ct_note.endswith("the original direction")
     if scenario == "FORWARDED":  # NAT applied: leaves DNAT'd and masqueraded
         assert ex["out"]["dst"] == SERVER and ex["out"]["sport"] == 40001
     if scenario == "NF_DROP":
@@ -185,3 +193,13 @@ def test_plain_runs_are_not_explain_runs(topo, datapath, maps, explainer):
     prog_test_run(datapath.fd, frame, ctx)
     after = maps.counters()
     assert after[R["NO_NEIGHBOR"]][0] == before[R["NO_NEIGHBOR"]][0] + 1
+
+
+def test_explain_reply_direction_names_the_entry(st, topo, datapath, probe, explainer):
+    liberal_nat_entry()
+    ex = agree(explainer, datapath, st, s2c(), topo.out0)
+    assert ex["verdict"] == "FLOW_PENDING"
+    stage_notes(ex, {"conntrack": conntrack_entry(ex["packet"]), "flow": None})
+    notes = {s["stage"]: s.get("note") for s in ex["steps"]}
+    assert notes["ct"].endswith("the reply direction")
+    assert notes["verdict"] == "no flows entry for this flow direction"
