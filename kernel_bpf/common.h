@@ -273,6 +273,28 @@ struct lm_counter {
 	__u64 bytes;
 };
 
+/*
+ * Explain runs (`loxi-mirror explain`, explain.h): the agent runs a crafted
+ * frame through lm_tc_ingress with BPF_PROG_TEST_RUN, skb->cb[0] =
+ * LM_EXPLAIN_MAGIC, cb[1] = a nonce of its own and ingress_ifindex 0.  A
+ * real packet at TC ingress always has ingress_ifindex == its device's
+ * ifindex, so whatever its cb holds it is never taken for one.  An explain
+ * run changes no datapath state (counters, conntrack timeouts, neighbour
+ * stamps, flow counters, events); it records every stage it runs into its
+ * CPU's explain_trace slot, tagged with the nonce.
+ */
+#define LM_EXPLAIN_MAGIC 0x4c4d5845 /* "EXML" */
+
+struct lm_trace {
+	__u32 nonce;  /* skb->cb[1] of the run that wrote it */
+	__u32 ran;    /* bit LM_STAGE_ID (pkt.h) set for every stage that ran;
+			 all said LM_FORWARDED but the last one */
+	__u32 reason; /* the last stage's verdict, as lm_exit() got it */
+	__u32 daddr;  /* destination routed on (after DNAT) */
+	__u32 oif, gateway, mtu; /* the route's, if one was found */
+	__u32 pad;    /* per-CPU values: a multiple of 8 bytes */
+};
+
 /* The maps. */
 BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* main + local table, one LPM */
 /*
@@ -295,5 +317,6 @@ BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */
 BPF_TABLE("lru_hash", struct lm_flow_key, struct lm_flow, flows, LM_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct lm_flow_key, __u64, flow_asked, 16384); /* key -> jiffies of the last event */
 BPF_RINGBUF_OUTPUT(flow_events, 64);                   /* struct lm_flow_event, 64 pages */
+BPF_PERCPU_ARRAY(explain_trace, struct lm_trace, 1);  /* explain runs only (explain.h) */
 
 #endif /* LM_COMMON_H */

@@ -242,8 +242,9 @@ static __always_inline __u32 lm_ct_entry(struct lm_pkt *p, struct lm_nf_conn *ct
 	ci->mark = LM_NFCT(ct, __u32, LM_NFCT_MARK);
 	ci->status = status & LM_CT_VERDICT_BITS;
 	/* A not-yet-liberal TCP entry is only reported later, once routing
-	 * says the packet would be forwarded; the kernel refreshes it then. */
-	if (ci->liberal)
+	 * says the packet would be forwarded; the kernel refreshes it then.
+	 * An explain run leaves the entry as it is. */
+	if (ci->liberal && !p->trace)
 		lm_kf_ct_change_timeout(ct, timeout * 1000);
 	return LM_FORWARDED;
 }

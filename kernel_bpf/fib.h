@@ -86,7 +86,7 @@ static __always_inline __u32 lm_fib_neigh(struct __sk_buff *skb, struct lm_pkt *
 		return LM_NO_NEIGHBOR;
 	/* Tell the agent the entry is in use, at most once a second per entry
 	 * (a map write per packet would bounce the cache line between CPUs). */
-	if (p->now - nb->used > p->cfg->hz)
+	if (p->now - nb->used > p->cfg->hz && !p->trace)
 		nb->used = p->now;
 	p->nb = nb;
 	return LM_FORWARDED;

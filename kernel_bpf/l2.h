@@ -56,7 +56,7 @@ static __always_inline __u32 lm_l2_source(struct lm_pkt *p, struct lm_port *port
 	 * addresses (the bridge warns and ignores): the kernel decides. */
 	if (!src || (src->flags & LM_FDB_LOCAL) || src->port != p->ifindex)
 		return LM_BR_LEARN;
-	if (p->now - src->used > (p->cfg->hz >> 2))
+	if (p->now - src->used > (p->cfg->hz >> 2) && !p->trace)
 		src->used = p->now;
 	return LM_FORWARDED;
 }

@@ -30,12 +30,21 @@
 #define LM_NTOHS(x) LM_HTONS(x)
 
 
-/* Run one stage; leave the pipeline with its reason unless it says go on. */
-#define LM_STAGE(reason, call)                      \
-	do {                                        \
-		(reason) = (call);                  \
-		if ((reason) != LM_FORWARDED)       \
-			goto out;                   \
+/* Run one stage; leave the pipeline with its reason unless it says go on.
+ * Expects the pipeline's `struct lm_pkt p` in scope.  Each stage sets its
+ * bit in p.ran for explain runs (explain.h): a bit per LM_STAGE_ID, the
+ * how-many-th LM_STAGE call of the source it is (the agent counts them in
+ * the compiled text, mirror/explain.py: no list of stages to keep in step).
+ * No branch: along every path p.ran is a constant the compiler folds into
+ * the jump to `out`. */
+#define LM_STAGE_ID (__COUNTER__ - LM_STAGE_ID_BASE - 1)
+#define LM_STAGE_BIT(id) ((id) < 32 ? 1U << (id) : 0)
+#define LM_STAGE(reason, call)                                  \
+	do {                                                    \
+		p.ran |= LM_STAGE_BIT(LM_STAGE_ID);             \
+		(reason) = (call);                              \
+		if ((reason) != LM_FORWARDED)                   \
+			goto out;                               \
 	} while (0)
 
 #define LM_DROP_CASE(name) case LM_##name:
@@ -83,6 +92,9 @@ struct lm_pkt {
 	int action;              /* xmit.h/l2.h: TC action when forwarded */
 	__u8 via_bridge;         /* l2.h: arrived on a port, addressed to the bridge */
 	__u8 bridged;            /* l2.h: switched within a bridge, done */
+	struct lm_trace *trace;  /* explain runs only (explain.h), else NULL:
+				    no side effect on datapath state then */
+	__u32 ran;               /* LM_STAGE: bit LM_STAGE_ID per stage run */
 };
 
 /* Make the first @len bytes linear and reload the packet pointers.

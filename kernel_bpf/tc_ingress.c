@@ -14,6 +14,7 @@
  */
 #include "common.h"
 #include "pkt.h"
+#include "explain.h"
 #include "gate.h"
 #include "l2.h"
 #include "parse.h"
@@ -28,7 +29,7 @@
 
 /*
  * The single exit: count the verdict (packets and bytes per reason, per
- * CPU) and return the TC action.
+ * CPU; an explain run records it instead) and return the TC action.
  *
  * Punt returns TC_ACT_UNSPEC, not TC_ACT_OK.  Both let the packet continue
  * into the kernel's stack, but TC_ACT_OK ends classification, so a filter
@@ -43,12 +44,16 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 	struct lm_counter *c;
 
 	/* Route actions come from the agent: never index past the counters. */
+	if (p->trace)
+		lm_explain_end(p, reason); /* and count nothing */
 	if (reason >= LM_REASON_MAX)
 		reason = LM_ROUTE_UNSUPPORTED;
-	c = counters.lookup(&reason);
-	if (c) {
-		c->packets++;
-		c->bytes += skb->len;
+	if (!p->trace) {
+		c = counters.lookup(&reason);
+		if (c) {
+			c->packets++;
+			c->bytes += skb->len;
+		}
 	}
 	if (reason == LM_FORWARDED)
 		return p->action;
@@ -63,6 +68,7 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	struct lm_ctinfo ci; /* filled by lm_ct() before any use */
 	__u32 reason;
 
+	p.trace = lm_explain_begin(skb);
 	LM_STAGE(reason, lm_gate(skb, &p));
 	LM_STAGE(reason, lm_l2_ingress(skb, &p));
 	if (p.bridged)

@@ -22,6 +22,8 @@ static __always_inline void lm_flow_ask(struct lm_pkt *p, __u32 why, __u32 oif)
 	__u64 *last = flow_asked.lookup(&ci->key);
 	__u64 now = p->now;
 
+	if (p->trace) /* explain run: ask nobody */
+		return;
 	if (last) {
 		if (now - *last < p->cfg->hz / 10)
 			return;
@@ -69,8 +71,10 @@ static __always_inline __u32 lm_verdict(struct __sk_buff *skb, struct lm_pkt *p)
 		lm_flow_ask(p, LM_CT_NOT_LIBERAL, oif);
 		return LM_CT_NOT_LIBERAL;
 	}
-	__sync_fetch_and_add(&f->packets, 1);
-	__sync_fetch_and_add(&f->bytes, skb->len);
+	if (!p->trace) {
+		__sync_fetch_and_add(&f->packets, 1);
+		__sync_fetch_and_add(&f->bytes, skb->len);
+	}
 	return f->action;
 }
 

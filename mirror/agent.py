@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import control, netfilter, netlink, tc, xfrm
 from . import model as m
-from .datapath import Datapath, DatapathError
+from .datapath import COMMON_H, Datapath, DatapathError
 from .observe.latency import Histogram
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
@@ -350,6 +350,9 @@ class Agent:
         if cmd == "dump":
             with self.state_lock:
                 return {"entries": self.dump(req.get("table", ""), req.get("match"))}
+        if cmd == "explain":
+            with self.state_lock:
+                return self.explain(req)
         if cmd == "stop":
             self.stopping.set()
             return {"stopping": True, "pid": _pid()}
@@ -426,6 +429,45 @@ class Agent:
                               "bridge_nf_call_iptables": self.state.bridge_sysctls.call_iptables
                               or bool(link.bridge and link.bridge.nf_call_iptables)}
         return out
+
+    def explain(self, req):
+        """Run frames through the loaded program as explain runs (no side
+        effects) and say what the agent knows about each stage's culprit.
+        req: {"in": IFACE, "packet": {src, dst, proto, ...}} or {"in": IFACE,
+        "frames": [hex, ...]}."""
+        from . import explain
+        if not hasattr(self, "sync"):
+            return {"error": "the agent is not ready yet"}
+        link = next((l for l in self.state.links.values() if l.name == req.get("in")), None)
+        if link is None:
+            return {"error": f"no interface {req.get('in')!r} in this network namespace"}
+        if "packet" in req:
+            frames = [explain.build_frame(explain.spec_from_request(req["packet"]), link.mac)]
+        else:
+            frames = [bytes.fromhex(f) for f in req.get("frames", [])]
+        if not hasattr(self, "explainer"):
+            self.explainer = explain.Explainer(self.datapath, COMMON_H.read_text())
+        ctx = self._explain_context(link)
+        results = []
+        for frame in frames:
+            result = self.explainer.run(frame, link.index)
+            ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"])
+            ctx.pop("conntrack", None)
+            if any(s["stage"] == "ct" for s in result["steps"]) and "sport" in result["packet"]:
+                ctx["conntrack"] = explain.conntrack_entry(result["packet"])
+            explain.stage_notes(result, ctx)
+            results.append(result)
+        return {"in": link.name, "ifindex": link.index, "mac": link.mac, "results": results}
+
+    def _explain_context(self, link):
+        from .explain import neighbor_state_name
+        cfg = self.datapath.table("config")[self.datapath.table("config").Key(0)]
+        return {"names": {i: l.name for i, l in self.state.links.items()}, "ingress": link.name,
+                "ingress_skip": self._skipped_interfaces().get(link.name),
+                "routes": self.sync.shadow.routes, "neighbors": self.sync.shadow.neighbors,
+                "links": self.sync.shadow.links,
+                "kernel_neighbors": {k: neighbor_state_name(n.state) for k, n in self.state.neighbors.items()},
+                "nf_gen": cfg.nf_gen, "global_punt": self._punt_forward_explanation()}
 
     def dump(self, table, match=None):
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}

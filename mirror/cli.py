@@ -1,4 +1,4 @@
-"""loxi-mirror command line: start, stop, status, dump.
+"""loxi-mirror command line: start, stop, status, top, explain, dump.
 
 Every command acts on the network namespace it runs in; use
 `ip netns exec NS loxi-mirror ...` for another one.
@@ -152,6 +152,72 @@ def top(interval, count):
             shown += 1
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.option("--in", "iface", required=True, metavar="IFACE", help="Ingress interface the packet arrives on.")
+@click.option("--src", metavar="A", help="Source IPv4 address.")
+@click.option("--dst", metavar="B", help="Destination IPv4 address.")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]), default="udp", show_default=True)
+@click.option("--sport", type=click.IntRange(0, 65535), default=40000, show_default=True)
+@click.option("--dport", type=click.IntRange(0, 65535), default=80, show_default=True)
+@click.option("--ttl", type=click.IntRange(0, 255), default=64, show_default=True)
+@click.option("--len", "length", type=click.IntRange(28, 65535), help="IPv4 total length (default: headers + 32).")
+@click.option("--tcp-flags", default="A", show_default=True, help="TCP flags, letters of FSRPAU.")
+@click.option("--pcap", type=click.File("rb"), help="Explain every frame of this pcap file instead.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def explain(iface, src, dst, proto, sport, dport, ttl, length, tcp_flags, pcap, as_json):
+    """What the fast path does with a packet, stage by stage, and why.
+
+    Runs the packet through the loaded program (BPF_PROG_TEST_RUN, no side
+    effects), so the answer is the datapath's own."""
+    from . import explain as ex
+
+    if pcap is not None:
+        try:
+            frames = ex.read_pcap(pcap.read())
+        except ValueError as e:
+            _fail(str(e))
+        requests = [{"cmd": "explain", "in": iface, "frames": [f.hex() for f in chunk]}
+                    for chunk in _chunks(frames, 20000)]
+    else:
+        if not src or not dst:
+            raise click.UsageError("--src and --dst are needed (or --pcap FILE)")
+        if set(tcp_flags.upper()) - set(ex.TCP_FLAG_BITS):
+            raise click.BadParameter("letters of FSRPAU", param_hint="--tcp-flags")
+        requests = [{"cmd": "explain", "in": iface, "packet": {
+            "src": src, "dst": dst, "proto": proto, "sport": sport, "dport": dport, "ttl": ttl,
+            "length": length, "tcp_flags": tcp_flags}}]
+    replies = []
+    for req in requests:
+        try:
+            reply = control.request(req, timeout=30)
+        except control.NotRunning:
+            _fail("no agent running in this network namespace")
+        if "error" in reply:
+            _fail(reply["error"])
+        replies.append(reply)
+    results = [r for reply in replies for r in reply["results"]]
+    if as_json:
+        click.echo(json.dumps({"in": iface, "results": results}, indent=2))
+        return
+    texts = [ex.render_text(r, iface) for r in results]
+    if pcap is not None:
+        texts = [f"frame {i}: {t}" for i, t in enumerate(texts, 1)]
+    click.echo("\n\n".join(texts))
+
+
+def _chunks(frames, max_bytes):
+    """Frames in groups whose hex fits one control request."""
+    chunk, size = [], 0
+    for f in frames:
+        if chunk and size + len(f) > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(f)
+        size += len(f)
+    if chunk:
+        yield chunk
 
 
 @main.command()
