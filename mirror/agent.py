@@ -18,13 +18,13 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, netfilter, netlink, tc, xfrm
+from . import control, conntrack, netfilter, netlink, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
-                        custom_rules, translate, translate_changes)
+                        custom_rules, netfilter_punt, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -186,7 +186,9 @@ class Agent:
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
-        fresh.netfilter_impact = self.state.netfilter_impact
+        old = self.state
+        fresh.set_netfilter(old.netfilter_impact, old.netfilter_unsupported, old.nf_rulesets)
+        fresh.nf_gen = old.nf_gen % 0xFFFFFFFF + 1  # verdicts are recomputed after a resync
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -232,12 +234,16 @@ class Agent:
     def _set_netfilter(self, nf_state):
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
-        self.state.netfilter_impact = nf_state.forward_impact
+        unsupported = getattr(nf_state, "unsupported", "the flow-verdict evaluator is not available")
+        if nf_state.forward_impact is not None and unsupported is not None:
+            log.info("netfilter: all forwarded traffic punts: %s", unsupported)
+        self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
+        self.state.ct_sysctls = conntrack.read_sysctls()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -301,8 +307,9 @@ class Agent:
         return out
 
     def _punt_forward_explanation(self):
-        if self.state.netfilter_impact:
-            return f"netfilter: {self.state.netfilter_impact}"
+        nf = netfilter_punt(self.state)
+        if nf:
+            return f"netfilter: {nf}"
         if self.state.xfrm_impact:
             return f"ipsec: {self.state.xfrm_impact}"
         if self.state.fwd_use_pmtu:

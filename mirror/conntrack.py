@@ -13,13 +13,16 @@ entries for `loxi-mirror dump conntrack`.  Nothing else is ever written.
 """
 
 import errno
+import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, List, NamedTuple, Optional
 
 from pyroute2 import NFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from .model import CtSysctls
 
 # include/uapi/linux/netfilter/nf_conntrack_common.h: enum ip_conntrack_status bits.
 IPS_BITS = ("EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT", "SEQ_ADJUST",
@@ -36,6 +39,20 @@ TCP_ESTABLISHED = TCP_STATES.index("ESTABLISHED")
 IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 
 ORIGINAL, REPLY = 0, 1
+
+
+def read_sysctls(root: str = "/proc/sys/net/netfilter") -> Optional[CtSysctls]:
+    """This netns' nf_conntrack_* sysctls the fast path mirrors; None if one
+    cannot be read (the fast path then leaves netfilter'd traffic alone)."""
+    values = {}
+    for f in fields(CtSysctls):
+        try:
+            with open(os.path.join(root, f"nf_conntrack_{f.name}")) as fh:
+                value = int(fh.read().strip())
+        except (OSError, ValueError):
+            return None
+        values[f.name] = bool(value) if f.type in (bool, "bool") else value
+    return CtSysctls(**values)
 
 
 class Tuple(NamedTuple):

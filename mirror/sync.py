@@ -12,8 +12,9 @@ import logging
 import socket
 import struct
 import threading
+from dataclasses import asdict
 
-from .translate import Desired, LinkEntry, RouteEntry
+from .translate import Desired, LinkEntry, NfConfig, RouteEntry
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Reconciler:
         self.shadow = Desired()
         self.lock = threading.Lock()
         self._punt_forward_reason = 0
+        self._nf = NfConfig()
         self.resyncs = 0
         self._write_config()
 
@@ -115,7 +117,7 @@ class Reconciler:
                 return self._apply(self._as_delta(desired) if full else desired)
 
     def _as_delta(self, desired: Desired) -> Desired:
-        delta = Desired(punt_forward_reason=desired.punt_forward_reason)
+        delta = Desired(punt_forward_reason=desired.punt_forward_reason, nf=desired.nf)
         for table in TABLES:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
@@ -125,17 +127,19 @@ class Reconciler:
     def _apply(self, delta: Desired) -> int:
         c, t, cur = self.codec, self.tables, self.shadow
         changes = 0
-        # Tighter global switch first, looser one last.
-        if delta.punt_forward_reason:
-            changes += self._set_punt_reason(delta.punt_forward_reason)
+        # Tighter global switches first, looser ones last: stateful mode and
+        # a new ruleset generation make the datapath check more, not less.
+        tighter = delta.punt_forward_reason or delta.nf.nf_mode != self._nf.nf_mode or delta.nf.nf_gen != self._nf.nf_gen
+        if tighter:
+            changes += self._set_config(delta.punt_forward_reason, delta.nf)
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
         changes += self._upsert(t["links"], cur.links, delta.links, c.link_key, c.link_leaf)
         changes += self._upsert(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key, c.neigh_leaf)
         changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
         changes += self._delete(t["links"], cur.links, delta.links, c.link_key)
-        if not delta.punt_forward_reason:
-            changes += self._set_punt_reason(0)
+        if not tighter:
+            changes += self._set_config(delta.punt_forward_reason, delta.nf)
         return changes
 
     @staticmethod
@@ -168,20 +172,23 @@ class Reconciler:
             neighbors=dict(c.decode_neigh(k, v) for k, v in t["neighbors"].items()),
             links=dict(c.decode_link(k, v) for k, v in t["links"].items()),
         )
-        self._punt_forward_reason = self._config().punt_forward_reason
+        config = self._config()
+        self._punt_forward_reason = config.punt_forward_reason
+        self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
 
     # -- config and heartbeat --------------------------------------------
     def _config(self):
         return self.tables["config"][ctypes.c_int(0)]
 
     def _write_config(self):
-        leaf = self.tables["config"].Leaf(self._punt_forward_reason, self.hz)
+        leaf = self.tables["config"].Leaf(punt_forward_reason=self._punt_forward_reason, hz=self.hz,
+                                          **asdict(self._nf))
         self.tables["config"][ctypes.c_int(0)] = leaf
 
-    def _set_punt_reason(self, reason: int) -> int:
-        if reason == self._punt_forward_reason:
+    def _set_config(self, reason: int, nf: NfConfig) -> int:
+        if (reason, nf) == (self._punt_forward_reason, self._nf):
             return 0
-        self._punt_forward_reason = reason
+        self._punt_forward_reason, self._nf = reason, nf
         self._write_config()
         return 1
 

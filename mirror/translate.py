@@ -19,6 +19,12 @@ LINK_REDIRECT_PEER = 1 << 2
 LINK_RPF_STRICT = 1 << 3
 LINK_RPF_LOOSE = 1 << 4
 
+# Netfilter modes and conntrack flags of struct lm_config, as in kernel_bpf/common.h.
+NF_OFF = 0  # nothing on the forward path: no conntrack stage
+NF_STATEFUL = 1  # iptables rules on the forward path: only flows with a kernel entry and a verdict
+CT_ACCT = 1 << 0  # nf_conntrack_acct=1: the fast path cannot count for the kernel, flows punt
+CT_TSTAMP = 1 << 1  # nf_conntrack_timestamp=1: likewise
+
 # Link kinds the fast path can receive on and transmit to today.  Bridges,
 # VXLAN, bonds ... arrive with their own issues; until then they are not
 # attached and routes through them punt (EGRESS_UNMANAGED).
@@ -40,6 +46,21 @@ class LinkEntry:
     mtu: int
 
 
+@dataclass(frozen=True)
+class NfConfig:
+    """The netfilter part of struct lm_config (same field names)."""
+
+    nf_mode: int = NF_OFF
+    nf_gen: int = 0
+    ct_flags: int = 0
+    tcp_max_retrans: int = 0
+    to_tcp_established: int = 0  # seconds, the kernel's conntrack timeouts
+    to_tcp_unack: int = 0
+    to_tcp_retrans: int = 0
+    to_udp: int = 0
+    to_udp_stream: int = 0
+
+
 @dataclass
 class Desired:
     """Map contents.  As a full translation: every entry.  As a delta
@@ -50,6 +71,7 @@ class Desired:
     neighbors: Dict[Tuple[int, str], Optional[str]] = field(default_factory=dict)  # (ifindex, ip) -> MAC
     links: Dict[int, Optional[LinkEntry]] = field(default_factory=dict)
     punt_forward_reason: int = 0
+    nf: NfConfig = NfConfig()
     attach: Dict[int, str] = field(default_factory=dict)  # ifindex -> name to attach TC to
 
 
@@ -91,7 +113,8 @@ def translate(state: m.KernelState, selection: Selection = Selection()) -> Desir
 def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
-    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state))
+    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state),
+                  nf=nf_config(state))
     out.links = {i: link_entry(state, i, selection) for i in changes.links}
     out.neighbors = {k: neighbor_entry(state, k, selection) for k in changes.neighbors}
     prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
@@ -140,7 +163,7 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
 
 
 def _punt_forward_reason(state: m.KernelState) -> int:
-    if state.netfilter_impact is not None:
+    if netfilter_punt(state) is not None:
         return R["NETFILTER"]
     if state.xfrm_impact is not None:
         return R["IPSEC"]
@@ -149,6 +172,32 @@ def _punt_forward_reason(state: m.KernelState) -> int:
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0
+
+
+def netfilter_punt(state: m.KernelState) -> Optional[str]:
+    """Why netfilter makes all forwarded traffic punt; None when nothing is on
+    the forward path or the rules there can be evaluated per flow."""
+    if state.netfilter_impact is None:
+        return None
+    if state.netfilter_unsupported is not None:
+        return f"{state.netfilter_impact} ({state.netfilter_unsupported})"
+    if state.ct_sysctls is None:
+        return f"{state.netfilter_impact} (conntrack sysctls not read)"
+    return None
+
+
+def nf_config(state: m.KernelState) -> NfConfig:
+    """Stateful mode when iptables rules are on the forward path and can be
+    evaluated per flow; the generation and the conntrack sysctls go along so
+    the datapath refreshes the kernel's timeouts as the kernel would."""
+    if state.netfilter_impact is None or netfilter_punt(state) is not None:
+        return NfConfig()
+    ct = state.ct_sysctls
+    flags = (CT_ACCT if ct.acct else 0) | (CT_TSTAMP if ct.timestamp else 0)
+    return NfConfig(nf_mode=NF_STATEFUL, nf_gen=state.nf_gen, ct_flags=flags, tcp_max_retrans=ct.tcp_max_retrans,
+                    to_tcp_established=ct.tcp_timeout_established, to_tcp_unack=ct.tcp_timeout_unacknowledged,
+                    to_tcp_retrans=ct.tcp_timeout_max_retrans, to_udp=ct.udp_timeout,
+                    to_udp_stream=ct.udp_timeout_stream)
 
 
 def custom_rules(state: m.KernelState):
