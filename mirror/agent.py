@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, conntrack, netfilter, netlink, tc, xfrm
+from . import control, conntrack, netfilter, netlink, offload, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -32,7 +32,7 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-MAP_TABLES = ("routes", "neighbors", "links", "config")
+MAP_TABLES = ("routes", "neighbors", "links", "config", "flows")
 
 
 class Agent:
@@ -70,6 +70,9 @@ class Agent:
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
         self.attacher = tc.TcAttacher(self.datapath.fd)
+        self.offloader = offload.Offloader(self.sync)
+        self.flow_reader = offload.FlowEventReader(self.datapath.table("flow_events"), self.events.put,
+                                                   self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
@@ -81,6 +84,7 @@ class Agent:
             self.netlink.start()
             self.nf_watch.start()
             self.xfrm_watch.start()
+            self.flow_reader.start()
             self._loop()
         finally:
             self._shutdown()
@@ -104,6 +108,8 @@ class Agent:
     def _shutdown(self):
         log.info("stopping: fast path off, detaching")
         self.nf_watch.stop()
+        self.flow_reader.stop()
+        self.offloader.close()
         self.xfrm_watch.close()
         self.netlink.close()
         self.sync.heartbeat(False)
@@ -152,6 +158,7 @@ class Agent:
     def _apply_batch(self, batch, reread_sysctls):
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
+        flow_events = []
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -166,6 +173,8 @@ class Agent:
                 self._set_netfilter(payload)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
+            elif kind == "flow":
+                flow_events.append(payload)
             elif kind == "resync":
                 resync = True
         if resync:
@@ -183,6 +192,8 @@ class Agent:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
+        if flow_events:  # decided against the ruleset generation now in the maps
+            self.offloader.handle(flow_events, self.state)
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
@@ -302,6 +313,7 @@ class Agent:
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
+        out["offload"] = dict(self.offloader.stats)
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
@@ -322,6 +334,8 @@ class Agent:
     def dump(self, table, match=None):
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
         looks up just that entry (a full read of a big table is slow)."""
+        if table == "conntrack":
+            return self.offloader.dump(self.state)
         if table not in ("routes", "neighbors", "links"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}

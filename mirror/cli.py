@@ -114,10 +114,11 @@ def status(as_json):
 
 
 @main.command()
-@click.argument("table", type=click.Choice(["routes", "neighbors", "links"]))
+@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "conntrack"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dump(table, as_json):
-    """Show a fast-path table as the datapath sees it."""
+    """Show a fast-path table as the datapath sees it (conntrack: the kernel
+    flows the fast path carries, with their verdict and the kernel's entry)."""
     try:
         reply = control.request({"cmd": "dump", "table": table})
     except control.NotRunning:
@@ -140,7 +141,20 @@ def _row_text(table, row):
         return f"{row['prefix']}{via}{dev}{mtu} {row['action']}"
     if table == "neighbors":
         return f"{row['ip']} dev {row['interface']} lladdr {row['mac']}"
+    if table == "conntrack":
+        return _flow_text(row)
     return f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
+
+
+def _flow_text(row):
+    k = row["kernel"]
+    kernel = "kernel entry gone" if k is None else (
+        f"{k['state'] or ''} timeout {k['timeout']} [{','.join(k['status'])}] mark {k['mark']} "
+        f"orig {k['orig'][0]}:{k['orig'][2]}->{k['orig'][1]}:{k['orig'][3]} "
+        f"reply {k['reply'][0]}:{k['reply'][2]}->{k['reply'][1]}:{k['reply'][3]}")
+    decided = row["rule"] or row["reason"]
+    return (f"{row['proto']} {row['in']} {row['wire']} => {row['out']} {row['translated']} "
+            f"{row['verdict']} ({decided}) {row['packets']} pkts {row['bytes']} bytes | {kernel}")
 
 
 def _fail(message):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import conntrack as ct
-from .nfverdict import FlowView, Verdict
+from . import model as m
+from .nfverdict import FlowView, HostView, Verdict
 from .reasons import BY_NAME as R
 
 TCP, UDP = 6, 17
@@ -117,3 +118,10 @@ def flow_entry(verdict: Verdict, gen: int, oif: int, entry: ct.Entry, direction:
     x = translation(entry, direction)
     return FlowEntry(gen=gen, action=action, oif=oif, ct_mark=entry.mark, ct_status=entry.status & VERDICT_BITS,
                      nat_saddr=x.src, nat_daddr=x.dst, nat_sport=x.sport, nat_dport=x.dport)
+
+
+def host_view(state: m.KernelState) -> HostView:
+    """This namespace's own addresses, for addrtype matches."""
+    broadcast = frozenset(r.dst for r in state.routes.values()
+                          if r.table == m.TABLE_LOCAL and r.type == m.RTN_BROADCAST and r.dst_len == 32)
+    return HostView(local_addrs=frozenset(a.address for a in state.addresses), broadcast_addrs=broadcast)

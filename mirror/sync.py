@@ -14,6 +14,7 @@ import struct
 import threading
 from dataclasses import asdict
 
+from .flows import FlowEntry, FlowKey
 from .translate import Desired, LinkEntry, NfConfig, RouteEntry
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,29 @@ class Codec:
 
     def decode_link(self, k, v):
         return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu)
+
+
+    # flows: FlowKey <-> lm_flow_key, FlowEntry <-> lm_flow (ports in network byte order, like addresses)
+    def flow_key(self, k: FlowKey):
+        return self.t["flows"].Key(ifindex=k.ifindex, saddr=ip_to_u32(k.saddr), daddr=ip_to_u32(k.daddr),
+                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto)
+
+    def flow_leaf(self, e: FlowEntry, packets=0, nbytes=0):
+        return self.t["flows"].Leaf(
+            gen=e.gen, action=e.action, oif=e.oif, ct_mark=e.ct_mark, ct_status=e.ct_status,
+            nat_saddr=ip_to_u32(e.nat_saddr), nat_daddr=ip_to_u32(e.nat_daddr),
+            nat_sport=socket.htons(e.nat_sport), nat_dport=socket.htons(e.nat_dport), packets=packets, bytes=nbytes)
+
+    @staticmethod
+    def decode_flow_key(k) -> FlowKey:
+        return FlowKey(k.ifindex, u32_to_ip(k.saddr), u32_to_ip(k.daddr), socket.ntohs(k.sport),
+                       socket.ntohs(k.dport), k.proto)
+
+    def decode_flow(self, k, v):
+        key = self.decode_flow_key(k)
+        entry = FlowEntry(v.gen, v.action, v.oif, v.ct_mark, v.ct_status, u32_to_ip(v.nat_saddr),
+                          u32_to_ip(v.nat_daddr), socket.ntohs(v.nat_sport), socket.ntohs(v.nat_dport))
+        return key, (entry, v.packets, v.bytes)
 
 
 class Reconciler:
@@ -175,6 +199,37 @@ class Reconciler:
         config = self._config()
         self._punt_forward_reason = config.punt_forward_reason
         self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
+
+    # -- flows -------------------------------------------------------------
+    # Not diffed against a shadow: the map is an LRU the datapath also writes
+    # (use counters), and an entry for an older generation or another
+    # conntrack state simply punts.  Written one at a time, on request.
+    def write_flow(self, key: FlowKey, entry):
+        """Set (FlowEntry) or remove (None) one flow's verdict; the fast-path
+        counters of the flow are kept across a new verdict."""
+        table, k = self.tables["flows"], self.codec.flow_key(key)
+        with self.lock:
+            if entry is None:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+                return
+            try:
+                old = table[k]
+                packets, nbytes = old.packets, old.bytes
+            except KeyError:
+                packets = nbytes = 0
+            table[k] = self.codec.flow_leaf(entry, packets, nbytes)
+
+    def read_flow(self, key: FlowKey):
+        """(FlowEntry, packets, bytes) as the datapath sees it, or None."""
+        k = self.codec.flow_key(key)
+        with self.lock:
+            try:
+                return self.codec.decode_flow(k, self.tables["flows"][k])[1]
+            except KeyError:
+                return None
 
     # -- config and heartbeat --------------------------------------------
     def _config(self):

@@ -85,3 +85,14 @@ def test_flow_entry_carries_what_the_verdict_assumed():
 def test_a_proven_drop_becomes_a_drop_entry():
     got = flow_entry(Verdict("DROP", "policy"), 7, 4, entry(), ct.REPLY)
     assert got.action == R["NF_DROP"] and (got.nat_saddr, got.nat_daddr) == ("10.1.0.1", "10.1.0.2")
+
+
+def test_host_view_lists_own_and_broadcast_addresses():
+    from mirror import model as m
+    from mirror.flows import host_view
+    st = m.KernelState()
+    st.add_address(m.Address(3, "10.1.0.1", 24))
+    st.set_route(m.Route(m.TABLE_LOCAL, "10.1.0.255", 32, type=m.RTN_BROADCAST, nexthops=(m.Nexthop(3),)))
+    st.set_route(m.Route(m.TABLE_LOCAL, "10.1.0.1", 32, type=m.RTN_LOCAL, nexthops=(m.Nexthop(3),)))
+    h = host_view(st)
+    assert h.local_addrs == {"10.1.0.1"} and h.broadcast_addrs == {"10.1.0.255"}
