@@ -27,6 +27,9 @@
 #ifndef LM_MAX_LINKS
 #define LM_MAX_LINKS 4096
 #endif
+#ifndef LM_MAX_FLOWS
+#define LM_MAX_FLOWS 262144
+#endif
 
 /*
  * Verdict reasons: X(NAME, value, "what it means").  Slot 0 counts packets
@@ -61,7 +64,25 @@
 	X(TTL_EXCEEDED, 24, "TTL <= 1 (kernel answers ICMP time exceeded)")        \
 	X(MTU_EXCEEDED, 25, "packet larger than the egress MTU")                   \
 	X(GSO_UNSUPPORTED, 26, "GSO packet the fast path cannot size-check")     \
-	X(IPSEC, 27, "IPsec (xfrm) policies could apply to forwarded traffic")
+	X(IPSEC, 27, "IPsec (xfrm) policies could apply to forwarded traffic")  \
+	X(CT_PROTO, 28, "stateful mode: not TCP/UDP, or L4 header incomplete")    \
+	X(SKB_MARK, 29, "stateful mode: packet already carries an skb mark")      \
+	X(CT_TCP_FLAGS, 30, "TCP SYN, FIN, RST or no ACK: the kernel tracks it")  \
+	X(CT_MISS, 31, "no confirmed kernel conntrack entry for the tuple")       \
+	X(CT_STATUS, 32, "conntrack status the fast path cannot honour (dying, seqadj, ...)") \
+	X(CT_EXTENSION, 33, "conntrack entry has a helper, timeout policy, seqadj or synproxy") \
+	X(CT_NOT_ESTABLISHED, 34, "TCP not ESTABLISHED+ASSURED, or a UDP reply before ASSURED") \
+	X(CT_NOT_LIBERAL, 35, "TCP entry not yet taken over (no BE_LIBERAL): agent asked") \
+	X(CT_ACCT, 36, "conntrack accounting or timestamps on: the kernel counts")  \
+	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
+	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")
+
+/*
+ * The reasons that are drops, not punts: the packet is dropped
+ * (TC_ACT_SHOT) because the kernel would drop it too.  Everything else in
+ * LM_REASONS except FORWARDED hands the packet to the kernel.
+ */
+#define LM_DROP_REASONS(X) X(NF_DROP)
 
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };
@@ -106,10 +127,80 @@ struct lm_link {
 	__u32 mtu;
 };
 
+/* lm_config.nf_mode */
+#define LM_NF_OFF 0      /* nothing on the forward path: no conntrack stage */
+#define LM_NF_STATEFUL 1 /* forwarded TCP/UDP needs a kernel ct entry + flow verdict */
+
+/* lm_config.ct_flags: conntrack features whose per-packet work only the
+ * kernel does; flows punt while they are on. */
+#define LM_CT_ACCT (1 << 0)   /* net.netfilter.nf_conntrack_acct = 1 */
+#define LM_CT_TSTAMP (1 << 1) /* net.netfilter.nf_conntrack_timestamp = 1 */
+
 struct lm_config {
 	__u32 punt_forward_reason; /* nonzero: punt every forwarded packet
 				      with this reason */
 	__u32 hz;                  /* jiffies per second, measured by the agent */
+	__u32 nf_mode;             /* LM_NF_OFF / LM_NF_STATEFUL */
+	__u32 nf_gen;              /* ruleset generation; bumped on every change */
+	__u32 ct_flags;            /* LM_CT_ACCT | LM_CT_TSTAMP */
+	__u32 tcp_max_retrans;     /* nf_conntrack_tcp_max_retrans */
+	/* nf_conntrack_*timeout* sysctls, seconds */
+	__u32 to_tcp_established, to_tcp_unack, to_tcp_retrans, to_udp, to_udp_stream;
+};
+
+/*
+ * Conntrack status bits (uapi enum ip_conntrack_status) the fast path and
+ * the agent both look at.  LM_CT_VERDICT_BITS: the part of ct->status a flow
+ * verdict depends on (--ctstatus/--ctstate, whether nat chains could still be
+ * traversed); lm_flow.ct_status holds (status & LM_CT_VERDICT_BITS).
+ */
+#define LM_IPS_SEEN_REPLY (1 << 1)
+#define LM_IPS_ASSURED (1 << 2)
+#define LM_IPS_CONFIRMED (1 << 3)
+#define LM_IPS_SRC_NAT (1 << 4)
+#define LM_IPS_DST_NAT (1 << 5)
+#define LM_IPS_SEQ_ADJUST (1 << 6)
+#define LM_IPS_SRC_NAT_DONE (1 << 7)
+#define LM_IPS_DST_NAT_DONE (1 << 8)
+#define LM_IPS_DYING (1 << 9)
+#define LM_IPS_FIXED_TIMEOUT (1 << 10)
+#define LM_IPS_TEMPLATE (1 << 11)
+#define LM_IPS_UNTRACKED (1 << 12) /* also IPS_NAT_CLASH */
+#define LM_IPS_HELPER (1 << 13)
+#define LM_IPS_OFFLOAD (1 << 14)
+#define LM_IPS_HW_OFFLOAD (1 << 15)
+#define LM_CT_VERDICT_BITS (LM_IPS_SEEN_REPLY | LM_IPS_ASSURED | \
+			    LM_IPS_SRC_NAT_DONE | LM_IPS_DST_NAT_DONE)
+
+/* One direction of a flow as it arrives: the wire tuple and the ingress. */
+struct lm_flow_key {
+	__u32 ifindex;
+	__u32 saddr, daddr;
+	__u16 sport, dport;
+	__u8 proto, pad[3];
+};
+
+/* What the agent decided for one direction of a flow, and what it assumed;
+ * the datapath uses it only while every assumption still holds. */
+struct lm_flow {
+	__u32 gen;                /* config.nf_gen it was computed for */
+	__u32 action;             /* LM_FORWARDED, or a drop reason */
+	__u32 oif;                /* egress the verdict assumed */
+	__u32 ct_mark;            /* ct->mark the verdict assumed */
+	__u32 ct_status;          /* ct->status & LM_CT_VERDICT_BITS assumed */
+	__u32 nat_saddr, nat_daddr; /* the translation it assumed (as sent) */
+	__u16 nat_sport, nat_dport;
+	__u64 packets, bytes;     /* taken by the fast path (dump conntrack) */
+};
+
+/* Ring-buffer event: "decide this flow" (FLOW_PENDING) or "set BE_LIBERAL
+ * on this entry" (CT_NOT_LIBERAL).  At most one per key per ~100 ms. */
+struct lm_flow_event {
+	struct lm_flow_key key;
+	__u32 oif;   /* egress of the translated destination; 0 if unknown */
+	__u8 dir;    /* conntrack direction of the packet: 0 original, 1 reply */
+	__u8 why;    /* LM_FLOW_PENDING or LM_CT_NOT_LIBERAL */
+	__u16 pad;
 };
 
 /*
@@ -144,5 +235,10 @@ BPF_F_TABLE("hash", __u32, struct lm_link, links, LM_MAX_LINKS, BPF_F_NO_PREALLO
 BPF_ARRAY(config, struct lm_config, 1);                /* slot 0: global switches */
 BPF_ARRAY(heartbeat, struct lm_heartbeat, 1);          /* slot 0: written by lm_heartbeat only */
 BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */
+/* Stateful mode (LM_NF_STATEFUL).  LRU: the agent never has to expire
+ * verdicts of dead flows; an evicted verdict is asked for again. */
+BPF_TABLE("lru_hash", struct lm_flow_key, struct lm_flow, flows, LM_MAX_FLOWS);
+BPF_TABLE("lru_hash", struct lm_flow_key, __u64, flow_asked, 16384); /* key -> jiffies of the last event */
+BPF_RINGBUF_OUTPUT(flow_events, 64);                   /* struct lm_flow_event, 64 pages */
 
 #endif /* LM_COMMON_H */

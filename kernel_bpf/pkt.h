@@ -37,6 +37,16 @@
 			goto out;                   \
 	} while (0)
 
+#define LM_DROP_CASE(name) case LM_##name:
+static __always_inline int lm_is_drop(__u32 reason)
+{
+	switch (reason) {
+	LM_DROP_REASONS(LM_DROP_CASE)
+		return 1;
+	}
+	return 0;
+}
+
 struct lm_pkt {
 	void *data;              /* skb->data / data_end after the last pull */
 	void *data_end;

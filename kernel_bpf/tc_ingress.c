@@ -29,8 +29,9 @@
  * into the kernel's stack, but TC_ACT_OK ends classification, so a filter
  * the user attached after ours would never run; TC_ACT_UNSPEC (== TCX_NEXT
  * under tcx) moves on to the next filter/program and, if there is none,
- * behaves like TC_ACT_OK.  The fast path never returns TC_ACT_SHOT: what
- * the kernel would drop, the kernel drops.
+ * behaves like TC_ACT_OK.  Only the drop reasons (LM_DROP_REASONS: the
+ * mirrored ruleset drops the flow) return TC_ACT_SHOT; whatever else the
+ * kernel would drop, the kernel drops.
  */
 static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u32 reason)
 {
@@ -46,6 +47,8 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 	}
 	if (reason == LM_FORWARDED)
 		return p->action;
+	if (lm_is_drop(reason))
+		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
 }
 

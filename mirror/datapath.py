@@ -38,7 +38,7 @@ ETH_ZLEN = 60  # BPF_PROG_TEST_RUN wants at least an Ethernet frame
 COMMON_H = BPF_DIR / "common.h"
 
 # Table-size macros of common.h that the loader may override.
-SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS")
+SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS")
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 _REASON_RE = re.compile(r'X\(\s*([A-Z0-9_]+)\s*,\s*(\d+)\s*,\s*"((?:[^"\\]|\\.)*)"\s*\)')
@@ -200,9 +200,9 @@ class Datapath:
         """{reason NAME: (packets, bytes)} summed over CPUs."""
         t = self.table("counters")
         out = {}
-        for value, name, _ in REASONS:
-            per_cpu = t.getvalue(t.Key(value))
-            out[name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+        for r in REASONS:
+            per_cpu = t.getvalue(t.Key(r.value))
+            out[r.name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
 
     def close(self) -> None:

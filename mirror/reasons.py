@@ -8,12 +8,14 @@ BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMMON_H = os.path.join(BPF_DIR, "common.h")
 
 _ENTRY = re.compile(r'X\((\w+),\s*(\d+),\s*"([^"]*)"\)')
+_DROP = re.compile(r'#define LM_DROP_REASONS\(X\)((?:[^\n]*\\\n)*[^\n]*)')
 
 
 class Reason(NamedTuple):
     value: int
     name: str
     description: str
+    drop: bool = False  # listed in LM_DROP_REASONS: the datapath drops, not punts
 
 
 def load(path: str = COMMON_H) -> List[Reason]:
@@ -24,7 +26,11 @@ def load(path: str = COMMON_H) -> List[Reason]:
         raise ValueError(f"{path}: no '#define LM_REASONS(X)'")
     block = text[text.index("#define LM_REASONS(X)"):]
     block = block[: block.index("\n\n")]
-    out = sorted(Reason(int(v), n, d) for n, v, d in _ENTRY.findall(block))
+    m = _DROP.search(text)
+    drops = set(re.findall(r"X\((\w+)\)", m.group(1))) if m else set()
+    out = sorted(Reason(int(v), n, d, n in drops) for n, v, d in _ENTRY.findall(block))
+    if drops - {r.name for r in out}:
+        raise ValueError(f"{path}: LM_DROP_REASONS names unknown reasons {sorted(drops - {r.name for r in out})}")
     if [r.value for r in out] != list(range(len(out))):
         raise ValueError(f"{path}: LM_REASONS values must be 0..N-1 without gaps")
     return out
