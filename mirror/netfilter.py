@@ -100,12 +100,16 @@ class NetfilterState:
     values (None when not read). ``forward_impact``: None only when nothing can
     affect forwarded IPv4 traffic; else why it must punt. ``errors``: what could
     not be read (each one makes forward_impact non-None).
+    ``unsupported``: None when everything on the forward path is an iptables
+    ruleset that mirror.nfverdict reads; else why all forwarded traffic must punt
+    (native nftables tables on forward hooks, read errors, unparsable output).
     Equality compares content only (not the counters, not the timing fields)."""
 
     rulesets: Dict[str, Optional[Ruleset]] = field(default_factory=dict)
     nft: Optional[List[Any]] = None
     forward_impact: Optional[str] = None
     errors: List[str] = field(default_factory=list)
+    unsupported: Optional[str] = None
     read_at: float = field(default=0.0, compare=False)        # time.monotonic()
     read_duration: float = field(default=0.0, compare=False)  # seconds
     outputs: Dict[str, Tuple[Optional[str], Optional[str]]] = field(
@@ -118,6 +122,7 @@ class NetfilterState:
     def summary(self) -> Dict[str, Any]:
         return {
             "forward_impact": self.forward_impact,
+            "unsupported": self.unsupported,
             "errors": list(self.errors),
             "counts": {b: (rs.counts() if rs is not None else None)
                        for b, rs in self.rulesets.items()},
@@ -240,6 +245,7 @@ def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
     errors: List[str] = []
     rulesets: Dict[str, Optional[Ruleset]] = {}
     reasons: List[str] = []
+    unsupported: List[str] = []
     for backend in BACKENDS:
         text, err = outputs.get(backend, (None, f"{backend}: not read"))
         if err:
@@ -250,6 +256,9 @@ def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
             imp = iptables_forward_impact(rs)
             if imp:
                 reasons.append(f"{backend}: {imp}")
+            if rs.unparsed:
+                u = rs.unparsed[0]
+                unsupported.append(f"{backend}: {len(rs.unparsed)} line(s) not understood ({u.reason})")
     nft_objs: Optional[List[Any]] = None
     text, err = outputs.get("nft", (None, "nft: not read"))
     if err:
@@ -261,11 +270,14 @@ def build_state(outputs: Dict[str, _Output]) -> NetfilterState:
             imp = nft_forward_impact(doc, rulesets.get("iptables-nft"))
             if imp:
                 reasons.append(imp)
+                unsupported.append(imp)
         except ValueError as e:
             errors.append(f"nft: unreadable JSON ({e})")
     reasons.extend(f"unknown ({e})" for e in errors)
+    unsupported.extend(f"unknown ({e})" for e in errors)
     return NetfilterState(rulesets=rulesets, nft=nft_objs,
                           forward_impact="; ".join(reasons) or None, errors=errors,
+                          unsupported="; ".join(unsupported) or None,
                           read_at=time.monotonic(), outputs=dict(outputs))
 
 
