@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, conntrack, netfilter, netlink, offload, tc, xfrm
+from . import control, conntrack, netfilter, netlink, nfhint, offload, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -47,6 +47,7 @@ class Agent:
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
+        self.last_hint = 0  # sequence number of the last netfilter change signal
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -75,6 +76,7 @@ class Agent:
                                                    self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
+        self.nf_hints = nfhint.NetfilterHints(self.events.put)
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,6 +85,7 @@ class Agent:
             self._initial_sync()
             self.netlink.start()
             self.nf_watch.start()
+            self.nf_hints.start()
             self.xfrm_watch.start()
             self.flow_reader.start()
             self._loop()
@@ -108,6 +111,7 @@ class Agent:
     def _shutdown(self):
         log.info("stopping: fast path off, detaching")
         self.nf_watch.stop()
+        self.nf_hints.stop()
         self.flow_reader.stop()
         self.offloader.close()
         self.xfrm_watch.close()
@@ -169,6 +173,14 @@ class Agent:
                         self._track_stale(msg)
                     elif event in netlink.TC_EVENTS:
                         tc_changed.add(msg["index"])
+            elif kind == "netfilter_hint":
+                self.state.netfilter_hint()
+                self.last_hint = payload
+            elif kind == "netfilter_read":
+                seq, nf_state = payload
+                self._set_netfilter(nf_state)
+                if seq == self.last_hint:
+                    self.state.netfilter_changing = False
             elif kind == "netfilter":
                 self._set_netfilter(payload)
             elif kind == "xfrm":
@@ -199,7 +211,9 @@ class Agent:
         fresh = self.netlink.dump()
         old = self.state
         fresh.set_netfilter(old.netfilter_impact, old.netfilter_unsupported, old.nf_rulesets)
-        fresh.nf_gen = old.nf_gen % 0xFFFFFFFF + 1  # verdicts are recomputed after a resync
+        fresh.nf_gen = old.nf_gen
+        fresh.new_nf_generation()  # verdicts are recomputed after a resync
+        fresh.netfilter_changing = old.netfilter_changing
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -245,7 +259,11 @@ class Agent:
     def _set_netfilter(self, nf_state):
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
-        unsupported = getattr(nf_state, "unsupported", "the flow-verdict evaluator is not available")
+        # A failed read leaves no rulesets to evaluate: punt, whatever else it says.
+        unsupported = nf_state.unsupported or ("; ".join(nf_state.errors) or None)
+        if unsupported is None and "ct_lookup" not in self.datapath.text:
+            # A datapath without the conntrack stage would ignore nf_mode.
+            unsupported = "this datapath has no conntrack stage"
         if nf_state.forward_impact is not None and unsupported is not None:
             log.info("netfilter: all forwarded traffic punts: %s", unsupported)
         self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
@@ -310,10 +328,12 @@ class Agent:
         out["tables"] = self.sync.table_counts()
         c = out["counters"]
         c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
-        c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
-        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
+        drops = {r.name for r in REASONS if r.drop}
+        c["punt"] = {name: pkts for name, (pkts, _) in counters.items() if name not in drops}
+        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items() if name not in drops}
+        c["drop"] = {name: pkts for name, (pkts, _) in counters.items() if name in drops}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
-        out["offload"] = dict(self.offloader.stats)
+        out["offload"] = dict(self.offloader.stats, netfilter_hints=self.nf_hints.seq, nf_gen=self.state.nf_gen)
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out

@@ -111,6 +111,12 @@ def status(as_json):
     click.echo(f"fast path: {c['fast_path_packets']} packets, {c['fast_path_bytes']} bytes{share}")
     punts = {k: v for k, v in c["punt"].items() if v}
     click.echo("punted: " + (", ".join(f"{k} {v}" for k, v in sorted(punts.items())) or "none"))
+    drops = {k: v for k, v in c.get("drop", {}).items() if v}
+    if drops:
+        click.echo("dropped (as the kernel would): " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    off = st.get("offload")
+    if off and off.get("events"):
+        click.echo("flow offload: " + ", ".join(f"{k} {v}" for k, v in sorted(off.items())))
 
 
 @main.command()

@@ -17,9 +17,10 @@ from .reasons import BY_NAME as R
 
 TCP, UDP = 6, 17
 # The status bits a verdict may depend on (--ctstatus, --ctstate NEW vs
-# ESTABLISHED); the datapath compares them with the entry on every packet
-# (LM_CT_VERDICT_BITS in kernel_bpf/common.h).
-VERDICT_BITS = ct.IPS["SEEN_REPLY"] | ct.IPS["ASSURED"]
+# ESTABLISHED, whether nat chains could still be traversed); the datapath
+# compares them with the entry on every packet (LM_CT_VERDICT_BITS in
+# kernel_bpf/common.h).
+VERDICT_BITS = ct.IPS["SEEN_REPLY"] | ct.IPS["ASSURED"] | ct.IPS["SRC_NAT_DONE"] | ct.IPS["DST_NAT_DONE"]
 # Entries the kernel must handle itself: NAT being set up, sequence
 # adjustment (helpers' payload rewrites), expectations, clashes, dying.
 KERNEL_ONLY_STATUS = ("DYING", "SEQ_ADJUST", "NAT_CLASH", "TEMPLATE", "HELPER", "EXPECTED")

@@ -77,7 +77,7 @@ def test_flow_entry_carries_what_the_verdict_assumed():
     got = flow_entry(Verdict("ACCEPT", "rule 2"), 7, 4, e, ct.ORIGINAL)
     assert got == FlowEntry(gen=7, action=R["FORWARDED"], oif=4, ct_mark=9, ct_status=e.status & VERDICT_BITS,
                             nat_saddr="10.2.0.1", nat_daddr="10.2.0.2", nat_sport=40000, nat_dport=80)
-    assert got.ct_status == S["SEEN_REPLY"] | S["ASSURED"]
+    assert got.ct_status == S["SEEN_REPLY"] | S["ASSURED"]  # no *_NAT_DONE in this entry
     assert flow_entry(Verdict("PUNT", "LOG target"), 7, 4, e, ct.ORIGINAL) is None
 
 
