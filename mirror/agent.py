@@ -264,8 +264,9 @@ class Agent:
         if unsupported is None and "ct_lookup" not in self.datapath.text:
             # A datapath without the conntrack stage would ignore nf_mode.
             unsupported = "this datapath has no conntrack stage"
-        if nf_state.forward_impact is not None and unsupported is not None:
-            log.info("netfilter: all forwarded traffic punts: %s", unsupported)
+        if nf_state.forward_impact is not None and unsupported != self.state.netfilter_unsupported:
+            log.info("netfilter: %s", f"all forwarded traffic punts: {unsupported}" if unsupported
+                     else "stateful: established flows get per-flow verdicts")
         self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
 
     def _refresh_sysctls(self):

@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 SETTLE = 0.003  # s of quiet before reading: a restore commits in one burst
 
 
+def legacy_table_names(path: str = "/proc/net/ip_tables_names") -> str:
+    """The legacy iptables tables of this netns (empty: none)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class NetfilterHints:
     def __init__(self, post):
         self.post = post
@@ -36,6 +45,7 @@ class NetfilterHints:
         self._wake_r, self._wake_w = os.pipe()
         self.stopping = threading.Event()
         self.seq = 0
+        self.legacy_tables = True  # until a read says otherwise
         self.thread = threading.Thread(target=self._run, name="nf-hints", daemon=True)
 
     def start(self):
@@ -56,10 +66,17 @@ class NetfilterHints:
         hit = False
         for src in self.sources:
             try:
-                hit |= src.drain()
+                if src.drain():
+                    hit |= isinstance(src, netfilter._NftMonitor) or self._legacy_here()
             except OSError:
                 hit = True
         return hit
+
+    def _legacy_here(self) -> bool:
+        """The xtables lock is shared by every netns: a legacy change elsewhere
+        touches it too.  It concerns us only if this netns has legacy tables
+        now, or had at the last read (then they may have been removed)."""
+        return self.legacy_tables or bool(legacy_table_names())
 
     def _run(self):
         fds = [s.fd for s in self.sources] + [self._wake_r]
@@ -71,4 +88,7 @@ class NetfilterHints:
             self.post(("netfilter_hint", self.seq))
             while select.select(fds, [], [], SETTLE)[0] and not self.stopping.is_set():
                 self._hinted()
-            self.post(("netfilter_read", (self.seq, netfilter.read_state())))
+            state = netfilter.read_state()
+            legacy = state.rulesets.get("iptables-legacy")
+            self.legacy_tables = legacy is None or not legacy.empty
+            self.post(("netfilter_read", (self.seq, state)))
