@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Long-lived flows for the stateful tests, run inside the pods (stdlib only).
+
+    flowio.py udp-sink PORT SECONDS                 -> JSON [[seq, sent_at, "src:port"], ...]
+    flowio.py udp-source DST PORT SECONDS INTERVAL [SPORT]
+                                                    -> JSON [[seq, sent_at], ...]
+    flowio.py tcp-echo PORT                         echo server (threads), until killed
+    flowio.py tcp-talk DST PORT SECONDS INTERVAL [END]
+                                                    one connection, a line every INTERVAL,
+                                                    each echoed -> JSON {"sent", "echoed", "error",
+                                                    "last_at"}; END: "fin" (close, default),
+                                                    "rst" (SO_LINGER 0), "hold:N" (idle N s, then close)
+
+Sinks and servers print "ready" once bound.  Timestamps are time.time() (one
+clock for every namespace of the host).
+"""
+
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def udp_sink(port, seconds):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(port)))
+    print("ready", flush=True)
+    got, end = [], time.time() + float(seconds)
+    while time.time() < end:
+        s.settimeout(max(0.01, end - time.time()))
+        try:
+            data, src = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        seq, sent = data.split(b" ")[:2]
+        got.append([int(seq), float(sent), f"{src[0]}:{src[1]}"])
+    print(json.dumps(got), flush=True)
+
+
+def udp_source(dst, port, seconds, interval, sport=0):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sport)))
+    sent, seq, end = [], 0, time.time() + float(seconds)
+    while time.time() < end:
+        now = time.time()
+        s.sendto(b"%d %.6f " % (seq, now) + b"x" * 64, (dst, int(port)))
+        sent.append([seq, now])
+        seq += 1
+        time.sleep(float(interval))
+    print(json.dumps(sent), flush=True)
+
+
+def tcp_echo(port):
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(port)))
+    srv.listen(64)
+    print("ready", flush=True)
+
+    def serve(c):
+        with c:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                c.sendall(data)
+
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def tcp_talk(dst, port, seconds, interval, end="fin"):
+    out = {"sent": 0, "echoed": 0, "error": None, "last_at": None}
+    try:
+        c = socket.create_connection((dst, int(port)), timeout=min(5.0, float(seconds) + 1))
+        c.settimeout(5)
+        stop = time.time() + float(seconds)
+        while time.time() < stop:
+            line = b"%d\n" % out["sent"]
+            c.sendall(line)
+            out["sent"] += 1
+            buf = b""
+            while len(buf) < len(line):
+                chunk = c.recv(len(line) - len(buf))
+                if not chunk:
+                    raise ConnectionError("closed by peer")
+                buf += chunk
+            out["echoed"] += buf == line
+            out["last_at"] = time.time()
+            time.sleep(float(interval))
+        if end.startswith("hold:"):
+            print(json.dumps(out), flush=True)  # the caller reads this while the connection idles
+            time.sleep(float(end[5:]))
+        elif end == "rst":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        c.close()
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"udp-sink": udp_sink, "udp-source": udp_source, "tcp-echo": tcp_echo, "tcp-talk": tcp_talk}[cmd](*args)
