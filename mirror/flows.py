@@ -77,7 +77,7 @@ def kernel_keeps(entry: ct.Entry, direction: Optional[int]) -> Optional[str]:
     if entry.proto == TCP:
         if entry.tcp_state != ct.TCP_ESTABLISHED:
             return f"TCP state {entry.tcp_state_name}"
-        return None
+        return None if entry.has("ASSURED") else "TCP not assured yet"
     if entry.has("ASSURED"):
         return None
     if not entry.has("SEEN_REPLY") and direction == ct.ORIGINAL:

@@ -116,6 +116,8 @@ class Offloader:
             self.stats["kernel_keeps"] += 1
             log.debug("flow %s stays with the kernel: %s", key, why)
             return
+        if not event.oif:
+            return  # the datapath found no egress: nothing to decide for
         in_link, out_link = state.links.get(key.ifindex), state.links.get(event.oif)
         if in_link is None or out_link is None:
             return  # a link event is on its way; the next packet asks again

@@ -55,6 +55,7 @@ def test_one_way_udp_is_ctstate_new_in_the_original_direction():
 @pytest.mark.parametrize("change, why", [
     (dict(status=EST & ~S["CONFIRMED"]), "not confirmed"),
     (dict(status=EST | S["DYING"]), "DYING"),
+    (dict(status=EST & ~S["ASSURED"]), "not assured"),
     (dict(status=EST | S["SEQ_ADJUST"]), "SEQ_ADJUST"),
     (dict(status=EST | S["NAT_CLASH"]), "NAT_CLASH"),
     (dict(helper="ftp"), "helper"),
