@@ -4,7 +4,7 @@ Pure (no I/O): the offload loop (mirror/offload.py) reads the kernel entry
 and the ruleset verdict; this module decides whether the fast path may carry
 the flow, describes the flow to the verdict evaluator, and turns the verdict
 into the lm_flow entry the datapath checks on every packet.  Anything unsure
-gives no entry: the flow keeps punting to the kernel.
+punts to the kernel.
 """
 
 from dataclasses import dataclass
@@ -107,15 +107,16 @@ def flow_view(entry: ct.Entry, direction: int, wire: ct.Tuple, in_iface: str, ou
         ctmark=entry.mark, orig=tuple(entry.orig), reply=tuple(entry.reply))
 
 
-def flow_entry(verdict: Verdict, gen: int, oif: int, entry: ct.Entry, direction: int) -> Optional[FlowEntry]:
-    """The lm_flow for a verdict; None (no entry: the flow punts) unless the
-    ruleset proves ACCEPT or DROP."""
+def flow_entry(verdict: Verdict, gen: int, oif: int, entry: ct.Entry, direction: int) -> FlowEntry:
+    """The lm_flow for a verdict: forward or drop where the ruleset proves
+    ACCEPT or DROP; otherwise the flow punts (NETFILTER) without asking again
+    until something it depends on changes."""
     if verdict.action == "ACCEPT":
         action = R["FORWARDED"]
     elif verdict.action == "DROP":
         action = R["NF_DROP"]  # the datapath drops and counts it, as the ruleset would
     else:
-        return None
+        action = R["NETFILTER"]
     x = translation(entry, direction)
     return FlowEntry(gen=gen, action=action, oif=oif, ct_mark=entry.mark, ct_status=entry.status & VERDICT_BITS,
                      nat_saddr=x.src, nat_daddr=x.dst, nat_sport=x.sport, nat_dport=x.dport)

@@ -80,7 +80,7 @@ class Offloader:
     def __init__(self, sync):
         self.sync = sync
         self.ct = ct.Conntrack()
-        self.decided = OrderedDict()  # FlowKey -> (Verdict, FlowEntry or None), newest last
+        self.decided = OrderedDict()  # FlowKey -> Verdict, newest last
         self.stats = {"events": 0, "written": 0, "kernel_keeps": 0, "no_entry": 0, "punt_verdict": 0,
                       "liberal_set": 0, "errors": 0}
         self._logged = set()
@@ -124,29 +124,30 @@ class Offloader:
         view = flows.flow_view(entry, direction, key.wire, in_link.name, out_link.name)
         verdict = nfverdict.flow_verdict(state.nf_rulesets, view, host)
         flow = flows.flow_entry(verdict, state.nf_gen, event.oif, entry, direction)
-        if flow is None:
+        if verdict.action == "PUNT":
             self.stats["punt_verdict"] += 1
         elif entry.proto == flows.TCP and not entry.liberal:
             self.ct.set_liberal(entry)  # before the fast path takes over (the datapath checks it too)
             self.stats["liberal_set"] += 1
         self.sync.write_flow(key, flow)
-        self.stats["written"] += flow is not None
-        self._remember(key, verdict, flow)
+        self.stats["written"] += 1
+        self._remember(key, verdict)
 
-    def _remember(self, key, verdict, flow):
+    def _remember(self, key, verdict):
         self.decided.pop(key, None)
-        self.decided[key] = (verdict, flow)
+        self.decided[key] = verdict
         while len(self.decided) > REMEMBERED:
             self.decided.popitem(last=False)
 
 
     def dump(self, state: m.KernelState):
-        """The flows the fast path carries now (a verdict of the current
-        generation in the map), each with the kernel's entry as it is now."""
+        """The flows with a verdict of the current generation in the map
+        (forwarded, dropped or left to the kernel), each with the kernel's
+        entry as it is now."""
         names = {i: l.name for i, l in state.links.items()}
         rows = []
         with ct.Conntrack() as sock:  # the caller's thread's own socket
-            for key, (verdict, _) in list(self.decided.items()):
+            for key, verdict in list(self.decided.items()):
                 current = self.sync.read_flow(key)
                 if current is None or current[0].gen != state.nf_gen:
                     continue

@@ -204,17 +204,11 @@ class Reconciler:
     # Not diffed against a shadow: the map is an LRU the datapath also writes
     # (use counters), and an entry for an older generation or another
     # conntrack state simply punts.  Written one at a time, on request.
-    def write_flow(self, key: FlowKey, entry):
-        """Set (FlowEntry) or remove (None) one flow's verdict; the fast-path
-        counters of the flow are kept across a new verdict."""
+    def write_flow(self, key: FlowKey, entry: FlowEntry):
+        """Set one flow's verdict; the fast-path counters of the flow are kept
+        across a new verdict."""
         table, k = self.tables["flows"], self.codec.flow_key(key)
         with self.lock:
-            if entry is None:
-                try:
-                    del table[k]
-                except KeyError:
-                    pass
-                return
             try:
                 old = table[k]
                 packets, nbytes = old.packets, old.bytes
