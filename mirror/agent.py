@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -33,6 +34,9 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 MAP_TABLES = ("routes", "neighbors", "links", "config")
+# The netfilter hint thread must get the GIL at once when a change lands; with
+# Python's default 5 ms switch interval a parsing thread could hold it that long.
+GIL_SWITCH_INTERVAL = 0.0001  # s
 
 
 class Agent:
@@ -64,6 +68,7 @@ class Agent:
             server.close()
 
     def _run(self, server) -> int:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES},
                                beat=self.datapath.beat, hz=self.datapath.measure_hz())
         removed = tc.cleanup_leftovers()
@@ -71,7 +76,10 @@ class Agent:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
-        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
+        # on_hint runs on the watcher's threads: the first sign of a netfilter change
+        # stops forwarding in one map write, before anything is re-read.
+        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)),
+                                                   on_hint=self.sync.hold_forward)
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,6 +160,7 @@ class Agent:
     def _apply_batch(self, batch, reread_sysctls):
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
+        nf_answered = None  # netfilter change hints the newest state read answers
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -164,6 +173,8 @@ class Agent:
                         tc_changed.add(msg["index"])
             elif kind == "netfilter":
                 self._set_netfilter(payload)
+                if payload.hint_seq is not None:
+                    nf_answered = max(nf_answered or 0, payload.hint_seq)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
             elif kind == "resync":
@@ -183,6 +194,8 @@ class Agent:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
+        if nf_answered is not None:
+            self.sync.release_hold(nf_answered)  # the re-read state is in the maps now
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
@@ -296,11 +309,14 @@ class Agent:
         c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
+        out["netfilter_hints"] = self.nf_watch.hint_summary()
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
 
     def _punt_forward_explanation(self):
+        if self.sync.holding:
+            return "netfilter: a change is under way (held until it is re-read)"
         if self.state.netfilter_impact:
             return f"netfilter: {self.state.netfilter_impact}"
         if self.state.xfrm_impact:

@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 
+from .reasons import BY_NAME
 from .translate import Desired, LinkEntry, RouteEntry
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,12 @@ class Reconciler:
         self.codec = Codec(tables)
         self.shadow = Desired()
         self.lock = threading.Lock()
-        self._punt_forward_reason = 0
+        # The config slot has its own lock: a netfilter change hint must be able to
+        # stop forwarding while a long apply() holds self.lock.
+        self._config_lock = threading.Lock()
+        self._punt_forward_reason = 0  # as written to the map
+        self._wanted_reason = 0  # as the translator last asked
+        self._hold_seq = self._released_seq = 0  # netfilter change hints (see hold_forward)
         self.resyncs = 0
         self._write_config()
 
@@ -168,7 +174,8 @@ class Reconciler:
             neighbors=dict(c.decode_neigh(k, v) for k, v in t["neighbors"].items()),
             links=dict(c.decode_link(k, v) for k, v in t["links"].items()),
         )
-        self._punt_forward_reason = self._config().punt_forward_reason
+        with self._config_lock:
+            self._punt_forward_reason = self._config().punt_forward_reason
 
     # -- config and heartbeat --------------------------------------------
     def _config(self):
@@ -179,11 +186,38 @@ class Reconciler:
         self.tables["config"][ctypes.c_int(0)] = leaf
 
     def _set_punt_reason(self, reason: int) -> int:
+        with self._config_lock:
+            self._wanted_reason = reason
+            return self._write_punt_reason()
+
+    def _write_punt_reason(self) -> int:
+        """Write the effective reason: the translator's, else NETFILTER_CHANGING
+        while a netfilter change hint is not yet answered by a re-read."""
+        held = self._hold_seq > self._released_seq
+        reason = self._wanted_reason or (BY_NAME["NETFILTER_CHANGING"] if held else 0)
         if reason == self._punt_forward_reason:
             return 0
         self._punt_forward_reason = reason
         self._write_config()
         return 1
+
+    def hold_forward(self, seq: int) -> None:
+        """A netfilter change is coming or done but not read yet (hint number
+        `seq`): punt all forwarding from now on, in one map write.  Runs on the
+        watcher's thread and never waits for a running apply()."""
+        with self._config_lock:
+            self._hold_seq = max(self._hold_seq, seq)
+            self._write_punt_reason()
+
+    def release_hold(self, seq: int) -> int:
+        """The state read after hint `seq` is in the maps: end holds up to it."""
+        with self._config_lock:
+            self._released_seq = max(self._released_seq, seq)
+            return self._write_punt_reason()
+
+    @property
+    def holding(self) -> bool:
+        return self._hold_seq > self._released_seq
 
     def heartbeat(self, alive: bool, seconds: float = 1.0):
         """Fast path on for `seconds` more, or off from now."""
