@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, netfilter, netlink, tc, xfrm
+from . import control, netfilter, netlink, nfverdict, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -46,6 +46,7 @@ class Agent:
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.state = m.KernelState()
+        self.nf_state = None  # the newest netfilter.NetfilterState (for dump rules)
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
@@ -243,6 +244,7 @@ class Agent:
 
     # -- inputs besides rtnetlink -----------------------------------------
     def _set_netfilter(self, nf_state):
+        self.nf_state = nf_state
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
         self.state.netfilter_impact = nf_state.forward_impact
@@ -331,6 +333,8 @@ class Agent:
     def dump(self, table, match=None):
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
         looks up just that entry (a full read of a big table is slow)."""
+        if table == "rules":
+            return self._dump_rules()
         if table not in ("routes", "neighbors", "links"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}
@@ -349,6 +353,18 @@ class Agent:
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
                  "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+
+    def _dump_rules(self):
+        """Every iptables rule: compiled, punt (and why) or unused; plus what the
+        evaluator cannot read at all (native nft tables, read errors)."""
+        st = self.nf_state
+        if st is None:
+            return []
+        rows = [r.as_dict() for r in nfverdict.classify(st.rulesets)]
+        if st.unsupported:
+            rows.append({"backend": "*", "table": "", "chain": "", "index": 0, "rule": "",
+                         "status": "punt", "reason": f"all forwarded traffic: {st.unsupported}"})
+        return rows
 
     @staticmethod
     def _keys(table, match, names):

@@ -114,10 +114,11 @@ def status(as_json):
 
 
 @main.command()
-@click.argument("table", type=click.Choice(["routes", "neighbors", "links"]))
+@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "rules"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dump(table, as_json):
-    """Show a fast-path table as the datapath sees it."""
+    """Show a fast-path table as the datapath sees it; `rules`: every iptables
+    rule, compiled or punted (and why) or unused by forwarded flows."""
     try:
         reply = control.request({"cmd": "dump", "table": table})
     except control.NotRunning:
@@ -140,6 +141,12 @@ def _row_text(table, row):
         return f"{row['prefix']}{via}{dev}{mtu} {row['action']}"
     if table == "neighbors":
         return f"{row['ip']} dev {row['interface']} lladdr {row['mac']}"
+    if table == "rules":
+        why = f" ({row['reason']})" if row["reason"] else ""
+        if row["index"]:
+            return (f"{row['backend']} {row['table']} {row['chain']} #{row['index']}: {row['status']}{why}\n"
+                    f"    -A {row['chain']} {row['rule']}")
+        return f"{row['backend']}: {row['status']}{why}" + (f"\n    {row['rule']}" if row["rule"] else "")
     return f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
 
 
