@@ -75,7 +75,8 @@
 	X(CT_NOT_LIBERAL, 35, "TCP entry not yet taken over (no BE_LIBERAL): agent asked") \
 	X(CT_ACCT, 36, "conntrack accounting or timestamps on: the kernel counts")  \
 	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
-	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")
+	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")          \
+	X(NETFILTER_CHANGING, 39, "a netfilter change is under way: punt until it is re-read")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped

@@ -12,13 +12,14 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, conntrack, netfilter, netlink, nfhint, offload, tc, xfrm
+from . import control, conntrack, netfilter, netlink, nfverdict, offload, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -33,6 +34,9 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 MAP_TABLES = ("routes", "neighbors", "links", "config", "flows")
+# The netfilter hint thread must get the GIL at once when a change lands; with
+# Python's default 5 ms switch interval a parsing thread could hold it that long.
+GIL_SWITCH_INTERVAL = 0.0001  # s
 
 
 class Agent:
@@ -42,12 +46,12 @@ class Agent:
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.state = m.KernelState()
+        self.nf_state = None  # the newest netfilter.NetfilterState (for dump rules)
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
-        self.last_hint = 0  # sequence number of the last netfilter change signal
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -65,6 +69,7 @@ class Agent:
             server.close()
 
     def _run(self, server) -> int:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES},
                                beat=self.datapath.beat, hz=self.datapath.measure_hz())
         removed = tc.cleanup_leftovers()
@@ -75,8 +80,10 @@ class Agent:
         self.flow_reader = offload.FlowEventReader(self.datapath.table("flow_events"), self.events.put,
                                                    self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
-        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
-        self.nf_hints = nfhint.NetfilterHints(self.events.put)
+        # on_hint runs on the watcher's threads: the first sign of a netfilter change
+        # stops forwarding in one map write, before anything is re-read.
+        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)),
+                                                   on_hint=self.sync.hold_forward)
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,7 +92,6 @@ class Agent:
             self._initial_sync()
             self.netlink.start()
             self.nf_watch.start()
-            self.nf_hints.start()
             self.xfrm_watch.start()
             self.flow_reader.start()
             self._loop()
@@ -111,7 +117,6 @@ class Agent:
     def _shutdown(self):
         log.info("stopping: fast path off, detaching")
         self.nf_watch.stop()
-        self.nf_hints.stop()
         self.flow_reader.stop()
         self.offloader.close()
         self.xfrm_watch.close()
@@ -163,6 +168,7 @@ class Agent:
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
         flow_events = []
+        nf_answered = None  # netfilter change hints the newest state read answers
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -173,16 +179,10 @@ class Agent:
                         self._track_stale(msg)
                     elif event in netlink.TC_EVENTS:
                         tc_changed.add(msg["index"])
-            elif kind == "netfilter_hint":
-                self.state.netfilter_hint()
-                self.last_hint = payload
-            elif kind == "netfilter_read":
-                seq, nf_state = payload
-                self._set_netfilter(nf_state)
-                if seq == self.last_hint:
-                    self.state.netfilter_changing = False
             elif kind == "netfilter":
                 self._set_netfilter(payload)
+                if payload.hint_seq is not None:
+                    nf_answered = max(nf_answered or 0, payload.hint_seq)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
             elif kind == "flow":
@@ -206,6 +206,8 @@ class Agent:
         self._reconcile(full=resync)
         if flow_events:  # decided against the ruleset generation now in the maps
             self.offloader.handle(flow_events, self.state)
+        if nf_answered is not None:
+            self.sync.release_hold(nf_answered)  # the re-read state is in the maps now
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
@@ -213,7 +215,6 @@ class Agent:
         fresh.set_netfilter(old.netfilter_impact, old.netfilter_unsupported, old.nf_rulesets)
         fresh.nf_gen = old.nf_gen
         fresh.new_nf_generation()  # verdicts are recomputed after a resync
-        fresh.netfilter_changing = old.netfilter_changing
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -257,6 +258,7 @@ class Agent:
 
     # -- inputs besides rtnetlink -----------------------------------------
     def _set_netfilter(self, nf_state):
+        self.nf_state = nf_state
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
         # A failed read leaves no rulesets to evaluate: punt, whatever else it says.
@@ -334,12 +336,15 @@ class Agent:
         c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items() if name not in drops}
         c["drop"] = {name: pkts for name, (pkts, _) in counters.items() if name in drops}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
-        out["offload"] = dict(self.offloader.stats, netfilter_hints=self.nf_hints.seq, nf_gen=self.state.nf_gen)
+        out["netfilter_hints"] = self.nf_watch.hint_summary()
+        out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
 
     def _punt_forward_explanation(self):
+        if self.sync.holding:
+            return "netfilter: a change is under way (held until it is re-read)"
         nf = netfilter_punt(self.state)
         if nf:
             return f"netfilter: {nf}"
@@ -357,6 +362,8 @@ class Agent:
         looks up just that entry (a full read of a big table is slow)."""
         if table == "conntrack":
             return self.offloader.dump(self.state)
+        if table == "rules":
+            return self._dump_rules()
         if table not in ("routes", "neighbors", "links"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}
@@ -375,6 +382,18 @@ class Agent:
                     for (i, ip), mac in sorted(rows.items(), key=lambda kv: (kv[0][0], _ip_sort(kv[0][1])))]
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
                  "flags": _link_flag_names(e.flags)} for i, e in sorted(rows.items())]
+
+    def _dump_rules(self):
+        """Every iptables rule: compiled, punt (and why) or unused; plus what the
+        evaluator cannot read at all (native nft tables, read errors)."""
+        st = self.nf_state
+        if st is None:
+            return []
+        rows = [r.as_dict() for r in nfverdict.classify(st.rulesets)]
+        if st.unsupported:
+            rows.append({"backend": "*", "table": "", "chain": "", "index": 0, "rule": "",
+                         "status": "punt", "reason": f"all forwarded traffic: {st.unsupported}"})
+        return rows
 
     @staticmethod
     def _keys(table, match, names):

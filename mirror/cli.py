@@ -120,11 +120,13 @@ def status(as_json):
 
 
 @main.command()
-@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "conntrack"]))
+@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "rules", "conntrack"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dump(table, as_json):
-    """Show a fast-path table as the datapath sees it (conntrack: the kernel
-    flows the fast path carries, with their verdict and the kernel's entry)."""
+    """Show a fast-path table as the datapath sees it; `rules`: every iptables
+    rule, compiled or punted (and why) or unused by forwarded flows;
+    `conntrack`: the kernel flows with a current verdict (forward, drop or
+    left to the kernel), the kernel's entry and the fast path's counters."""
     try:
         reply = control.request({"cmd": "dump", "table": table})
     except control.NotRunning:
@@ -149,6 +151,12 @@ def _row_text(table, row):
         return f"{row['ip']} dev {row['interface']} lladdr {row['mac']}"
     if table == "conntrack":
         return _flow_text(row)
+    if table == "rules":
+        why = f" ({row['reason']})" if row["reason"] else ""
+        if row["index"]:
+            return (f"{row['backend']} {row['table']} {row['chain']} #{row['index']}: {row['status']}{why}\n"
+                    f"    -A {row['chain']} {row['rule']}")
+        return f"{row['backend']}: {row['status']}{why}" + (f"\n    {row['rule']}" if row["rule"] else "")
     return f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
 
 

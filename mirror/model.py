@@ -179,8 +179,6 @@ class KernelState:
     # computed for an older ruleset stop applying at once.
     nf_rulesets: Dict[str, object] = field(default_factory=dict)
     nf_gen: int = 1
-    # A change signal came and the new rules are not read yet: no verdicts.
-    netfilter_changing: bool = False
     # Conntrack sysctls of this netns; None = not read (stateful mode punts).
     ct_sysctls: Optional[CtSysctls] = None
     # net.ipv4.ip_forward_use_pmtu: forwarding then obeys learned path MTUs.
@@ -243,11 +241,6 @@ class KernelState:
         if rulesets != self.nf_rulesets or impact != self.netfilter_impact:
             self.new_nf_generation()
         self.netfilter_impact, self.netfilter_unsupported, self.nf_rulesets = impact, unsupported, rulesets
-
-    def netfilter_hint(self):
-        """The rules may be changing: verdicts of the old ones stop applying now."""
-        self.new_nf_generation()
-        self.netfilter_changing = True
 
     def new_nf_generation(self):
         self.nf_gen = self.nf_gen % 0xFFFFFFFF + 1  # u32, never 0 (an unset entry)

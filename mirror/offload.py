@@ -90,8 +90,8 @@ class Offloader:
 
     def handle(self, events, state: m.KernelState):
         """One batch of events, after the model and maps are up to date."""
-        if nf_config(state).nf_mode != NF_STATEFUL or state.netfilter_changing:
-            return  # no conntrack flows, or the rules are being re-read: flows punt
+        if nf_config(state).nf_mode != NF_STATEFUL:
+            return  # the datapath carries no conntrack flows: nothing to decide
         host = flows.host_view(state)
         for event in {(e.key, e.oif): e for e in events}.values():  # duplicates: once
             self.stats["events"] += 1

@@ -15,6 +15,7 @@ import threading
 from dataclasses import asdict
 
 from .flows import FlowEntry, FlowKey
+from .reasons import BY_NAME
 from .translate import Desired, LinkEntry, NfConfig, RouteEntry
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,13 @@ class Reconciler:
         self.codec = Codec(tables)
         self.shadow = Desired()
         self.lock = threading.Lock()
-        self._punt_forward_reason = 0
-        self._nf = NfConfig()
+        # The config slot has its own lock: a netfilter change hint must be able to
+        # stop forwarding while a long apply() holds self.lock.
+        self._config_lock = threading.Lock()
+        self._punt_forward_reason = 0  # as written to the map
+        self._wanted_reason = 0  # as the translator last asked
+        self._nf = NfConfig()  # as written (and asked: it is never held)
+        self._hold_seq = self._released_seq = 0  # netfilter change hints (see hold_forward)
         self.resyncs = 0
         self._write_config()
 
@@ -196,9 +202,10 @@ class Reconciler:
             neighbors=dict(c.decode_neigh(k, v) for k, v in t["neighbors"].items()),
             links=dict(c.decode_link(k, v) for k, v in t["links"].items()),
         )
-        config = self._config()
-        self._punt_forward_reason = config.punt_forward_reason
-        self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
+        with self._config_lock:
+            config = self._config()
+            self._punt_forward_reason = config.punt_forward_reason
+            self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
 
     # -- flows -------------------------------------------------------------
     # Not diffed against a shadow: the map is an LRU the datapath also writes
@@ -235,11 +242,39 @@ class Reconciler:
         self.tables["config"][ctypes.c_int(0)] = leaf
 
     def _set_config(self, reason: int, nf: NfConfig) -> int:
+        with self._config_lock:
+            self._wanted_reason = reason
+            return self._write_effective(nf)
+
+    def _write_effective(self, nf: NfConfig) -> int:
+        """Write the effective config: the translator's, with NETFILTER_CHANGING
+        as the punt reason while a netfilter change hint is not yet answered
+        by a re-read."""
+        held = self._hold_seq > self._released_seq
+        reason = self._wanted_reason or (BY_NAME["NETFILTER_CHANGING"] if held else 0)
         if (reason, nf) == (self._punt_forward_reason, self._nf):
             return 0
         self._punt_forward_reason, self._nf = reason, nf
         self._write_config()
         return 1
+
+    def hold_forward(self, seq: int) -> None:
+        """A netfilter change is coming or done but not read yet (hint number
+        `seq`): punt all forwarding from now on, in one map write.  Runs on the
+        watcher's thread and never waits for a running apply()."""
+        with self._config_lock:
+            self._hold_seq = max(self._hold_seq, seq)
+            self._write_effective(self._nf)
+
+    def release_hold(self, seq: int) -> int:
+        """The state read after hint `seq` is in the maps: end holds up to it."""
+        with self._config_lock:
+            self._released_seq = max(self._released_seq, seq)
+            return self._write_effective(self._nf)
+
+    @property
+    def holding(self) -> bool:
+        return self._hold_seq > self._released_seq
 
     def heartbeat(self, alive: bool, seconds: float = 1.0):
         """Fast path on for `seconds` more, or off from now."""

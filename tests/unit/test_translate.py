@@ -178,10 +178,3 @@ def test_every_ruleset_change_is_a_new_generation():
         gens.append(st.nf_gen)
     assert gens[1] != gens[0] and gens[2] == gens[1] and len(set(gens)) == 4 and 0 not in gens
 
-
-def test_a_change_signal_starts_a_generation_without_verdicts_until_the_rules_are_read():
-    st = node(netfilter_impact="filter FORWARD: 1 rule", netfilter_unsupported=None, ct_sysctls=m.CtSysctls())
-    before = translate(st).nf.nf_gen
-    st.netfilter_hint()
-    assert st.netfilter_changing and translate(st).nf.nf_gen != before
-    assert translate(st).nf.nf_mode == NF_STATEFUL  # flows punt: no verdict of this generation exists

@@ -1,0 +1,76 @@
+"""Reconciler: the netfilter change hold (one config write on the first hint,
+released by the reconcile after the re-read). Pure: fake maps, no BPF."""
+
+import threading
+from collections import namedtuple
+
+from mirror.reasons import BY_NAME
+from mirror.sync import Reconciler
+from mirror.translate import Desired, NfConfig
+
+# struct lm_config: the punt reason, hz, then the netfilter fields.
+Leaf = namedtuple("Leaf", ["punt_forward_reason", "hz", *NfConfig.__dataclass_fields__],
+                  defaults=[0] * (len(NfConfig.__dataclass_fields__) + 1))
+
+
+class FakeConfig:
+    Leaf = Leaf
+
+    def __init__(self):
+        self.writes = []
+
+    def __setitem__(self, key, leaf):
+        self.writes.append(leaf.punt_forward_reason)
+
+    def __getitem__(self, key):
+        return Leaf(self.writes[-1] if self.writes else 0, 250)
+
+
+class FakeTable(dict):
+    pass
+
+
+def reconciler():
+    cfg = FakeConfig()
+    tables = {"routes": FakeTable(), "neighbors": FakeTable(), "links": FakeTable(), "config": cfg}
+    return Reconciler(tables, beat=lambda ttl: None, hz=250), cfg
+
+
+CHANGING = BY_NAME["NETFILTER_CHANGING"]
+
+
+def test_hint_writes_once_and_release_restores():
+    r, cfg = reconciler()
+    r.apply(Desired())
+    n = len(cfg.writes)
+    r.hold_forward(1)
+    assert cfg.writes[n:] == [CHANGING]
+    r.hold_forward(2)                       # already held: no second write
+    assert cfg.writes[n:] == [CHANGING]
+    r.apply(Desired())                      # a reconcile before the re-read keeps holding
+    assert cfg.writes[-1] == CHANGING and r.holding
+    r.release_hold(1)                       # answers only hint 1 of 2
+    assert cfg.writes[-1] == CHANGING
+    r.release_hold(2)
+    assert cfg.writes[-1] == 0 and not r.holding
+
+
+def test_translator_reason_wins_over_the_hold():
+    r, cfg = reconciler()
+    r.apply(Desired(punt_forward_reason=BY_NAME["NETFILTER"]))
+    r.hold_forward(1)
+    assert cfg.writes[-1] == BY_NAME["NETFILTER"]       # already punting: nothing to write
+    r.apply(Desired())                                   # the rules went away, but not re-read yet
+    assert cfg.writes[-1] == CHANGING
+    r.release_hold(1)
+    assert cfg.writes[-1] == 0
+
+
+def test_hint_does_not_wait_for_a_running_apply():
+    r, cfg = reconciler()
+    with r.lock:                                          # as during a long apply()
+        t = threading.Thread(target=r.hold_forward, args=(1,))
+        t.start()
+        t.join(2)
+        assert not t.is_alive()
+        assert cfg.writes[-1] == CHANGING
