@@ -11,6 +11,10 @@
                                                     "last_at"}; END: "fin" (close, default),
                                                     "rst" (SO_LINGER 0), "hold:N" (idle N s, then close)
 
+    flowio.py whoami PORT                           server: answers each connection with the
+                                                    address it was reached at, until killed
+    flowio.py whoami-client DST PORT N              N connections -> JSON [[client_port, answer], ...]
+
 Sinks and servers print "ready" once bound.  Timestamps are time.time() (one
 clock for every namespace of the host).
 """
@@ -101,6 +105,27 @@ def tcp_talk(dst, port, seconds, interval, end="fin"):
     print(json.dumps(out), flush=True)
 
 
+def whoami(port):
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(port)))
+    srv.listen(64)
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(c.getsockname()[0].encode())
+
+
+def whoami_client(dst, port, n):
+    out = []
+    for _ in range(int(n)):
+        with socket.create_connection((dst, int(port)), timeout=5) as c:
+            out.append([c.getsockname()[1], c.recv(64).decode()])
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"udp-sink": udp_sink, "udp-source": udp_source, "tcp-echo": tcp_echo, "tcp-talk": tcp_talk}[cmd](*args)
+    {"udp-sink": udp_sink, "udp-source": udp_source, "tcp-echo": tcp_echo, "tcp-talk": tcp_talk,
+     "whoami": whoami, "whoami-client": whoami_client}[cmd](*args)

@@ -86,6 +86,42 @@ COMMIT
 """
 
 
+def kube_proxy_rules(vip, endpoints, other_services=300):
+    """kube-proxy's iptables mode (tests/data/iptables/kube-proxy-test-overall-rules.restore
+    shape): KUBE-SERVICES -> KUBE-SVC (statistic) -> KUBE-SEP DNAT, KUBE-MARK-MASQ +
+    MASQUERADE --random-fully, KUBE-FORWARD with INVALID DROP, and other services."""
+    nat = [":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+           ":POSTROUTING ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]",
+           ":KUBE-POSTROUTING - [0:0]", ":KUBE-SVC-TEST - [0:0]"]
+    nat += [f":KUBE-SEP-{i} - [0:0]" for i in range(len(endpoints))]
+    nat += [f":KUBE-SVC-OTHER{i} - [0:0]" for i in range(other_services)]
+    nat += ['-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+            "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+            '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+            "-j MASQUERADE --random-fully"]
+    nat += [f"-A KUBE-SERVICES -d 10.97.{i // 250}.{i % 250 + 1}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-OTHER{i}"
+            for i in range(other_services)]
+    nat += [f"-A KUBE-SVC-OTHER{i} -j KUBE-MARK-MASQ" for i in range(other_services)]
+    nat.append(f"-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-TEST")
+    nat.append(f"-A KUBE-SVC-TEST ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ")
+    for i, ep in enumerate(endpoints):
+        left = len(endpoints) - i
+        stat = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+        nat.append(f"-A KUBE-SVC-TEST {stat}-j KUBE-SEP-{i}")
+        nat.append(f"-A KUBE-SEP-{i} -s {ep}/32 -j KUBE-MARK-MASQ")
+        nat.append(f"-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {ep}:5201")
+    filt = [":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":KUBE-FORWARD - [0:0]",
+            '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT',
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    return "\n".join(["*nat", *nat, "COMMIT", "*filter", *filt, "COMMIT", ""])
+
+
 # -- helpers ---------------------------------------------------------------
 def load_rules(topo, rules):
     topo.run("node", ["iptables-restore"], input=rules)
@@ -248,6 +284,32 @@ def test_docker_published_port_and_masquerade(routed_topology, agent):
         assert all(to > 431990 for to in res["timeouts"]), res["timeouts"]
     assert len(alone["entries"]) == 2 and mirrored["entries"] == alone["entries"]
     assert all(e[4] == ("ASSURED",) for e in mirrored["entries"])
+    assert fast_share(d) > 0.9, d
+
+
+def test_kube_proxy_service_with_three_endpoints(routed_topology, agent):
+    t = routed_topology
+    vip, endpoints = "10.96.0.10", ["10.2.0.2", "10.2.0.3", "10.2.0.4"]
+    for ep in endpoints[1:]:
+        t.run("pod2", ["ip", "addr", "add", f"{ep}/24", "dev", "eth0"])
+
+    def scenario(a):
+        who = server(t, "pod2", "whoami", 5201)
+        conns = json.loads(t.run("pod1", [PY, FLOWIO, "whoami-client", vip, "80", "30"]).stdout)
+        chosen = {e["orig"]["sport"]: e["reply"]["src"] for e in conntrack(t, "-p", "tcp", "-d", vip)}
+        t.kill(who)
+        c0 = counters(a)
+        got = iperf(t, vip, 80, server_port=5201, seconds=3)
+        d = delta(counters(a), c0)
+        masq = {e["reply"]["dst"] for e in conntrack(t, "-p", "tcp", "-d", vip)}
+        return {"reached_chosen": all(chosen.get(str(port)) == ep for port, ep in conns),
+                "endpoints_used": sorted({ep for _, ep in conns}), "iperf": got > 1_000_000,
+                "masqueraded_to": sorted(masq)}, d
+
+    (alone, _), (mirrored, d), _ = both(t, agent, kube_proxy_rules(vip, endpoints), scenario)
+    assert alone == {"reached_chosen": True, "endpoints_used": endpoints, "iperf": True,
+                     "masqueraded_to": [t.gw2_ip]}
+    assert mirrored == alone
     assert fast_share(d) > 0.9, d
 
 
