@@ -76,14 +76,15 @@
 	X(CT_ACCT, 36, "conntrack accounting or timestamps on: the kernel counts")  \
 	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
 	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")          \
-	X(NETFILTER_CHANGING, 39, "a netfilter change is under way: punt until it is re-read")
+	X(NAT_FAILED, 39, "dropped: NAT rewrite failed (header not writable)")     \
+	X(NETFILTER_CHANGING, 40, "a netfilter change is under way: punt until it is re-read")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
  * (TC_ACT_SHOT) because the kernel would drop it too.  Everything else in
  * LM_REASONS except FORWARDED hands the packet to the kernel.
  */
-#define LM_DROP_REASONS(X) X(NF_DROP)
+#define LM_DROP_REASONS(X) X(NF_DROP) X(NAT_FAILED)
 
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };
@@ -133,9 +134,10 @@ struct lm_link {
 #define LM_NF_STATEFUL 1 /* forwarded TCP/UDP needs a kernel ct entry + flow verdict */
 
 /* lm_config.ct_flags: conntrack features whose per-packet work only the
- * kernel does; flows punt while they are on. */
-#define LM_CT_ACCT (1 << 0)   /* net.netfilter.nf_conntrack_acct = 1 */
-#define LM_CT_TSTAMP (1 << 1) /* net.netfilter.nf_conntrack_timestamp = 1 */
+ * kernel does; flows punt (CT_ACCT) while they are on.  (Not LM_CT_ACCT:
+ * that is the reason's enum name.) */
+#define LM_CT_FLAG_ACCT (1 << 0)   /* net.netfilter.nf_conntrack_acct = 1 */
+#define LM_CT_FLAG_TSTAMP (1 << 1) /* net.netfilter.nf_conntrack_timestamp = 1 */
 
 struct lm_config {
 	__u32 punt_forward_reason; /* nonzero: punt every forwarded packet
@@ -143,7 +145,7 @@ struct lm_config {
 	__u32 hz;                  /* jiffies per second, measured by the agent */
 	__u32 nf_mode;             /* LM_NF_OFF / LM_NF_STATEFUL */
 	__u32 nf_gen;              /* ruleset generation; bumped on every change */
-	__u32 ct_flags;            /* LM_CT_ACCT | LM_CT_TSTAMP */
+	__u32 ct_flags;            /* LM_CT_FLAG_ACCT | LM_CT_FLAG_TSTAMP */
 	__u32 tcp_max_retrans;     /* nf_conntrack_tcp_max_retrans */
 	/* nf_conntrack_*timeout* sysctls, seconds */
 	__u32 to_tcp_established, to_tcp_unack, to_tcp_retrans, to_udp, to_udp_stream;

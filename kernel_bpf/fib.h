@@ -12,7 +12,7 @@
 
 static __always_inline __u32 lm_fib_route(struct __sk_buff *skb, struct lm_pkt *p)
 {
-	struct lm_route_key key = { .prefixlen = 32, .addr = p->iph->daddr };
+	struct lm_route_key key = { .prefixlen = 32, .addr = p->daddr };
 	struct lm_route *rt = routes.lookup(&key);
 
 	/* No route we mirror: the kernel answers ICMP unreachable, or has a
@@ -75,7 +75,7 @@ static __always_inline __u32 lm_fib_neigh(struct __sk_buff *skb, struct lm_pkt *
 {
 	struct lm_neigh_key key = {
 		.ifindex = p->rt->oif,
-		.addr = p->rt->gateway ? p->rt->gateway : p->iph->daddr,
+		.addr = p->rt->gateway ? p->rt->gateway : p->daddr,
 	};
 	struct lm_neigh *nb = neighbors.lookup(&key);
 

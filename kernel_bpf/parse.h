@@ -96,6 +96,7 @@ static __always_inline __u32 lm_parse_ipv4(struct __sk_buff *skb, struct lm_pkt 
 
 	saddr = iph->saddr;
 	daddr = iph->daddr;
+	p->daddr = daddr;
 	d0 = LM_IP_OCTET0(daddr);
 	s0 = LM_IP_OCTET0(saddr);
 	/* Multicast and limited broadcast: ip_mr_input / local delivery. */

@@ -47,6 +47,19 @@ static __always_inline int lm_is_drop(__u32 reason)
 	return 0;
 }
 
+/* ct.h: what the conntrack stage read from the kernel's entry (which it
+ * has released by then), for the verdict and NAT stages. */
+struct lm_ctinfo {
+	struct lm_flow_key key;  /* wire tuple + ingress */
+	__u32 nat_saddr, nat_daddr; /* as the packet leaves (== wire: no NAT) */
+	__u16 nat_sport, nat_dport;
+	__u32 mark;              /* ct->mark */
+	__u32 status;            /* ct->status & LM_CT_VERDICT_BITS */
+	__u8 dir;                /* conntrack direction of this packet */
+	__u8 liberal;            /* UDP, or TCP with BE_LIBERAL both ways */
+	__u16 tcp_win;           /* TCP: the segment's raw window field */
+};
+
 struct lm_pkt {
 	void *data;              /* skb->data / data_end after the last pull */
 	void *data_end;
@@ -57,9 +70,12 @@ struct lm_pkt {
 	struct lm_link *out_link;/* fib.h: egress link */
 	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
 	struct lm_config *cfg;   /* gate.h: config[0] */
+	struct lm_ctinfo *ci;    /* stateful mode only (ct.h), else NULL */
 	__u64 now;               /* bpf_jiffies64() once per packet */
 	__u32 ifindex;           /* ingress ifindex */
 	__u32 tot_len;           /* host order iph->tot_len */
+	__u32 daddr;             /* destination routed on: iph->daddr, or
+				    after DNAT (ct.h) */
 	int action;              /* xmit.h: TC action when forwarded */
 };
 

@@ -15,10 +15,13 @@
 #include "pkt.h"
 #include "gate.h"
 #include "parse.h"
+#include "ct.h"
 #include "fib.h"
 #include "fwd.h"
+#include "verdict.h"
 #include "rewrite.h"
 #include "xmit.h"
+#include "nat.h"
 #include "heartbeat.h"
 
 /*
@@ -55,19 +58,29 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 int lm_tc_ingress(struct __sk_buff *skb)
 {
 	struct lm_pkt p = {};
+	struct lm_ctinfo ci; /* filled by lm_ct() before any use */
 	__u32 reason;
 
 	LM_STAGE(reason, lm_gate(skb, &p));
 	LM_STAGE(reason, lm_parse_eth(skb, &p));
 	LM_STAGE(reason, lm_parse_ipv4(skb, &p));
+	if (p.cfg->nf_mode == LM_NF_STATEFUL) {
+		p.ci = &ci;
+		LM_STAGE(reason, lm_ct(skb, &p));
+	}
 	LM_STAGE(reason, lm_fib_route(skb, &p));
 	LM_STAGE(reason, lm_fib_source(skb, &p));
 	LM_STAGE(reason, lm_fib_egress(skb, &p));
 	LM_STAGE(reason, lm_fwd_checks(skb, &p));
+	/* FORWARD and POSTROUTING come after ip_forward()'s TTL/MTU checks. */
+	if (p.ci)
+		LM_STAGE(reason, lm_verdict(skb, &p));
 	LM_STAGE(reason, lm_fib_neigh(skb, &p));
 	/* Past this line nothing may punt: the packet is being rewritten. */
 	LM_STAGE(reason, lm_rewrite(skb, &p));
 	LM_STAGE(reason, lm_xmit(skb, &p));
+	if (p.ci)
+		LM_STAGE(reason, lm_nat(skb, &p));
 out:
 	return lm_exit(skb, &p, reason);
 }

@@ -119,3 +119,43 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: Optional[SkBuff] = None, repea
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
     return RunResult(attr.retval, data_out.raw[: attr.data_size_out], ctx_out, attr.duration)
+
+
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+class _BpfAttrInfo(ctypes.Structure):
+    """union bpf_attr, the BPF_OBJ_GET_INFO_BY_FD member."""
+
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _BpfProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info (the kernel fills what fits)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+    ]
+
+
+def _prog_info(prog_fd: int, info: _BpfProgInfo) -> None:
+    attr = _BpfAttrInfo(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    if _libc.syscall(NR_BPF, BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+
+
+def prog_xlated_insns(prog_fd: int) -> bytes:
+    """The loaded program as the verifier left it (8-byte instructions)."""
+    info = _BpfProgInfo()
+    _prog_info(prog_fd, info)
+    buf = ctypes.create_string_buffer(info.xlated_prog_len)
+    info = _BpfProgInfo(xlated_prog_len=len(buf), xlated_prog_insns=ctypes.addressof(buf))
+    _prog_info(prog_fd, info)
+    return buf.raw[: info.xlated_prog_len]

@@ -21,14 +21,17 @@ source_text() needs neither root nor BCC.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import struct
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .bpfsys import SkBuff, prog_test_run
+from .btf import STRUCT, VMLINUX, Btf, BtfError
 from .reasons import REASONS
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "kernel_bpf"
@@ -39,6 +42,45 @@ COMMON_H = BPF_DIR / "common.h"
 
 # Table-size macros of common.h that the loader may override.
 SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS")
+
+# The conntrack kfuncs ct.h calls, each through a placeholder helper number
+# (macro, value) that patch_kfunc_calls() turns into a kfunc call.
+KFUNCS = {
+    "bpf_skb_ct_lookup": ("LM_KF_SKB_CT_LOOKUP", 0x7FF00001),
+    "bpf_ct_release": ("LM_KF_CT_RELEASE", 0x7FF00002),
+    "bpf_ct_change_timeout": ("LM_KF_CT_CHANGE_TIMEOUT", 0x7FF00003),
+}
+
+# What ct.h reads, and where: (macro, struct, member path, size in bytes).
+NFCT_LAYOUT = (
+    ("LM_NFCT_STATUS", "nf_conn", "status", 8),
+    ("LM_NFCT_MARK", "nf_conn", "mark", 4),
+    ("LM_NFCT_EXT", "nf_conn", "ext", 8),
+    ("LM_NFCT_O_SRC_IP", "nf_conn", "tuplehash[0].tuple.src.u3.ip", 4),
+    ("LM_NFCT_O_SRC_PORT", "nf_conn", "tuplehash[0].tuple.src.u.all", 2),
+    ("LM_NFCT_O_DST_IP", "nf_conn", "tuplehash[0].tuple.dst.u3.ip", 4),
+    ("LM_NFCT_O_DST_PORT", "nf_conn", "tuplehash[0].tuple.dst.u.all", 2),
+    ("LM_NFCT_R_SRC_IP", "nf_conn", "tuplehash[1].tuple.src.u3.ip", 4),
+    ("LM_NFCT_R_SRC_PORT", "nf_conn", "tuplehash[1].tuple.src.u.all", 2),
+    ("LM_NFCT_R_DST_IP", "nf_conn", "tuplehash[1].tuple.dst.u3.ip", 4),
+    ("LM_NFCT_R_DST_PORT", "nf_conn", "tuplehash[1].tuple.dst.u.all", 2),
+    ("LM_NFCT_TCP_STATE", "nf_conn", "proto.tcp.state", 1),
+    ("LM_NFCT_TCP_FLAGS0", "nf_conn", "proto.tcp.seen[0].flags", 1),
+    ("LM_NFCT_TCP_FLAGS1", "nf_conn", "proto.tcp.seen[1].flags", 1),
+    ("LM_NFCT_TCP_RETRANS", "nf_conn", "proto.tcp.retrans", 1),
+    ("LM_NFCT_UDP_STREAM_TS", "nf_conn", "proto.udp.stream_ts", 8),
+    ("LM_CT_EXT_OFFSET", "nf_ct_ext", "offset[0]", 1),
+)
+# struct lm_ct_opts in ct.h must match the kernel's struct bpf_ct_opts.
+CT_OPTS_LAYOUT = (("netns_id", 0, 4), ("error", 4, 4), ("l4proto", 8, 1), ("dir", 9, 1))
+CT_OPTS_MAX = 16  # sizeof(struct lm_ct_opts)
+# Conntrack extensions whose presence makes a flow punt (enum nf_ct_ext_id;
+# a kernel built without one cannot have it, so a missing value is skipped).
+CT_EXT_PUNT = ("HELPER", "ACCT", "TIMEOUT", "SYNPROXY")
+NF_CONNTRACK_MODULE_BTF = VMLINUX.parent / "nf_conntrack"
+
+BPF_CALL = 0x85  # BPF_JMP | BPF_CALL
+BPF_PSEUDO_KFUNC_CALL = 2
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 _REASON_RE = re.compile(r'X\(\s*([A-Z0-9_]+)\s*,\s*(\d+)\s*,\s*"((?:[^"\\]|\\.)*)"\s*\)')
@@ -89,6 +131,70 @@ def _size_cflags(sizes: Optional[Mapping[str, int]]) -> List[str]:
     return flags
 
 
+def kernel_cflags(btf: Optional[Btf] = None) -> Tuple[List[str], Dict[int, int]]:
+    """The -D macros ct.h needs, from the running kernel's BTF, and the map
+    placeholder -> kfunc BTF id for patch_kfunc_calls().  Raises
+    DatapathError when the kernel lacks something ct.h relies on."""
+    if NF_CONNTRACK_MODULE_BTF.exists():
+        raise DatapathError(
+            f"nf_conntrack is a kernel module here ({NF_CONNTRACK_MODULE_BTF} exists): its kfuncs "
+            "would need a module BTF fd in the program's fd_array, which this loader does not pass; "
+            "the stateful fast path needs nf_conntrack built into the kernel")
+    try:
+        btf = btf or Btf.load()
+        ids = {value: btf.func_id(name) for name, (_, value) in KFUNCS.items()}
+        flags = [f"-D{macro}={value:#x}" for macro, value in KFUNCS.values()]
+        for macro, struct_name, path, size in NFCT_LAYOUT:
+            offset, got = btf.member(struct_name, path)
+            if got != size:
+                raise DatapathError(f"struct {struct_name}.{path} is {got} bytes in this kernel, "
+                                    f"the datapath reads {size}")
+            flags.append(f"-D{macro}={offset}")
+        for name, offset, size in CT_OPTS_LAYOUT:
+            if btf.member("bpf_ct_opts", name) != (offset, size):
+                raise DatapathError(f"struct bpf_ct_opts.{name} moved in this kernel")
+        opts_size = btf.sizeof(btf.type_id(STRUCT, "bpf_ct_opts"))
+        if opts_size > CT_OPTS_MAX:
+            raise DatapathError(f"struct bpf_ct_opts is {opts_size} bytes here, ct.h knows {CT_OPTS_MAX}")
+        flags.append(f"-DLM_CT_OPTS_SIZE={opts_size}")
+        for ext in CT_EXT_PUNT:
+            try:
+                flags.append(f"-DLM_CT_EXT_{ext}={btf.enum_value('nf_ct_ext_id', 'NF_CT_EXT_' + ext)}")
+            except BtfError as e:
+                if "has no value" not in str(e):
+                    raise
+                continue
+            if ext == "SYNPROXY":
+                offset, size = btf.member("nf_conn_synproxy", "tsoff")
+                if size != 4:
+                    raise DatapathError(f"struct nf_conn_synproxy.tsoff is {size} bytes here, the datapath reads 4")
+                flags.append(f"-DLM_SYNPROXY_TSOFF={offset}")
+    except (BtfError, OSError) as e:
+        raise DatapathError(f"the kernel's BTF lacks what the conntrack stage needs: {e}") from e
+    return flags, ids
+
+
+def patch_kfunc_calls(insns, ids: Mapping[int, int]) -> Dict[int, int]:
+    """Turn every `call <placeholder>` in the instruction buffer (writable,
+    8-byte BPF instructions) into a kfunc call: src_reg
+    BPF_PSEUDO_KFUNC_CALL, imm the function's BTF id.  Returns
+    {placeholder: calls patched}.  A placeholder left anywhere else (e.g.
+    materialised into a register) raises DatapathError: the kernel would
+    reject or, worse, misread it."""
+    counts = {p: 0 for p in ids}
+    view = memoryview(insns).cast("B")
+    for off in range(0, len(view) - 7, 8):
+        code, regs, _off16, imm = struct.unpack_from("<BBhI", view, off)
+        if imm not in ids:
+            continue
+        if code != BPF_CALL or regs != 0:
+            raise DatapathError(f"kfunc placeholder {imm:#x} in a non-call instruction {off // 8} "
+                                f"(code {code:#x}): cannot patch it")
+        struct.pack_into("<BBhi", view, off, BPF_CALL, BPF_PSEUDO_KFUNC_CALL << 4, 0, ids[imm])
+        counts[imm] += 1
+    return counts
+
+
 def _captured(call):
     """Run call() with fd 2 (where libbcc/clang print compile errors and the
     verifier log) collected; returns (result, None) or (None, (exc, text)).
@@ -136,27 +242,46 @@ class Datapath:
     Raises DatapathError with the compiler/verifier/kernel cause.
     """
 
-    def __init__(self, cflags: Iterable[str] = (), sizes: Optional[Mapping[str, int]] = None):
+    def __init__(self, cflags: Iterable[str] = (), sizes: Optional[Mapping[str, int]] = None,
+                 entry: os.PathLike | str = BPF_DIR / ENTRY, prog: str = PROG_NAME):
         try:
             from bcc import BPF  # Debian's python3-bpfcc, via the venv shim
         except ImportError as e:  # pragma: no cover - depends on the host
             raise DatapathError(f"BCC is not importable ({e}); run tools/setup") from e
         self._BPF = BPF
-        self.cflags: List[str] = [f"-I{BPF_DIR}", *_size_cflags(sizes), *cflags]
-        self.text = source_text()
+        kflags, self._kfunc_ids = kernel_cflags()
+        self.cflags: List[str] = [f"-I{BPF_DIR}", *kflags, *_size_cflags(sizes), *cflags]
+        self._prog = prog
+        self.text = source_text(entry)
         self._bpf, failed = _captured(lambda: BPF(text=self.text.encode(), cflags=self.cflags))
         if failed:
             exc, text = failed
-            raise DatapathError(f"compiling {BPF_DIR / ENTRY} failed: {exc}{_headers_hint()}{_tail(text)}") from exc
-        self._fn, failed = _captured(lambda: self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS))
-        if not failed:
+            raise DatapathError(f"compiling {entry} failed: {exc}{_headers_hint()}{_tail(text)}") from exc
+        self._fn = self._heartbeat = None
+        #: {kfunc name: call instructions patched} in the program
+        self.kfunc_calls = self._patch(prog)
+        self._fn, failed = _captured(lambda: self._bpf.load_func(prog.encode(), BPF.SCHED_CLS))
+        if not failed and "int lm_heartbeat(" in self.text:
+            self._patch("lm_heartbeat")
             self._heartbeat, failed = _captured(lambda: self._bpf.load_func(b"lm_heartbeat", BPF.SCHED_CLS))
         if failed:
             exc, text = failed
             self._bpf.cleanup()
             self._bpf = None
             hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
-            raise DatapathError(f"loading {PROG_NAME} failed: {exc}{hint}{_tail(text, 40)}") from exc
+            raise DatapathError(f"loading {prog} failed: {exc}{hint}{_tail(text, 40)}") from exc
+
+    def _patch(self, func: str) -> Dict[str, int]:
+        """Patch the kfunc placeholders of one compiled function in BCC's
+        instruction buffer, before load_func() hands it to the kernel."""
+        from bcc import libbcc
+
+        lib, name = libbcc.lib, func.encode()
+        start, size = lib.bpf_function_start(self._bpf.module, name), lib.bpf_function_size(self._bpf.module, name)
+        if not start:
+            raise DatapathError(f"no compiled function {func!r}")
+        counts = patch_kfunc_calls((ctypes.c_uint8 * size).from_address(start), self._kfunc_ids)
+        return {kf: counts[value] for kf, (_, value) in KFUNCS.items()}
 
     def beat(self, ttl_jiffies: int) -> Tuple[int, int]:
         """Run lm_heartbeat: the fast path works for ttl_jiffies more (0:
@@ -184,7 +309,7 @@ class Datapath:
 
     @property
     def name(self) -> str:
-        return PROG_NAME
+        return self._prog
 
     def table(self, name: str):
         """The bcc table object for a map of common.h (routes, neighbors,

@@ -22,8 +22,8 @@ LINK_RPF_LOOSE = 1 << 4
 # Netfilter modes and conntrack flags of struct lm_config, as in kernel_bpf/common.h.
 NF_OFF = 0  # nothing on the forward path: no conntrack stage
 NF_STATEFUL = 1  # iptables rules on the forward path: only flows with a kernel entry and a verdict
-CT_ACCT = 1 << 0  # nf_conntrack_acct=1: the fast path cannot count for the kernel, flows punt
-CT_TSTAMP = 1 << 1  # nf_conntrack_timestamp=1: likewise
+CT_FLAG_ACCT = 1 << 0  # nf_conntrack_acct=1: the fast path cannot count for the kernel, flows punt
+CT_FLAG_TSTAMP = 1 << 1  # nf_conntrack_timestamp=1: likewise
 
 # Link kinds the fast path can receive on and transmit to today.  Bridges,
 # VXLAN, bonds ... arrive with their own issues; until then they are not
@@ -193,7 +193,7 @@ def nf_config(state: m.KernelState) -> NfConfig:
     if state.netfilter_impact is None or netfilter_punt(state) is not None:
         return NfConfig()
     ct = state.ct_sysctls
-    flags = (CT_ACCT if ct.acct else 0) | (CT_TSTAMP if ct.timestamp else 0)
+    flags = (CT_FLAG_ACCT if ct.acct else 0) | (CT_FLAG_TSTAMP if ct.timestamp else 0)
     return NfConfig(nf_mode=NF_STATEFUL, nf_gen=state.nf_gen, ct_flags=flags, tcp_max_retrans=ct.tcp_max_retrans,
                     to_tcp_established=ct.tcp_timeout_established, to_tcp_unack=ct.tcp_timeout_unacknowledged,
                     to_tcp_retrans=ct.tcp_timeout_max_retrans, to_udp=ct.udp_timeout,

@@ -81,6 +81,74 @@ TOPO_MACS = {
 }
 
 
+# --- kernel conntrack (of the netns the process is in) ----------------------
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowEvent(ctypes.Structure):
+    """struct lm_flow_event"""
+    _fields_ = [("key", FlowKey), ("oif", ctypes.c_uint32), ("dir", ctypes.c_uint8),
+                ("why", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+
+
+def conntrack(*args: str) -> str:
+    """Run the conntrack CLI (conntrack-tools) in the current netns."""
+    return subprocess.run(["conntrack", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ct_list(*args: str):
+    """`conntrack -L`: one (protocol, seconds left, {orig/reply fields, state,
+    flags}) per entry."""
+    out = []
+    for line in conntrack("-L", *args).splitlines():
+        words = line.split()
+        if len(words) < 3 or not words[2].isdigit():
+            continue
+        fields, seen = {}, set()
+        for w in words[3:]:
+            if "=" in w:
+                k, v = w.split("=", 1)
+                fields[("reply_" if k in seen else "") + k] = v
+                seen.add(k)
+            elif w.startswith("["):
+                fields.setdefault("flags", []).append(w.strip("[]"))
+            else:
+                fields["state"] = w
+        out.append((words[0], int(words[2]), fields))
+    return out
+
+
+def ct_set_tcp_flags(src: str, dst: str, sport: int, dport: int, flags: int, mask: int) -> None:
+    """Set seen[0]/seen[1] flags of a TCP entry through ctnetlink (the
+    conntrack CLI cannot), e.g. IP_CT_TCP_FLAG_BE_LIBERAL as the agent does."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    value = {"value": (flags, mask)}
+    pi = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": [["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", value],
+                                                     ["CTA_PROTOINFO_TCP_FLAGS_REPLY", value]]}]]}
+    with NFCTSocket() as nfct:
+        nfct.entry("set", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=6, sport=sport, dport=dport),
+                   protoinfo=pi)
+
+
+def ct_set_synproxy_tsoff(src: str, dst: str, sport: int, dport: int, tsoff: int) -> None:
+    """Give a TCP entry a synproxy timestamp offset (the synproxy hook then
+    rewrites its established segments)."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with NFCTSocket() as nfct:
+        nfct.entry("set", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=6, sport=sport, dport=dport),
+                   synproxy={"attrs": [["CTA_SYNPROXY_ISN", 0], ["CTA_SYNPROXY_ITS", 0],
+                                             ["CTA_SYNPROXY_TSOFF", tsoff]]})
+
+
 # --- map writers ----------------------------------------------------------
 
 
@@ -110,12 +178,41 @@ class Maps:
         self.links = dp.table("links")
         self.config = dp.table("config")
         self.counters_t = dp.table("counters")
+        self.flows = dp.table("flows")
+        self.flow_asked = dp.table("flow_asked")
+        self._events = []
+        # Keep the table: it holds the callback libbcc calls.
+        self.flow_events = dp.table("flow_events")
+        self.flow_events.open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx, data, size):
+        ev = ctypes.cast(data, ctypes.POINTER(FlowEvent)).contents
+        self._events.append(FlowEvent.from_buffer_copy(ev))
+
+    def events(self):
+        """Ring-buffer events (struct lm_flow_event) since the last call."""
+        self.dp._bpf.ring_buffer_consume()
+        out, self._events = self._events, []
+        return out
+
+    def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int):
+        return self.flows.Key(ifindex=ifindex, saddr=ip4(saddr), daddr=ip4(daddr),
+                              sport=socket.htons(sport), dport=socket.htons(dport), proto=proto)
+
+    def flow(self, key, action: int, oif: int, nat: Tuple[str, str, int, int], gen: int = 0,
+             ct_mark: int = 0, ct_status: int = 0):
+        """A verdict as the agent writes it; nat = (saddr, daddr, sport, dport) as sent."""
+        self.flows[key] = self.flows.Leaf(
+            gen=gen, action=action, oif=oif, ct_mark=ct_mark, ct_status=ct_status,
+            nat_saddr=ip4(nat[0]), nat_daddr=ip4(nat[1]),
+            nat_sport=socket.htons(nat[2]), nat_dport=socket.htons(nat[3]))
 
     def clear(self) -> None:
-        for t in (self.routes, self.neighbors, self.links):
+        for t in (self.routes, self.neighbors, self.links, self.flows, self.flow_asked):
             for k in list(t.keys()):
                 del t[k]
         self.set_config(0)
+        self.events()  # drop what is queued
 
     def route(self, prefix: str, action: int = 0, oif: int = 0, gateway: Optional[str] = None, mtu: int = 1500):
         addr, _, plen = prefix.partition("/")
@@ -139,9 +236,10 @@ class Maps:
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
 
-    def set_config(self, alive_seconds: float, punt_forward_reason: int = 0):
-        """Fast path alive for that long (0: off), with that global punt."""
-        self.config[self.config.Key(0)] = self.config.Leaf(punt_forward_reason=punt_forward_reason, hz=self.hz)
+    def set_config(self, alive_seconds: float, punt_forward_reason: int = 0, **nf):
+        """Fast path alive for that long (0: off), with that global punt
+        and the given stateful-netfilter fields (nf_mode=..., to_udp=...)."""
+        self.config[self.config.Key(0)] = self.config.Leaf(punt_forward_reason=punt_forward_reason, hz=self.hz, **nf)
         self.dp.beat(round(alive_seconds * self.hz))
 
     def expire(self):

@@ -328,15 +328,19 @@ def test_tc_ingress(case, topo, datapath, maps):
 def test_every_reason_is_exercised():
     """Every verdict reason in common.h has at least one case."""
     covered = {c.reason for c in CASES}
-    # The stateful-netfilter reasons (LM_NF_STATEFUL) need kernel conntrack
-    # entries: tests/bpf/test_ct.py covers them.
-    covered |= {"CT_PROTO", "SKB_MARK", "CT_TCP_FLAGS", "CT_MISS", "CT_STATUS", "CT_EXTENSION",
-                "CT_NOT_ESTABLISHED", "CT_NOT_LIBERAL", "CT_ACCT", "FLOW_PENDING", "NF_DROP"}
+    # The stateful-netfilter reasons need kernel conntrack entries: test_ct.py.
+    from test_ct import COVERED, UNREACHABLE
+
+    covered |= COVERED | UNREACHABLE
     assert covered == set(R), f"no case for {sorted(set(R) - covered)}"
 
 
 def test_program_is_small(datapath):
     """Keep the fast path lean: the verifier-facing size of the program
-    (in instructions) is a budget later stages must argue for."""
+    (in instructions) is a budget later stages must argue for.
+    ~400 for the routed path; the stateful stages (ct.h, verdict.h, nat.h:
+    lookup, status/extension checks, both tuple directions, the flow
+    verdict and event, four checksum updates) add ~630, run only in
+    LM_NF_STATEFUL."""
     insns = len(datapath._bpf.dump_func(datapath.name.encode())) // 8
-    assert insns < 1000, insns
+    assert insns < 1200, insns

@@ -15,7 +15,7 @@ def test_reasons_match_common_h():
                  "MTU_EXCEEDED", "GSO_UNSUPPORTED"):
         assert name in names
     assert all(r.description for r in rs)
-    assert {r.name for r in rs if r.drop} == {"NF_DROP"}
+    assert {r.name for r in rs if r.drop} == {"NF_DROP", "NAT_FAILED"}
 
 
 def test_drop_list_must_name_known_reasons(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from mirror import model as m
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                              CT_ACCT, CT_TSTAMP, NF_OFF, NF_STATEFUL, NfConfig, RouteEntry, Selection,
+                              CT_FLAG_ACCT, CT_FLAG_TSTAMP, NF_OFF, NF_STATEFUL, NfConfig, RouteEntry, Selection,
                               translate)
 
 UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
@@ -159,7 +159,7 @@ def test_evaluable_forward_rules_select_stateful_mode_with_the_conntrack_sysctls
                             to_tcp_established=600, to_tcp_unack=200, to_tcp_retrans=100, to_udp=10,
                             to_udp_stream=60)
     acct = node(netfilter_impact="x", netfilter_unsupported=None, ct_sysctls=m.CtSysctls(acct=True, timestamp=True))
-    assert translate(acct).nf.ct_flags == CT_ACCT | CT_TSTAMP
+    assert translate(acct).nf.ct_flags == CT_FLAG_ACCT | CT_FLAG_TSTAMP
 
 
 def test_nothing_on_the_forward_path_is_nf_off_and_unevaluable_rules_punt_everything():
