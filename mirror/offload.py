@@ -14,7 +14,9 @@ Duplicate events are cheap (one netlink round trip); a flow whose handling
 fails keeps punting, and the failure is logged once per kind.
 """
 
+import ctypes
 import logging
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 200  # ring buffer poll timeout: how fast the reader notices a stop
 REMEMBERED = 65536  # verdicts kept for `dump conntrack`
+EVENT_TAIL = "=IBBH"  # struct lm_flow_event after its key: oif, dir, why, pad
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,11 @@ class FlowEvent:
 class FlowEventReader:
     """Reads `flow_events` in a thread and posts ("flow", FlowEvent) events."""
 
-    def __init__(self, table, post, decode_key):
-        self.table, self.post, self.decode_key = table, post, decode_key
+    def __init__(self, table, post, key_type, decode_key):
+        """table: the BCC ring buffer; key_type: ctypes struct lm_flow_key (the
+        flows map's Key: BCC cannot derive nested structs from the event);
+        decode_key: that struct -> FlowKey."""
+        self.table, self.post, self.key_type, self.decode_key = table, post, key_type, decode_key
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="flow-events", daemon=True)
         table.open_ring_buffer(self._on_event)
@@ -67,10 +73,16 @@ class FlowEventReader:
                 log.exception("reading flow events failed; flows keep punting")
                 self.stopping.wait(1.0)
 
-    def _on_event(self, _ctx, data, _size):
-        ev = self.table.event(data)
-        why = REASONS[ev.why].name if ev.why < len(REASONS) else str(ev.why)
-        self.post(("flow", FlowEvent(self.decode_key(ev.key), ev.oif, ev.dir, why)))
+    def _on_event(self, _ctx, data, size):
+        try:
+            raw = ctypes.string_at(data, size)
+            n = ctypes.sizeof(self.key_type)
+            key = self.key_type.from_buffer_copy(raw[:n])
+            oif, direction, why = struct.unpack_from(EVENT_TAIL, raw, n)[:3]
+            name = REASONS[why].name if why < len(REASONS) else str(why)
+            self.post(("flow", FlowEvent(self.decode_key(key), oif, direction, name)))
+        except Exception:  # never let one bad event stop the reader
+            log.exception("undecodable flow event (%d bytes)", size)
         return 0
 
 
