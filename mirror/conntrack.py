@@ -8,7 +8,7 @@ entries for `loxi-mirror dump conntrack`.  Nothing else is ever written.
 
     ct = Conntrack()
     e = ct.get(6, "10.1.0.2", "10.2.0.2", 40000, 80)   # either direction's tuple
-    ct.set_liberal(e)
+    ct.take_over(e)
     ct.list()
 """
 
@@ -37,6 +37,7 @@ TCP_ESTABLISHED = TCP_STATES.index("ESTABLISHED")
 
 # include/uapi/linux/netfilter/nf_conntrack_tcp.h
 IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
+IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED = 0x10
 
 ORIGINAL, REPLY = 0, 1
 
@@ -96,6 +97,11 @@ class Entry:
     def liberal(self) -> bool:
         """BE_LIBERAL in both directions (what the fast path requires of TCP)."""
         return bool(self.tcp_flags) and all(f & IP_CT_TCP_FLAG_BE_LIBERAL for f in self.tcp_flags)
+
+    @property
+    def taken_over(self) -> bool:
+        """Liberal, and no unacknowledged-data flag frozen in (see take_over)."""
+        return self.liberal and not any(f & IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED for f in self.tcp_flags)
 
     def direction(self, wire: Tuple) -> Optional[int]:
         """ORIGINAL or REPLY: which of the entry's tuples `wire` is; None: neither."""
@@ -184,10 +190,17 @@ class Conntrack:
         entries = [parse(m) for m in msgs if m.get_attr("CTA_TUPLE_ORIG") is not None]
         return entries[0] if entries else None
 
-    def set_liberal(self, entry: Entry) -> None:
-        """Set IP_CT_TCP_FLAG_BE_LIBERAL on both directions of a TCP entry
-        (the mask leaves every other flag as it is)."""
-        flag = {"value": (IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)}
+    def take_over(self, entry: Entry) -> None:
+        """Prepare a TCP entry for the fast path, in both directions: set
+        IP_CT_TCP_FLAG_BE_LIBERAL (the kernel's window tracking sees no
+        fast-pathed segment, so a later punted one must not be INVALID) and
+        clear IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED (no fast-pathed ACK can
+        clear it, and while set the kernel, and the fast path with it, keeps
+        the entry at the 300 s unacknowledged timeout even once the flow is
+        idle with everything acknowledged).  The mask leaves every other flag
+        as it is."""
+        mask = IP_CT_TCP_FLAG_BE_LIBERAL | IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED
+        flag = {"value": (IP_CT_TCP_FLAG_BE_LIBERAL, mask)}
         protoinfo = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": [
             ["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", flag], ["CTA_PROTOINFO_TCP_FLAGS_REPLY", flag]]}]]}
         o = entry.orig

@@ -8,7 +8,8 @@ to the main loop; Offloader handles them there:
 
     ctnetlink get -> may the fast path carry it (flows.kernel_keeps)
     -> FlowView -> nfverdict.flow_verdict() -> flows.flow_entry()
-    -> BE_LIBERAL on TCP (only for flows it will carry) -> Reconciler.write_flow
+    -> BE_LIBERAL on TCP (only for flows it will carry: conntrack.take_over)
+    -> Reconciler.write_flow
 
 Duplicate events are cheap (one netlink round trip); a flow whose handling
 fails keeps punting, and the failure is logged once per kind.
@@ -94,7 +95,7 @@ class Offloader:
         self.ct = ct.Conntrack()
         self.decided = OrderedDict()  # FlowKey -> Verdict, newest last
         self.stats = {"events": 0, "written": 0, "kernel_keeps": 0, "no_entry": 0, "punt_verdict": 0,
-                      "liberal_set": 0, "errors": 0}
+                      "taken_over": 0, "errors": 0}
         self._logged = set()
 
     def close(self):
@@ -138,9 +139,9 @@ class Offloader:
         flow = flows.flow_entry(verdict, state.nf_gen, event.oif, entry, direction)
         if verdict.action == "PUNT":
             self.stats["punt_verdict"] += 1
-        elif entry.proto == flows.TCP and not entry.liberal:
-            self.ct.set_liberal(entry)  # before the fast path takes over (the datapath checks it too)
-            self.stats["liberal_set"] += 1
+        elif entry.proto == flows.TCP and not entry.taken_over:
+            self.ct.take_over(entry)  # before the fast path takes over (the datapath checks it too)
+            self.stats["taken_over"] += 1
         self.sync.write_flow(key, flow)
         self.stats["written"] += 1
         self._remember(key, verdict)
