@@ -139,7 +139,10 @@ def delta(after, before):
 
 
 def fast_share(d):
-    total = sum(d.values())
+    """Share of the packets the fast path forwarded.  Holds for netfilter
+    changes elsewhere do not count: the xtables lock is shared by every
+    namespace, so other tests' iptables-legacy calls hold forwarding here too."""
+    total = sum(v for k, v in d.items() if k != "NETFILTER_CHANGING")
     return d.get("FORWARDED", 0) / total if total else 0.0
 
 
@@ -444,7 +447,7 @@ def test_no_hang_with_invalid_drop_after_much_fast_path_traffic(routed_topology,
     t.wait_listen("pod2", 5201, proc=srv)
     cp = t.run("pod1", ["iperf3", "-c", t.pod2_ip, "-p", "5201", "-n", "1G", "-J"], timeout=120)
     end = json.loads(cp.stdout)["end"]
-    assert end["sum_received"]["bytes"] >= 1 << 30
+    assert end["sum_sent"]["bytes"] >= 1 << 30 and end["sum_received"]["bytes"] > 0.99 * (1 << 30)
     srv.wait(timeout=10)  # the server saw the close: no hang
     d = delta(counters(a), c0)
     assert fast_share(d) > 0.9, d
