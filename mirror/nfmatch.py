@@ -449,20 +449,21 @@ def _addrtype(m: Match) -> Pred:
 
 def _physdev(m: Match) -> Pred:
     """xt_physdev.  Without bridge information on the skb (not bridged, not from a
-    bridge port) every criterion fails unless negated."""
+    bridge port) it matches only if every option used is negated.  With it: no
+    input port passes --physdev-in (negated or not), no output port fails
+    --physdev-out (negated or not), as physdev_mt() does."""
     preds = []
     for o in m.options:
-        if o.name in ("--physdev-in", "--physdev-out"):
-            match = _iface_matcher(_one_arg(o))
-            attr = "physdev_in" if o.name == "--physdev-in" else "physdev_out"
-            # no such port (e.g. routed out): the name test fails, negation matches
-            preds.append(_negatable(o, lambda p, t=match, a=attr: bool(getattr(p, a)) and t(getattr(p, a))))
+        if o.name == "--physdev-in":
+            t = _iface_matcher(_one_arg(o))
+            preds.append(lambda p, t=t, neg=o.negated: not p.physdev_in or t(p.physdev_in) != neg)
+        elif o.name == "--physdev-out":
+            t = _iface_matcher(_one_arg(o))
+            preds.append(lambda p, t=t, neg=o.negated: bool(p.physdev_out) and t(p.physdev_out) != neg)
         elif o.name == "--physdev-is-in":
             preds.append(_negatable(o, lambda p: bool(p.physdev_in)))
-        elif o.name == "--physdev-is-out":
+        elif o.name in ("--physdev-is-out", "--physdev-is-bridged"):
             preds.append(_negatable(o, lambda p: bool(p.physdev_out)))
-        elif o.name == "--physdev-is-bridged":
-            preds.append(_negatable(o, lambda p: p.bridged and bool(p.physdev_out)))
         else:
             preds.append(_undecided(f"physdev option {o.name}"))
     negated_all = all(o.negated for o in m.options)
@@ -590,6 +591,9 @@ def compile_match(m: Match) -> Compiled:
             return Compiled(pred, problem)
     except _Bad as e:
         return Compiled(_undecided(str(e)), str(e))
+    except Exception as e:     # never crash on input: what we cannot compile punts
+        why = f"{m.module or 'built-in'} match not understood ({type(e).__name__}: {e})"
+        return Compiled(_undecided(why), why)
     stateful = m.module in STATEFUL_MODULES
     what = f"match {m.module!r}" + (" keeps per-packet state" if stateful else " is not modelled")
     return Compiled(_undecided(what, stateful), what, stateful)

@@ -263,7 +263,14 @@ def _ruleset_problem(backend: str, prog: _Program) -> Optional[str]:
 
 
 def flow_verdict(rulesets: Dict[str, Optional[Ruleset]], flow: FlowView, host: HostView) -> Verdict:
-    """ACCEPT / DROP / PUNT for every packet of this direction of the flow."""
+    """ACCEPT / DROP / PUNT for every packet of this direction of the flow.  Never raises."""
+    try:
+        return _flow_verdict(rulesets, flow, host)
+    except Exception as e:     # a bug here must punt, never forward
+        return Verdict(PUNT, f"evaluator error: {type(e).__name__}: {e}")
+
+
+def _flow_verdict(rulesets: Dict[str, Optional[Ruleset]], flow: FlowView, host: HostView) -> Verdict:
     if flow.proto not in (6, 17):
         return Verdict(PUNT, f"protocol {flow.proto}: only TCP and UDP flows are evaluated")
     try:
