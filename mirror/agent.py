@@ -47,6 +47,7 @@ class Agent:
         self.stopping = threading.Event()
         self.state = m.KernelState()
         self.nf_state = None  # the newest netfilter.NetfilterState (for dump rules)
+        self.nf_answered = 0  # netfilter change hints answered by a state in the model
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
@@ -168,7 +169,6 @@ class Agent:
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
         flow_events = []
-        nf_answered = None  # netfilter change hints the newest state read answers
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -181,8 +181,7 @@ class Agent:
                         tc_changed.add(msg["index"])
             elif kind == "netfilter":
                 self._set_netfilter(payload)
-                if payload.hint_seq is not None:
-                    nf_answered = max(nf_answered or 0, payload.hint_seq)
+                self.nf_answered = max(self.nf_answered, payload.hint_seq or 0)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
             elif kind == "flow":
@@ -206,8 +205,7 @@ class Agent:
         self._reconcile(full=resync)
         if flow_events:  # decided against the ruleset generation now in the maps
             self.offloader.handle(flow_events, self.state)
-        if nf_answered is not None:
-            self.sync.release_hold(nf_answered)  # the re-read state is in the maps now
+        self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
 
     def _resynced_state(self):
         fresh = self.netlink.dump()

@@ -91,7 +91,10 @@ NFPROTO_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip
 IN_OPEN = 0x020
 IN_CLOSE_WRITE = 0x008
 IN_CLOSE_NOWRITE = 0x010
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x080
 IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
@@ -312,9 +315,11 @@ def read_state(timeout: float = COMMAND_TIMEOUT, only: Optional[Sequence[str]] =
 # --------------------------------------------------------------------------- watcher
 
 class _LockInotify:
-    """inotify on the directory of iptables-legacy's lock file, counting opens
-    and closes of that one file.  Hand-written (ctypes, one blocked thread): see
-    the README for why not watchdog (its three-thread delivery loses the race)."""
+    """inotify on iptables-legacy's lock file, counting its opens and closes
+    (plus its directory, to notice the file being created).  Hand-written (ctypes,
+    one blocked thread): see the README for why not watchdog.  The file itself is
+    watched, so readiness of the fd is already the signal: callers hint first and
+    read the events after."""
 
     keys = ("iptables-legacy",)
     STALE_OPEN = 1.0   # s: an unmatched open older than this, with no lock holder, is forgotten
@@ -322,25 +327,31 @@ class _LockInotify:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
-        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_OPEN | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE) < 0:
+        self.fd = fd
+        self._name = os.fsencode(name)
+        self._dir_wd = self._add(directory, IN_CREATE | IN_MOVED_TO)
+        if self._dir_wd < 0:
             e = ctypes.get_errno()
             os.close(fd)
             raise OSError(e, os.strerror(e))
-        self.fd = fd
-        self._name = os.fsencode(name)
+        self._file_wd = self._add(self.path, IN_OPEN | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
         self._lock = threading.Lock()
         self.open_count = 0
         self.opened_at = 0.0
+        self.unread = False    # events arrived, not counted yet: assume busy
 
-    def drain(self) -> Tuple[bool, bool]:
-        """Consume events: (opened: a user may be changing tables now,
-        done: the last user closed it, or events were lost)."""
-        opened = closed = lost = False
+    def _add(self, path: str, mask: int) -> int:
+        return self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+
+    def drain(self) -> bool:
+        """Consume events; True when the last user closed the file (or events were
+        lost): the change, if any, is done."""
+        closed = lost = False
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -348,29 +359,39 @@ class _LockInotify:
                 break
             off = 0
             while off + 16 <= len(data):
-                _wd, mask, _cookie, ln = struct.unpack_from("=iIII", data, off)
+                wd, mask, _cookie, ln = struct.unpack_from("=iIII", data, off)
                 name = data[off + 16:off + 16 + ln].split(b"\0", 1)[0]
                 off += 16 + ln
                 if mask & IN_Q_OVERFLOW:
                     lost = True
-                elif name == self._name:
-                    with self._lock:
-                        if mask & IN_OPEN:
-                            self.open_count += 1
-                            self.opened_at = time.monotonic()
-                            opened = True
-                        else:
-                            self.open_count = max(0, self.open_count - 1)
-                            closed = True
+                elif wd == self._dir_wd and name == self._name:
+                    self._file_wd = self._add(self.path, IN_OPEN | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
+                    self._count(+1)          # created by a user that now has it open
+                elif wd == self._file_wd and mask & IN_IGNORED:
+                    self._file_wd = -1       # file removed
+                elif wd == self._file_wd and mask & IN_OPEN:
+                    self._count(+1)
+                elif wd == self._file_wd and mask & (IN_CLOSE_WRITE | IN_CLOSE_NOWRITE):
+                    self._count(-1)
+                    closed = True
         with self._lock:
+            self.unread = False
             if lost:
                 self.open_count = 0
-            done = lost or (closed and self.open_count == 0)
-        return opened or lost, done
+            return lost or (closed and self.open_count == 0)
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.open_count = max(0, self.open_count + delta)
+            if delta > 0:
+                self.opened_at = time.monotonic()
 
     def busy(self) -> bool:
-        """Whether a legacy change may be under way (the file is open)."""
+        """Whether a legacy change may be under way (the file is open, or events
+        about it are not counted yet)."""
         with self._lock:
+            if self.unread:
+                return True
             if self.open_count and time.monotonic() - self.opened_at > self.STALE_OPEN \
                     and not _flocked(self.path):
                 log.warning("%s: %d open(s) without a close and no lock holder: forgotten",
@@ -568,11 +589,11 @@ class NetfilterWatcher:
                     keys.update(SOURCES)
                 keys.update(self._nft.keys)
             if self._legacy is not None and self._legacy.fd in ready:
-                opened, done = self._legacy.drain()
-                if opened:
-                    self._hint("xtables.lock", seen)
-                if done:
-                    keys.update(self._legacy.keys)
+                self._legacy.unread = True          # no read may answer this hint before the close
+                self._hint("xtables.lock", seen)    # an open (or create) of the lock: hint first
+                done = self._legacy.drain()
+                if done or not self._legacy.busy():
+                    keys.update(self._legacy.keys)  # re-read now: that answers the hint
             if keys:
                 with self._hint_lock:
                     self._pending |= keys

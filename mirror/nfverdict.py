@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from mirror.iptables import BUILTIN_CHAINS, Rule, Ruleset
 from mirror.nfmatch import Compiled, HookPacket, Undecided, compile_match, ip_int
@@ -96,6 +96,7 @@ class CompiledRule:
     matches: Tuple[Compiled, ...]
     kind: str                   # "ACCEPT" "DROP" "RETURN" "JUMP" "GOTO" "NONE" "OTHER"
     problem: Optional[str]      # why the evaluator cannot use this rule exactly (None: it can)
+    prefilter: Optional[Callable[[HookPacket], bool]] = None   # exact built-in criteria, checked first
 
 
 def _compile_rule(rule: Rule, chains: FrozenSet[str]) -> CompiledRule:
@@ -113,7 +114,12 @@ def _compile_rule(rule: Rule, chains: FrozenSet[str]) -> CompiledRule:
         problems.append(f"target {t}")
     if rule.unparsed:
         problems.insert(0, f"not parsed: {rule.unparsed}")
-    return CompiledRule(rule, matches, kind, "; ".join(problems) or None)
+    # The kernel checks -s/-d/-i/-o/-p before any match module; with thousands of
+    # rules most are decided by them, so they run inline in the walk.
+    prefilter = None
+    if rule.matches and rule.matches[0].module == "" and matches[0].problem is None and not rule.unparsed:
+        prefilter = matches[0].pred
+    return CompiledRule(rule, matches, kind, "; ".join(problems) or None, prefilter)
 
 
 class _Program:
@@ -158,9 +164,12 @@ def _rule_label(backend: str, table: str, chain: str, index: int) -> str:
     return f"{backend} {table} {chain} #{index}"
 
 
-def _rule_matches(cr: CompiledRule, pkt: HookPacket, label: str) -> bool:
+def _rule_matches(cr: CompiledRule, pkt: HookPacket, where: Tuple[str, str, str, int]) -> bool:
     """True/False when decided; raises _Stop(PUNT) when the rule could match and
     we cannot tell, or a stateful match would be evaluated by the kernel."""
+    if cr.rule.unparsed:
+        label = _rule_label(*where)
+        raise _Stop(PUNT, f"{label} not parsed: {cr.rule.unparsed}", label)
     undecided: Optional[str] = None
     for c in cr.matches:
         try:
@@ -168,12 +177,12 @@ def _rule_matches(cr: CompiledRule, pkt: HookPacket, label: str) -> bool:
                 return False
         except Undecided as e:
             if e.stateful:
+                label = _rule_label(*where)
                 raise _Stop(PUNT, f"{label}: {e.reason} (`{cr.rule.raw}`)", label)
             undecided = undecided or e.reason
     if undecided:
+        label = _rule_label(*where)
         raise _Stop(PUNT, f"{label} could match: {undecided} (`{cr.rule.raw}`)", label)
-    if cr.rule.unparsed:
-        raise _Stop(PUNT, f"{label} not parsed: {cr.rule.unparsed}", label)
     return True
 
 
@@ -187,16 +196,19 @@ def _walk_chain(prog: _Program, backend: str, table: str, chain: str, pkt: HookP
     if rules is None:
         raise _Stop(PUNT, f"{backend} {table}: jump to missing chain {chain}")
     for i, cr in enumerate(rules, 1):
-        label = _rule_label(backend, table, chain, i)
-        if not _rule_matches(cr, pkt, label):
+        if cr.prefilter is not None and not cr.prefilter(pkt):
+            continue
+        if not _rule_matches(cr, pkt, (backend, table, chain, i)):
             continue
         if cr.kind == "NONE":
             continue
         if cr.kind in TERMINAL:
+            label = _rule_label(backend, table, chain, i)
             return Verdict(cr.kind, f"{label}: {cr.rule.raw}", label)
         if cr.kind == "RETURN":
             return None
         if cr.kind == "OTHER":
+            label = _rule_label(backend, table, chain, i)
             raise _Stop(PUNT, f"{label} reached, target {cr.rule.target} (`{cr.rule.raw}`)", label)
         v = _walk_chain(prog, backend, table, cr.rule.target, pkt, depth + 1)
         if v is not None:
@@ -251,7 +263,14 @@ def _ruleset_problem(backend: str, prog: _Program) -> Optional[str]:
 
 
 def flow_verdict(rulesets: Dict[str, Optional[Ruleset]], flow: FlowView, host: HostView) -> Verdict:
-    """ACCEPT / DROP / PUNT for every packet of this direction of the flow."""
+    """ACCEPT / DROP / PUNT for every packet of this direction of the flow.  Never raises."""
+    try:
+        return _flow_verdict(rulesets, flow, host)
+    except Exception as e:     # a bug here must punt, never forward
+        return Verdict(PUNT, f"evaluator error: {type(e).__name__}: {e}")
+
+
+def _flow_verdict(rulesets: Dict[str, Optional[Ruleset]], flow: FlowView, host: HostView) -> Verdict:
     if flow.proto not in (6, 17):
         return Verdict(PUNT, f"protocol {flow.proto}: only TCP and UDP flows are evaluated")
     try:

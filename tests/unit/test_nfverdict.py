@@ -335,6 +335,15 @@ def test_physdev_for_bridged_traffic():
     assert verdict(forward_rules("-m physdev --physdev-is-bridged -j ACCEPT"), bridged).action == "ACCEPT"
     assert verdict(forward_rules("-m physdev --physdev-in vethB -j ACCEPT"), bridged).action == "DROP"
     assert verdict(rs).action == "DROP"      # routed
+    # from a bridge port, routed out (no output port): --physdev-out fails even negated,
+    # --physdev-in is only tested when there is an input port
+    from_port = flow(in_iface="br0", physdev_in="vethA")
+    assert verdict(forward_rules("-m physdev ! --physdev-out vethB -j ACCEPT"), from_port).action == "DROP"
+    assert verdict(forward_rules("-m physdev --physdev-in vethA -j ACCEPT"), from_port).action == "ACCEPT"
+    assert verdict(forward_rules("-m physdev ! --physdev-is-bridged -j ACCEPT"), from_port).action == "ACCEPT"
+    to_port = flow(out_iface="br0", physdev_out="vethB")
+    assert verdict(forward_rules("-m physdev --physdev-in vethX --physdev-out vethB -j ACCEPT"),
+                   to_port).action == "ACCEPT"
 
 
 def test_addrtype_local():
@@ -507,3 +516,20 @@ def test_classify_docker18_reasons():
     assert "limit" in rows[("filter", "ufw-after-logging-forward", 1)].reason
     assert rows[("nat", "DOCKER", 5)].status == "unused"
     assert rows[("filter", "ufw-before-input", 1)].status == "unused"       # INPUT only
+
+
+def test_never_raises_on_shuffled_real_tokens():
+    # Rules made of real tokens in random order: the parser, classify and the
+    # evaluator must say punt or decide, never crash (acceptance 10 of issue 6).
+    import random
+    tokens = []
+    for p in DATA.glob("*.r*"):
+        for line in p.read_text().splitlines():
+            if line.startswith("-A "):
+                tokens.extend(line.split()[2:])
+    rng = random.Random(6)
+    lines = [f"-A FORWARD {' '.join(rng.choice(tokens) for _ in range(rng.randint(1, 12)))}" for _ in range(400)]
+    rs = parse_save("*filter\n:FORWARD DROP [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n")
+    assert len(classify({"iptables-nft": rs})) == sum(1 for _ in rs.rules()) + len(rs.unparsed)
+    for f in (flow(), reply_of(DNAT_FLOW), flow(proto=17, ctstate="NEW")):
+        assert flow_verdict({"iptables-nft": rs}, f, HOST).action in ("ACCEPT", "DROP", "PUNT")
