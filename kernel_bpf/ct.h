@@ -111,7 +111,9 @@ static __always_inline __u32 lm_ct_status(struct lm_pkt *p, struct lm_nf_conn *c
 		return LM_CT_EXTENSION;
 #endif
 #ifdef LM_CT_EXT_SYNPROXY
-	if (ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY] && lm_ct_synproxy_tsoff(ct, ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY]))
+	/* The synproxy hook only touches TCP. */
+	if (p->iph->protocol == IPPROTO_TCP && ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY] &&
+	    lm_ct_synproxy_tsoff(ct, ext[LM_CT_EXT_OFFSET + LM_CT_EXT_SYNPROXY]))
 		return LM_CT_EXTENSION;
 #endif
 	return LM_FORWARDED;
@@ -228,8 +230,9 @@ static __always_inline __u32 lm_ct_entry(struct lm_pkt *p, struct lm_nf_conn *ct
 	reason = lm_ct_nat(p, ct, status);
 	if (reason != LM_FORWARDED)
 		return reason;
-	/* jiffies = ms * HZ / 1000 must fit the u32 argument. */
-	if (timeout > 0xffffffffU / 1000)
+	/* 0: sysctls not mirrored (refreshing to 0 would kill the entry and
+	 * its NAT mid-flow); the ms argument is a u32. */
+	if (timeout == 0 || timeout > 0xffffffffU / 1000)
 		return LM_CT_STATUS;
 	ci->mark = LM_NFCT(ct, __u32, LM_NFCT_MARK);
 	ci->status = status & LM_CT_VERDICT_BITS;

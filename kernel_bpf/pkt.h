@@ -8,7 +8,8 @@
  * that returns LM_FORWARDED ("carry on") or the enum lm_reason to punt with.
  * Stages before rewrite.h only read the packet; rewrite.h is the first stage
  * that writes it, and nothing after it may punt (a punted packet must reach
- * the kernel exactly as it arrived).
+ * the kernel exactly as it arrived).  nat.h (stateful mode) writes last,
+ * after xmit.h, and can only forward or drop.
  */
 #ifndef LM_PKT_H
 #define LM_PKT_H

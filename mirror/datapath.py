@@ -28,7 +28,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .bpfsys import SkBuff, prog_test_run
 from .btf import STRUCT, VMLINUX, Btf, BtfError
@@ -84,6 +84,21 @@ BPF_PSEUDO_KFUNC_CALL = 2
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 _REASON_RE = re.compile(r'X\(\s*([A-Z0-9_]+)\s*,\s*(\d+)\s*,\s*"((?:[^"\\]|\\.)*)"\s*\)')
+
+
+class FlowKey(ctypes.Structure):
+    """struct lm_flow_key (common.h): addresses and ports in network order."""
+
+    _fields_ = [("ifindex", ctypes.c_uint32), ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class FlowEvent(ctypes.Structure):
+    """struct lm_flow_event (common.h): why = LM_FLOW_PENDING or LM_CT_NOT_LIBERAL."""
+
+    _fields_ = [("key", FlowKey), ("oif", ctypes.c_uint32), ("dir", ctypes.c_uint8),
+                ("why", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
 
 
 class DatapathError(RuntimeError):
@@ -320,6 +335,25 @@ class Datapath:
             return self._bpf.get_table(name.encode() if isinstance(name, str) else name)
         except KeyError as e:
             raise DatapathError(f"no map named {name!r}") from e
+
+    def open_flow_events(self, callback: Callable[[FlowEvent], None]) -> None:
+        """Deliver every struct lm_flow_event the datapath sends (stateful
+        mode: flows waiting for a verdict or for BE_LIBERAL) to
+        callback(FlowEvent), from poll_flow_events()."""
+        def on_event(_ctx, data, size):
+            callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, min(size, ctypes.sizeof(FlowEvent)))))
+            return 0
+
+        # libbcc calls back through the table object: it must stay alive.
+        self._flow_events = self.table("flow_events")
+        self._flow_events.open_ring_buffer(on_event)
+
+    def poll_flow_events(self, timeout_ms: int = 0) -> None:
+        """Run the callback for queued events, waiting up to timeout_ms
+        (-1: until one arrives; 0: only what is queued)."""
+        if self._bpf is None:
+            raise DatapathError("datapath is closed")
+        self._bpf.ring_buffer_poll(timeout_ms)
 
     def counters(self) -> Dict[str, Tuple[int, int]]:
         """{reason NAME: (packets, bytes)} summed over CPUs."""

@@ -74,7 +74,8 @@ def datapath(topo):
 
     # Small tables: the tests need a handful of entries, and the hash maps
     # are preallocated.
-    dp = Datapath(sizes={"LM_MAX_ROUTES": 256, "LM_MAX_NEIGHBORS": 256, "LM_MAX_LINKS": 64})
+    dp = Datapath(sizes={"LM_MAX_ROUTES": 256, "LM_MAX_NEIGHBORS": 256, "LM_MAX_LINKS": 64,
+                         "LM_MAX_FLOWS": 1024})
     try:
         yield dp
     finally:

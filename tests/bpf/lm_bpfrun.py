@@ -5,6 +5,7 @@ kernel_bpf/common.h.  Linux x86-64 only (byte order).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -73,6 +74,24 @@ class TestNetns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the block in an existing named netns (e.g. a topology's node):
+    BPF_PROG_TEST_RUN resolves ctx.ifindex and the conntrack lookup its
+    netns there; subprocesses started in the block inherit it."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        _setns(home)
+        os.close(home)
+
+
 # MACs of the test topology's veths (fixed so packets can be built up front).
 TOPO_MACS = {
     "in0": "02:00:00:00:00:01",
@@ -82,18 +101,6 @@ TOPO_MACS = {
 
 
 # --- kernel conntrack (of the netns the process is in) ----------------------
-
-
-class FlowKey(ctypes.Structure):
-    _fields_ = [("ifindex", ctypes.c_uint32), ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
-                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
-
-
-class FlowEvent(ctypes.Structure):
-    """struct lm_flow_event"""
-    _fields_ = [("key", FlowKey), ("oif", ctypes.c_uint32), ("dir", ctypes.c_uint8),
-                ("why", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
 
 
 def conntrack(*args: str) -> str:
@@ -181,18 +188,12 @@ class Maps:
         self.flows = dp.table("flows")
         self.flow_asked = dp.table("flow_asked")
         self._events = []
-        # Keep the table: it holds the callback libbcc calls.
-        self.flow_events = dp.table("flow_events")
-        self.flow_events.open_ring_buffer(self._on_event)
-
-    def _on_event(self, _ctx, data, size):
-        ev = ctypes.cast(data, ctypes.POINTER(FlowEvent)).contents
-        self._events.append(FlowEvent.from_buffer_copy(ev))
+        dp.open_flow_events(self._events.append)
 
     def events(self):
-        """Ring-buffer events (struct lm_flow_event) since the last call."""
-        self.dp._bpf.ring_buffer_consume()
-        out, self._events = self._events, []
+        """Ring-buffer events (mirror.datapath.FlowEvent) since the last call."""
+        self.dp.poll_flow_events(0)
+        out, self._events[:] = list(self._events), []
         return out
 
     def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int):

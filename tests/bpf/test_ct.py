@@ -533,3 +533,14 @@ COVERED = {"CT_PROTO", "SKB_MARK", "CT_TCP_FLAGS", "CT_MISS", "CT_STATUS", "CT_E
 # checksum helpers cannot fail; the reason exists so that a failure would be
 # a counted drop rather than a half-rewritten packet sent on.
 UNREACHABLE = {"NAT_FAILED"}
+
+
+def test_flow_event_ctypes_match_common_h(datapath):
+    """mirror.datapath.FlowKey/FlowEvent mirror common.h's structs (BCC
+    knows the map key's layout; the ring-buffer record follows it)."""
+    from mirror.datapath import FlowEvent, FlowKey
+
+    key = datapath.table("flows").Key
+    assert [f[0] for f in FlowKey._fields_] == [f[0] for f in key._fields_]
+    assert ctypes.sizeof(FlowKey) == ctypes.sizeof(key)
+    assert ctypes.sizeof(FlowEvent) == ctypes.sizeof(FlowKey) + 8
