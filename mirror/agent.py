@@ -78,8 +78,7 @@ class Agent:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.offloader = offload.Offloader(self.sync)
-        self.flow_reader = offload.FlowEventReader(self.datapath.table("flow_events"), self.events.put,
-                                                   self.datapath.table("flows").Key, self.sync.codec.decode_flow_key)
+        self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         # on_hint runs on the watcher's threads: the first sign of a netfilter change
         # stops forwarding in one map write, before anything is re-read.

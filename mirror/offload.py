@@ -15,9 +15,7 @@ Duplicate events are cheap (one netlink round trip); a flow whose handling
 fails keeps punting, and the failure is logged once per kind.
 """
 
-import ctypes
 import logging
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 200  # ring buffer poll timeout: how fast the reader notices a stop
 REMEMBERED = 65536  # verdicts kept for `dump conntrack`
-EVENT_TAIL = "=IBBH"  # struct lm_flow_event after its key: oif, dir, why, pad
 
 
 @dataclass(frozen=True)
@@ -46,22 +43,21 @@ class FlowEvent:
 
 
 class FlowEventReader:
-    """Reads `flow_events` in a thread and posts ("flow", FlowEvent) events."""
+    """Polls the datapath's `flow_events` in a thread and posts ("flow", FlowEvent)."""
 
-    def __init__(self, table, post, key_type, decode_key):
-        """table: the BCC ring buffer; key_type: ctypes struct lm_flow_key (the
-        flows map's Key: BCC cannot derive nested structs from the event);
-        decode_key: that struct -> FlowKey."""
-        self.table, self.post, self.key_type, self.decode_key = table, post, key_type, decode_key
+    def __init__(self, datapath, post, decode_key):
+        """decode_key: struct lm_flow_key -> flows.FlowKey."""
+        self.datapath, self.post, self.decode_key = datapath, post, decode_key
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="flow-events", daemon=True)
-        table.open_ring_buffer(self._on_event)
+        datapath.open_flow_events(self._on_event)
 
     def start(self):
         self.thread.start()
         return self
 
     def stop(self):
+        """Before the datapath is closed: its ring buffer goes with it."""
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
@@ -69,22 +65,17 @@ class FlowEventReader:
     def _run(self):
         while not self.stopping.is_set():
             try:
-                self.table.bpf.ring_buffer_poll(POLL_MS)
+                self.datapath.poll_flow_events(POLL_MS)
             except Exception:
                 log.exception("reading flow events failed; flows keep punting")
                 self.stopping.wait(1.0)
 
-    def _on_event(self, _ctx, data, size):
+    def _on_event(self, ev):
         try:
-            raw = ctypes.string_at(data, size)
-            n = ctypes.sizeof(self.key_type)
-            key = self.key_type.from_buffer_copy(raw[:n])
-            oif, direction, why = struct.unpack_from(EVENT_TAIL, raw, n)[:3]
-            name = REASONS[why].name if why < len(REASONS) else str(why)
-            self.post(("flow", FlowEvent(self.decode_key(key), oif, direction, name)))
+            why = REASONS[ev.why].name if ev.why < len(REASONS) else str(ev.why)
+            self.post(("flow", FlowEvent(self.decode_key(ev.key), ev.oif, ev.dir, why)))
         except Exception:  # never let one bad event stop the reader
-            log.exception("undecodable flow event (%d bytes)", size)
-        return 0
+            log.exception("undecodable flow event")
 
 
 class Offloader:
