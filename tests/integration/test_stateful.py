@@ -360,6 +360,7 @@ def test_conntrack_delete_makes_the_kernel_choose_again(routed_topology, agent, 
                        "--dport", "9000", "-j", "DNAT", "--to-destination", "10.2.0.2:7001"])
         time.sleep(0.5)
         c0 = counters(a)
+        deleting = time.time()
         t.run("node", ["conntrack", *flush], check=False)
         deleted = time.time()
         src.communicate(timeout=10)
@@ -368,7 +369,7 @@ def test_conntrack_delete_makes_the_kernel_choose_again(routed_topology, agent, 
         t.run("node", ["iptables", "-t", "nat", "-R", "DOCKER", "2", "!", "-i", "veth2", "-p", "udp", "-m", "udp",
                        "--dport", "9000", "-j", "DNAT", "--to-destination", "10.2.0.2:7000"])
         old_after = [s for s, at, _ in got[7000] if at > deleted + 0.002]
-        new_before = [s for s, at, _ in got[7001] if at < deleted - 0.002]
+        new_before = [s for s, at, _ in got[7001] if at < deleting - 0.002]
         return {"old_after_delete": old_after, "new_before_delete": new_before,
                 "new_after": len(got[7001]) > 100, "old_before": len(got[7000]) > 100}, d
 
