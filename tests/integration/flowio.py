@@ -11,6 +11,11 @@
                                                     "last_at"}; END: "fin" (close, default),
                                                     "rst" (SO_LINGER 0), "hold:N" (idle N s, then close)
 
+    flowio.py udp-midflow DST PORT BIG              connected UDP socket with DF: 300 small datagrams
+                                                    (takeover), then BIG-byte ones until the path MTU
+                                                    is learned; after a line on stdin, datagrams until
+                                                    the ICMP port unreachable arrives
+                                                    -> JSON {"mtu", "big_error", "refused"}
     flowio.py whoami PORT                           server: answers each connection with the
                                                     address it was reached at, until killed
     flowio.py whoami-client DST PORT N              N connections -> JSON [[client_port, answer], ...]
@@ -19,6 +24,7 @@ Sinks and servers print "ready" once bound.  Timestamps are time.time() (one
 clock for every namespace of the host).
 """
 
+import errno
 import json
 import socket
 import sys
@@ -105,6 +111,41 @@ def tcp_talk(dst, port, seconds, interval, end="fin"):
     print(json.dumps(out), flush=True)
 
 
+def udp_midflow(dst, port, big):
+    IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    s.connect((dst, int(port)))
+    for i in range(300):
+        s.send(b"%d %.6f small" % (i, time.time()))
+        time.sleep(0.002)
+    out = {"big_error": None, "refused": False}
+    for i in range(20):  # the first goes out and draws frag-needed; then the kernel knows
+        try:
+            s.send(b"%d %.6f " % (1000 + i, time.time()) + b"x" * (int(big) - 28 - 20))
+        except OSError as e:
+            out["big_error"] = e.strerror
+            break
+        time.sleep(0.05)
+    out["mtu"] = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    print(json.dumps({"phase": "mtu"}), flush=True)
+    sys.stdin.readline()  # the server is gone now
+    s.settimeout(0.05)
+    for i in range(100):
+        try:
+            s.send(b"%d %.6f late" % (2000 + i, time.time()))
+            s.recv(100)
+        except ConnectionRefusedError:
+            out["refused"] = True
+            break
+        except (socket.timeout, BlockingIOError):
+            pass
+        except OSError as e:  # a frag-needed still queued on the socket from the big ones
+            if e.errno != errno.EMSGSIZE:
+                raise
+    print(json.dumps(out), flush=True)
+
+
 def whoami(port):
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -128,4 +169,4 @@ def whoami_client(dst, port, n):
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"udp-sink": udp_sink, "udp-source": udp_source, "tcp-echo": tcp_echo, "tcp-talk": tcp_talk,
-     "whoami": whoami, "whoami-client": whoami_client}[cmd](*args)
+     "whoami": whoami, "whoami-client": whoami_client, "udp-midflow": udp_midflow}[cmd](*args)

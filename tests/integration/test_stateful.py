@@ -383,6 +383,46 @@ def test_conntrack_delete_makes_the_kernel_choose_again(routed_topology, agent, 
     assert d.get("CT_MISS", 0) >= 1 and d.get("FORWARDED", 0) > 100, d
 
 
+# -- (4) mid-flow punts in a taken-over NAT'd flow ------------------------------
+def test_mid_flow_punts_in_a_nat_flow(routed_topology, agent):
+    """A published UDP port (DNAT): once the flow is taken over, an over-MTU DF
+    datagram punts and the client gets the kernel's NAT'd frag-needed (it
+    learns the path MTU), and after the server is gone its ICMP port
+    unreachable reaches the client through the kernel's RELATED NAT."""
+    t = routed_topology
+    t.run("node", ["ip", "link", "set", t.node_if2, "mtu", "1400"])
+    t.run("pod2", ["ip", "link", "set", "eth0", "mtu", "1400"])
+
+    def scenario(a):
+        # Forget the path MTU the last run learned (exceptions live on the route's next hop).
+        t.run("pod1", ["ip", "route", "del", "10.1.0.0/24", "dev", "eth0"])
+        t.run("pod1", ["ip", "route", "add", "10.1.0.0/24", "dev", "eth0", "proto", "kernel", "scope", "link",
+                       "src", t.pod1_ip])
+        sink = t.popen("pod2", [PY, "-u", FLOWIO, "udp-sink", "7000", "30"], stdout=subprocess.PIPE, text=True)
+        assert sink.stdout.readline().strip() == "ready"
+        c0 = counters(a)
+        cli = t.popen("pod1", [PY, "-u", FLOWIO, "udp-midflow", t.gw1_ip, "9000", "1450"],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(cli.stdout.readline()) == {"phase": "mtu"}
+        t.kill(sink)
+        cli.stdin.write("\n")
+        cli.stdin.flush()
+        res = result(cli)
+        d = delta(counters(a), c0)
+        t.run("node", ["conntrack", "-F"], check=False)
+        return res, d
+
+    rules = DOCKER28.replace(
+        "-A DOCKER -d 10.2.0.2/32 ! -i veth2 -o veth2 -p tcp -m tcp --dport 5201 -j ACCEPT",
+        "-A DOCKER -d 10.2.0.2/32 ! -i veth2 -o veth2 -p tcp -m tcp --dport 5201 -j ACCEPT\n"
+        "-A DOCKER -d 10.2.0.2/32 ! -i veth2 -o veth2 -p udp -m udp --dport 7000 -j ACCEPT")
+    (alone, _), (mirrored, d), _ = both(t, agent, rules, scenario)
+    assert alone == {"big_error": "Message too long", "refused": True, "mtu": 1400}
+    assert mirrored == alone
+    # Taken over; the big datagram punted before any rewrite; the ICMP error too.
+    assert d.get("FORWARDED", 0) > 200 and d.get("MTU_EXCEEDED", 0) >= 1 and d.get("CT_PROTO", 0) >= 1, d
+
+
 # -- (9) kill -9 mid-flow ----------------------------------------------------
 def test_agent_killed_mid_flow_flows_keep_working(routed_topology, agent):
     t = routed_topology
