@@ -71,13 +71,14 @@
 	X(CT_MISS, 31, "no confirmed kernel conntrack entry for the tuple")       \
 	X(CT_STATUS, 32, "conntrack status the fast path cannot honour (dying, seqadj, ...)") \
 	X(CT_EXTENSION, 33, "conntrack entry has a helper, timeout policy, seqadj or synproxy") \
-	X(CT_NOT_ESTABLISHED, 34, "TCP not ESTABLISHED+ASSURED, or a UDP reply before ASSURED") \
+	X(CT_NOT_ESTABLISHED, 34, "TCP not ESTABLISHED+ASSURED; UDP packet that sets SEEN_REPLY or ASSURED") \
 	X(CT_NOT_LIBERAL, 35, "TCP entry not yet taken over (no BE_LIBERAL): agent asked") \
 	X(CT_ACCT, 36, "conntrack accounting or timestamps on: the kernel counts")  \
 	X(FLOW_PENDING, 37, "no current flow verdict for this flow: agent asked")  \
 	X(NF_DROP, 38, "dropped: the mirrored ruleset drops this flow")          \
 	X(NAT_FAILED, 39, "dropped: NAT rewrite failed (header not writable)")     \
-	X(NETFILTER_CHANGING, 40, "a netfilter change is under way: punt until it is re-read")
+	X(CT_TCP_RETRANS, 40, "TCP segment may reach the retransmission limit: the kernel tracks it") \
+	X(NETFILTER_CHANGING, 41, "a netfilter change is under way: punt until it is re-read")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped

@@ -123,11 +123,12 @@ static __always_inline __u32 lm_ct_status(struct lm_pkt *p, struct lm_nf_conn *c
  * TCP: only ESTABLISHED+ASSURED entries whose window tracking the agent
  * has made liberal (both directions), so that the segments the kernel does
  * not see cannot make a later punted one INVALID.  The timeout is
- * tcp_packet()'s choice for an ESTABLISHED segment: retrans and
- * unacknowledged data as the entry records them (the kernel saw the
- * segments before takeover, not the fast-pathed ones), the zero-window case
- * from this segment's window, which tcp_in_window() stores in last_win
- * before the choice.
+ * tcp_packet()'s choice for an ESTABLISHED segment: unacknowledged data as
+ * the entry records it (the kernel saw the segments before takeover, not
+ * the fast-pathed ones), the zero-window case from this segment's window,
+ * which tcp_in_window() stores in last_win before the choice.  When this
+ * segment could be the retransmission that reaches tcp_max_retrans (the
+ * entry has counted one less), only the kernel can tell.
  */
 static __always_inline __u32 lm_ct_tcp(struct lm_pkt *p, struct lm_nf_conn *ct, __u64 status, __u32 *timeout)
 {
@@ -139,10 +140,10 @@ static __always_inline __u32 lm_ct_tcp(struct lm_pkt *p, struct lm_nf_conn *ct, 
 	if (LM_NFCT(ct, __u8, LM_NFCT_TCP_STATE) != LM_TCP_CONNTRACK_ESTABLISHED ||
 	    (status & (LM_IPS_ASSURED | LM_IPS_SEEN_REPLY)) != (LM_IPS_ASSURED | LM_IPS_SEEN_REPLY))
 		return LM_CT_NOT_ESTABLISHED;
+	if (LM_NFCT(ct, __u8, LM_NFCT_TCP_RETRANS) + 1 >= cfg->tcp_max_retrans && est > cfg->to_tcp_retrans)
+		return LM_CT_TCP_RETRANS;
 	p->ci->liberal = flags0 & flags1 & LM_TCP_FLAG_BE_LIBERAL;
-	if (LM_NFCT(ct, __u8, LM_NFCT_TCP_RETRANS) >= cfg->tcp_max_retrans && est > cfg->to_tcp_retrans)
-		*timeout = cfg->to_tcp_retrans;
-	else if (((flags0 | flags1) & LM_TCP_FLAG_DATA_UNACKNOWLEDGED) && est > cfg->to_tcp_unack)
+	if (((flags0 | flags1) & LM_TCP_FLAG_DATA_UNACKNOWLEDGED) && est > cfg->to_tcp_unack)
 		*timeout = cfg->to_tcp_unack;
 	else if (p->ci->tcp_win == 0 && est > cfg->to_tcp_retrans)
 		*timeout = cfg->to_tcp_retrans;
@@ -152,28 +153,32 @@ static __always_inline __u32 lm_ct_tcp(struct lm_pkt *p, struct lm_nf_conn *ct, 
 }
 
 /*
- * UDP: udp_packet().  Replied flows only once the kernel has made them
- * ASSURED (it sets that bit, we cannot); one-way flows in the original
- * direction (ctstate NEW of a confirmed entry) with the unreplied timeout.
+ * UDP: udp_packet().  One-way flows in the original direction (ctstate NEW
+ * of a confirmed entry) and replied flows younger than 2 s get the
+ * unreplied timeout, ASSURED ones the stream timeout.  The packets on which
+ * the kernel changes the entry (the first reply sets SEEN_REPLY, the first
+ * replied one past 2 s sets ASSURED) are its job.
  */
 static __always_inline __u32 lm_ct_udp(struct lm_pkt *p, struct lm_nf_conn *ct, __u64 status, __u32 *timeout)
 {
 	struct lm_config *cfg = p->cfg;
-	__u64 stream_ts;
+	/* time_after(jiffies, ct->proto.udp.stream_ts) */
+	int stream = (__s64)(LM_NFCT(ct, __u64, LM_NFCT_UDP_STREAM_TS) - p->now) < 0;
 
 	p->ci->liberal = 1;
 	if (!(status & LM_IPS_SEEN_REPLY)) {
-		/* The first reply sets SEEN_REPLY: the kernel's job. */
 		if (p->ci->dir == LM_IP_CT_DIR_REPLY)
 			return LM_CT_NOT_ESTABLISHED;
 		*timeout = cfg->to_udp;
 		return LM_FORWARDED;
 	}
-	if (!(status & LM_IPS_ASSURED))
-		return LM_CT_NOT_ESTABLISHED;
-	/* time_after(jiffies, stream_ts): a stream once 2 s old. */
-	stream_ts = LM_NFCT(ct, __u64, LM_NFCT_UDP_STREAM_TS);
-	*timeout = (__s64)(stream_ts - p->now) < 0 ? cfg->to_udp_stream : cfg->to_udp;
+	if (!(status & LM_IPS_ASSURED)) {
+		if (stream)
+			return LM_CT_NOT_ESTABLISHED;
+		*timeout = cfg->to_udp;
+		return LM_FORWARDED;
+	}
+	*timeout = stream ? cfg->to_udp_stream : cfg->to_udp;
 	return LM_FORWARDED;
 }
 

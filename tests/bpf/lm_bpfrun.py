@@ -144,6 +144,17 @@ def ct_set_tcp_flags(src: str, dst: str, sport: int, dport: int, flags: int, mas
                    protoinfo=pi)
 
 
+def ct_get(src: str, dst: str, sport: int, dport: int, proto: int) -> Dict[str, int]:
+    """status and mark of one entry, as ctnetlink reports them."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    with NFCTSocket() as nfct:
+        msgs = nfct.entry("get", tuple_orig=NFCTAttrTuple(saddr=src, daddr=dst, proto=proto, sport=sport, dport=dport))
+        [e] = [m for m in msgs if m.get_attr("CTA_STATUS") is not None]
+    return {"status": e.get_attr("CTA_STATUS"), "mark": e.get_attr("CTA_MARK")}
+
+
 def ct_set_synproxy_tsoff(src: str, dst: str, sport: int, dport: int, tsoff: int) -> None:
     """Give a TCP entry a synproxy timestamp offset (the synproxy hook then
     rewrites its established segments)."""

@@ -19,7 +19,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from lm_bpfrun import (SkBuff, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, conntrack, ct_list,
+from lm_bpfrun import (SkBuff, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, conntrack, ct_get, ct_list,
                        ct_set_synproxy_tsoff, ct_set_tcp_flags, ip4, prog_test_run)
 from mirror.datapath import BPF_DIR, Datapath
 from test_tc_ingress import CLIENT_MAC, H7_MAC, IN0_MAC, OUT0_MAC, R, base_state
@@ -156,10 +156,6 @@ def s2c_key(maps, topo):
     return maps.flow_key(topo.out0, SERVER, MASQ, SPORT, MPORT, 6)
 
 
-def nat_status():
-    return IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE
-
-
 def c2s_flow(maps, topo, action=0, **over):
     kw = dict(action=action, oif=topo.out0, nat=(MASQ, SERVER, MPORT, SPORT), gen=GEN,
               ct_mark=7, ct_status=probe_status() & VERDICT_BITS)
@@ -253,6 +249,7 @@ def test_probe_reads_a_conntrack_entry_exactly(st, probe, topo):
         assert p.tcp_state == 3  # ESTABLISHED
         want = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED | IPS_SRC_NAT | IPS_DST_NAT
         assert p.status & want == want, hex(p.status)
+        assert (p.status, p.mark) == tuple(ct_get(CLIENT, VIP, CPORT, VPORT, 6).values())
     ct_set_tcp_flags(CLIENT, VIP, CPORT, VPORT, BE_LIBERAL, BE_LIBERAL)
     p = probe_read(probe, c2s(), topo.in0)
     assert (p.flags0 & BE_LIBERAL, p.flags1 & BE_LIBERAL) == (BE_LIBERAL, BE_LIBERAL)
@@ -445,7 +442,8 @@ def test_udp_reply_before_assured_punts(st, datapath, topo):
     conntrack("-F")
     conntrack("-I", "-p", "udp", "-s", CLIENT, "-d", SERVER, "--sport", "1234", "--dport", "53",
               "--status", "SEEN_REPLY", "-t", "30")
-    # Replied but not ASSURED: the kernel would set ASSURED (after 2 s).
+    # Replied, not ASSURED, older than 2 s (ctnetlink entries: stream_ts 0):
+    # this packet makes the kernel set ASSURED.
     assert_punted(run(datapath, st, udp_pkt(), topo.in0), udp_pkt(), "CT_NOT_ESTABLISHED")
 
 
@@ -528,7 +526,8 @@ def test_mode_off_ignores_conntrack(st, datapath, topo, nf_sysctls):
 
 # Reasons this file exercises (test_tc_ingress.test_every_reason_is_exercised).
 COVERED = {"CT_PROTO", "SKB_MARK", "CT_TCP_FLAGS", "CT_MISS", "CT_STATUS", "CT_EXTENSION", "CT_NOT_ESTABLISHED",
-           "CT_NOT_LIBERAL", "CT_ACCT", "FLOW_PENDING", "NF_DROP"}
+           "CT_NOT_LIBERAL", "CT_ACCT", "FLOW_PENDING", "NF_DROP",
+           "CT_TCP_RETRANS"}  # test_ct_oracle.py (retransmissions through the kernel)
 # NAT_FAILED: the header ct.h pulled is already private and writable, so the
 # checksum helpers cannot fail; the reason exists so that a failure would be
 # a counted drop rather than a half-rewritten packet sent on.
