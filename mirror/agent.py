@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import control, conntrack, netfilter, netlink, nfverdict, offload, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
+from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
@@ -80,10 +81,13 @@ class Agent:
         self.offloader = offload.Offloader(self.sync)
         self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
-        # on_hint runs on the watcher's threads: the first sign of a netfilter change
-        # stops forwarding in one map write, before anything is re-read.
-        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)),
-                                                   on_hint=self.sync.hold_forward)
+        # The first sign of a netfilter change stops forwarding in one map write, before
+        # anything is re-read: in the kernel for nftables commits (nfswitch), and on
+        # the watcher's hint thread (on_hint) for everything.
+        self.nf_watch = netfilter.NetfilterWatcher(
+            lambda st: self.events.put(("netfilter", st)), on_hint=self.sync.hold_forward,
+            kernel_switch=(self.sync.config_fd, REASON_NAMES["NETFILTER_CHANGING"]))
+        self.sync.hint_pending = self.nf_watch.hint_pending
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -33,6 +33,7 @@ JSON line per change.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
+from mirror import nfswitch
 from mirror.iptables import (
     Ruleset,
     forward_impact as iptables_forward_impact,
@@ -307,7 +309,12 @@ def read_state(timeout: float = COMMAND_TIMEOUT, only: Optional[Sequence[str]] =
         keys = [k for k in SOURCES if k not in reuse]
     outputs = dict(reuse)
     outputs.update(read_outputs(keys, timeout))
-    st = build_state(outputs)
+    if previous is not None and outputs == previous.outputs:
+        # Same text as last time (every poll, usually): skip parsing, which would
+        # hold the GIL for milliseconds while the hint thread may need it.
+        st = dataclasses.replace(previous, outputs=outputs, read_at=time.monotonic())
+    else:
+        st = build_state(outputs)
     st.read_duration = time.monotonic() - t0
     return st
 
@@ -485,9 +492,13 @@ class NetfilterWatcher:
                  debounce: float = 0.003, max_delay: float = 0.05,
                  reader: Callable[..., NetfilterState] = read_state,
                  lock_path: str = XTABLES_LOCK,
-                 on_hint: Optional[Callable[[int], None]] = None):
+                 on_hint: Optional[Callable[[int], None]] = None,
+                 kernel_switch: Optional[Tuple[int, int]] = None):
         self.callback = callback
         self.on_hint = on_hint
+        self._kernel_switch = kernel_switch   # (config map fd, reason): see mirror/nfswitch.py
+        self._switch_fd = -1
+        self._draining = False
         self.poll_interval = poll_interval
         self.debounce = debounce
         self.max_delay = max_delay
@@ -521,6 +532,12 @@ class NetfilterWatcher:
             self.sources.append("nfnetlink")
         except OSError as e:
             log.warning("nfnetlink NFTABLES group unavailable, polling nft: %s", e)
+        if self._nft is not None and self._kernel_switch is not None:
+            try:
+                self._switch_fd = nfswitch.attach(self._nft.sock, *self._kernel_switch)
+                self.sources.append("nfnetlink-switch")
+            except OSError as e:
+                log.warning("no kernel-side netfilter switch (the hint thread alone stops the fast path): %s", e)
         try:
             self._legacy = _LockInotify(self._lock_path)
             self.sources.append("inotify:" + self._lock_path)
@@ -549,6 +566,9 @@ class NetfilterWatcher:
             if src is not None:
                 src.close()
         self._nft = self._legacy = None
+        if self._switch_fd >= 0:
+            os.close(self._switch_fd)
+            self._switch_fd = -1
         for fd in (self._wake_r, self._wake_w, self._halt_r, self._halt_w):
             os.close(fd)
         self._wake_r = self._wake_w = self._halt_r = self._halt_w = -1
@@ -582,11 +602,16 @@ class NetfilterWatcher:
             keys: set = set()
             if self._nft is not None and self._nft.fd in ready:
                 self._hint("nfnetlink", seen)      # first stop the fast path, then read
+                self._draining = True
                 try:
                     self._nft.drain()
                 except OSError as e:
                     log.warning("nfnetlink change source failed: %s", e)
                     keys.update(SOURCES)
+                # Messages that arrived while draining were consumed with the first:
+                # hint again, so no read that started before them answers them.
+                self._hint("nfnetlink", None)
+                self._draining = False
                 keys.update(self._nft.keys)
             if self._legacy is not None and self._legacy.fd in ready:
                 self._legacy.unread = True          # no read may answer this hint before the close
@@ -602,8 +627,9 @@ class NetfilterWatcher:
                 except OSError:
                     pass
 
-    def _hint(self, source: str, seen: float) -> None:
-        """A change may be under way: tell on_hint before anything else."""
+    def _hint(self, source: str, seen: Optional[float]) -> None:
+        """A change may be under way: tell on_hint before anything else
+        (seen: when the hint arrived, for hint_latency; None: do not record)."""
         with self._hint_lock:
             self.hint_seq += 1
             seq = self.hint_seq
@@ -614,11 +640,25 @@ class NetfilterWatcher:
             except Exception:
                 self.stats["errors"] += 1
                 log.exception("netfilter hint callback failed")
-        self.hint_latency[source].append(time.monotonic() - seen)
+        if seen is not None:
+            self.hint_latency[source].append(time.monotonic() - seen)
+
+    def hint_pending(self) -> bool:
+        """Whether an nftables change message has not been handled yet (the kernel
+        switch may have set the hold for it): the reconciler re-holds after a
+        config write that cleared it."""
+        if self._draining:
+            return True
+        if self._nft is None:
+            return False
+        try:
+            return bool(select.select([self._nft.fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def hint_summary(self) -> Dict[str, Any]:
         """Per source: hints and the time from arrival to on_hint() done (us)."""
-        out: Dict[str, Any] = {"realtime": self.realtime}
+        out: Dict[str, Any] = {"realtime": self.realtime, "kernel_switch": self._switch_fd >= 0}
         for source, lat in self.hint_latency.items():
             xs = sorted(lat)
             if xs:

@@ -184,6 +184,12 @@ def _all(preds: List[Pred]) -> Pred:
     return pred
 
 
+def _options(m: Match, handlers: Dict[str, Callable[[Option], Pred]]) -> Pred:
+    """AND of one predicate per option; an option without a handler is undecided."""
+    return _all([handlers[o.name](o) if o.name in handlers else _undecided(f"{m.module} option {o.name}")
+                 for o in m.options])
+
+
 def _undecided(reason: str, stateful: bool = False) -> Pred:
     def pred(_p: HookPacket) -> bool:
         raise Undecided(reason, stateful)
@@ -376,37 +382,26 @@ def _conntrack(m: Match) -> Pred:
 
 
 def _state(m: Match) -> Pred:
-    preds = []
-    for o in m.options:
-        if o.name != "--state":
-            preds.append(_undecided(f"state option {o.name}"))
-            continue
+    def state(o: Option) -> Pred:
         # xt_state knows no SNAT/DNAT bits
         want = _names(_one_arg(o), CT_STATES - {"SNAT", "DNAT"}, "state")
-        preds.append(_negatable(o, lambda p, w=want: bool(w & p.ctstates - {"SNAT", "DNAT"})))
-    return _all(preds)
+        return _negatable(o, lambda p: bool(want & p.ctstates - {"SNAT", "DNAT"}))
+    return _options(m, {"--state": state})
+
+
+def _mark_test(attr: str) -> Callable[[Option], Pred]:
+    def test(o: Option) -> Pred:
+        value, mask = _mark_mask(_one_arg(o))
+        return _negatable(o, lambda p: getattr(p, attr) & mask == value)
+    return test
 
 
 def _mark(m: Match) -> Pred:
-    preds = []
-    for o in m.options:
-        if o.name != "--mark":
-            preds.append(_undecided(f"mark option {o.name}"))
-            continue
-        value, mask = _mark_mask(_one_arg(o))
-        preds.append(_negatable(o, lambda p, v=value, k=mask: p.mark & k == v))
-    return _all(preds)
+    return _options(m, {"--mark": _mark_test("mark")})
 
 
 def _connmark(m: Match) -> Pred:
-    preds = []
-    for o in m.options:
-        if o.name != "--mark":
-            preds.append(_undecided(f"connmark option {o.name}"))
-            continue
-        value, mask = _mark_mask(_one_arg(o))
-        preds.append(_negatable(o, lambda p, v=value, k=mask: p.ctmark & k == v))
-    test = _all(preds)
+    test = _options(m, {"--mark": _mark_test("ctmark")})
     return lambda p: p.has_ct and test(p)       # no entry: no match, even negated
 
 

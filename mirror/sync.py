@@ -127,6 +127,9 @@ class Reconciler:
         self._wanted_reason = 0  # as the translator last asked
         self._nf = NfConfig()  # as written (and asked: it is never held)
         self._hold_seq = self._released_seq = 0  # netfilter change hints (see hold_forward)
+        # True while an nftables change message is not handled yet: the kernel-side
+        # switch (mirror/nfswitch.py) may have set the hold for it (set by the agent).
+        self.hint_pending = lambda: False
         self.resyncs = 0
         self._write_config()
 
@@ -249,14 +252,25 @@ class Reconciler:
     def _write_effective(self, nf: NfConfig) -> int:
         """Write the effective config: the translator's, with NETFILTER_CHANGING
         as the punt reason while a netfilter change hint is not yet answered
-        by a re-read."""
-        held = self._hold_seq > self._released_seq
-        reason = self._wanted_reason or (BY_NAME["NETFILTER_CHANGING"] if held else 0)
+        by a re-read (or not even handled yet: the kernel switch may have set
+        it for that change)."""
+        changing = BY_NAME["NETFILTER_CHANGING"]
+        held = self._hold_seq > self._released_seq or self.hint_pending()
+        reason = self._wanted_reason or (changing if held else 0)
         if (reason, nf) == (self._punt_forward_reason, self._nf):
             return 0
         self._punt_forward_reason, self._nf = reason, nf
         self._write_config()
+        if reason == 0 and self.hint_pending():
+            # A change landed while we wrote: the kernel switch's hold was overwritten.
+            self._punt_forward_reason = changing
+            self._write_config()
         return 1
+
+    @property
+    def config_fd(self) -> int:
+        """The config map's fd (for the kernel-side switch, mirror/nfswitch.py)."""
+        return self.tables["config"].map_fd
 
     def hold_forward(self, seq: int) -> None:
         """A netfilter change is coming or done but not read yet (hint number

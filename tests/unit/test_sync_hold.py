@@ -74,3 +74,28 @@ def test_hint_does_not_wait_for_a_running_apply():
         t.join(2)
         assert not t.is_alive()
         assert cfg.writes[-1] == CHANGING
+
+
+def test_a_pending_change_is_not_cleared_by_a_config_write():
+    # The kernel switch set NETFILTER_CHANGING for a change the hint thread has not
+    # handled yet: a release must not write 0 over it.
+    r, cfg = reconciler()
+    r.apply(Desired())
+    r.hold_forward(1)
+    pending = [True]
+    r.hint_pending = lambda: pending[0]
+    r.release_hold(1)
+    assert cfg.writes[-1] == CHANGING
+    pending[0] = False
+    r.release_hold(1)
+    assert cfg.writes[-1] == 0
+
+
+def test_a_change_landing_during_the_write_is_held_again():
+    r, cfg = reconciler()
+    r.apply(Desired())
+    r.hold_forward(1)
+    answers = iter([False, True])           # not pending before the write, pending after it
+    r.hint_pending = lambda: next(answers, True)
+    r.release_hold(1)
+    assert cfg.writes[-2:] == [0, CHANGING]
