@@ -61,12 +61,18 @@ def udp_source(dst, port, seconds, interval, sport=0):
     print(json.dumps(sent), flush=True)
 
 
-def tcp_echo(port):
+def listening(port):
+    """A TCP server socket on PORT, announced with "ready"."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", int(port)))
     srv.listen(64)
     print("ready", flush=True)
+    return srv
+
+
+def tcp_echo(port):
+    srv = listening(port)
 
     def serve(c):
         with c:
@@ -147,11 +153,7 @@ def udp_midflow(dst, port, big):
 
 
 def whoami(port):
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", int(port)))
-    srv.listen(64)
-    print("ready", flush=True)
+    srv = listening(port)
     while True:
         c, _ = srv.accept()
         with c:

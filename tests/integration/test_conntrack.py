@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from nstest import skip_unless_root, unique_name
-from topology import Netns
+from nstest import skip_unless_root
 
 pytestmark = [skip_unless_root,
               pytest.mark.skipif(not shutil.which("conntrack"), reason="conntrack CLI missing (tools/setup)")]
@@ -38,32 +37,19 @@ print(json.dumps(out))
 """
 
 
-class OneNs(Netns):
-    ROLES = ("ct",)
-
-    def _build(self):
-        pass
-
-
-@pytest.fixture
-def ns(require_root):
-    with OneNs(unique_name("lmc"), unique=False, ipv6=False) as t:
-        yield t
-
-
-def ask(ns, queries):
+def ask(one_ns, queries):
     import json
     import sys
-    cp = ns.run("ct", [sys.executable, "-c", CHILD, json.dumps(queries)])
+    cp = one_ns.run("ns", [sys.executable, "-c", CHILD, json.dumps(queries)])
     return json.loads(cp.stdout)
 
 
-def test_get_reads_tuples_status_mark_timeout_of_inserted_entries(ns):
-    ns.run("ct", "conntrack -I -p tcp -s 10.1.0.2 -d 10.9.0.1 --sport 40000 --dport 80 -r 10.2.0.2 "
+def test_get_reads_tuples_status_mark_timeout_of_inserted_entries(one_ns):
+    one_ns.run("ns", "conntrack -I -p tcp -s 10.1.0.2 -d 10.9.0.1 --sport 40000 --dport 80 -r 10.2.0.2 "
                  "-q 10.2.0.1 --reply-port-src 8080 --reply-port-dst 40000 --state ESTABLISHED "
                  "-u SEEN_REPLY,ASSURED -t 300 -m 7")
-    ns.run("ct", "conntrack -I -p udp -s 10.1.0.2 -d 10.2.0.2 --sport 5000 --dport 53 -t 30 --zone 5")
-    got = ask(ns, {"orig": [6, "10.1.0.2", "10.9.0.1", 40000, 80],
+    one_ns.run("ns", "conntrack -I -p udp -s 10.1.0.2 -d 10.2.0.2 --sport 5000 --dport 53 -t 30 --zone 5")
+    got = ask(one_ns, {"orig": [6, "10.1.0.2", "10.9.0.1", 40000, 80],
                    "reply": [6, "10.2.0.2", "10.2.0.1", 8080, 40000],
                    "absent": [6, "10.1.0.2", "10.9.0.1", 40001, 80],
                    "list": None})
@@ -79,13 +65,13 @@ def test_get_reads_tuples_status_mark_timeout_of_inserted_entries(ns):
     assert ["10.1.0.2", "10.2.0.2", 5000, 53] in got["list"] and len(got["list"]) == 2
 
 
-def test_take_over_a_real_connection(ns):
+def test_take_over_a_real_connection(one_ns):
     """A connection over lo is tracked with window checks (flags without
     BE_LIBERAL); after take_over both directions carry it, without the
     unacknowledged-data flag, and the connection still works."""
     # A namespace tracks connections once a rule needs conntrack.
-    ns.run("ct", "iptables -A INPUT -m conntrack --ctstate ESTABLISHED -j ACCEPT")
-    srv = ns.popen("ct", ["python3", "-c", """
+    one_ns.run("ns", "iptables -A INPUT -m conntrack --ctstate ESTABLISHED -j ACCEPT")
+    srv = one_ns.popen("ns", ["python3", "-c", """
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 7777)); s.listen(1)
@@ -95,8 +81,8 @@ while True:
     if not d: break
     c.sendall(d)
 """])
-    ns.wait_listen("ct", 7777, proc=srv)
-    cli = ns.popen("ct", ["python3", "-u", "-c", """
+    one_ns.wait_listen("ns", 7777, proc=srv)
+    cli = one_ns.popen("ns", ["python3", "-u", "-c", """
 import socket, sys
 s = socket.create_connection(("127.0.0.1", 7777)); print(s.getsockname()[1], flush=True)
 s.sendall(b"one"); assert s.recv(10) == b"one"
@@ -104,7 +90,7 @@ sys.stdin.readline()
 s.sendall(b"two"); print(s.recv(10).decode(), flush=True)
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     port = int(cli.stdout.readline())
-    got = ask(ns, {"liberal": [6, "127.0.0.1", "127.0.0.1", port, 7777]})["liberal"]
+    got = ask(one_ns, {"liberal": [6, "127.0.0.1", "127.0.0.1", port, 7777]})["liberal"]
     before, after, flags_before, flags_after = got
     assert not before and after
     # BE_LIBERAL added, DATA_UNACKNOWLEDGED cleared, nothing else touched.

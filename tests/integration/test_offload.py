@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from nstest import skip_unless_root, unique_name
-from topology import Netns
+from nstest import skip_unless_root
 
 pytestmark = [skip_unless_root,
               pytest.mark.skipif(not shutil.which("conntrack"), reason="conntrack CLI missing (tools/setup)")]
@@ -56,37 +55,24 @@ print(json.dumps(out))
 """
 
 
-class OneNs(Netns):
-    ROLES = ("ct",)
-
-    def _build(self):
-        pass
-
-
-@pytest.fixture
-def ns(require_root):
-    with OneNs(unique_name("lmo"), unique=False, ipv6=False) as t:
-        yield t
-
-
-def offload_events(ns, events):
-    cp = ns.run("ct", [sys.executable, "-c", CHILD, json.dumps(events)], input=RULES)
+def offload_events(one_ns, events):
+    cp = one_ns.run("ns", [sys.executable, "-c", CHILD, json.dumps(events)], input=RULES)
     return json.loads(cp.stdout)
 
 
-def test_events_become_flow_entries_with_the_verdict_of_the_rules(ns):
+def test_events_become_flow_entries_with_the_verdict_of_the_rules(one_ns):
     # A DNAT'd established TCP flow, a flow the ruleset drops, a one-way UDP flow
     # that reaches a LOG rule (the evaluator cannot decide: no entry), a flow
     # with no kernel entry and one in a state the kernel must handle.
-    ns.run("ct", "conntrack -I -p tcp -s 10.1.0.2 -d 10.1.0.1 --sport 40000 --dport 8080 -r 10.2.0.2 "
+    one_ns.run("ns", "conntrack -I -p tcp -s 10.1.0.2 -d 10.1.0.1 --sport 40000 --dport 8080 -r 10.2.0.2 "
                  "-q 10.1.0.2 --reply-port-src 80 --reply-port-dst 40000 --state ESTABLISHED "
                  "-u SEEN_REPLY,ASSURED,DST_NAT -t 300")
-    ns.run("ct", "conntrack -I -p tcp -s 10.9.9.9 -d 10.2.0.2 --sport 40001 --dport 80 --state ESTABLISHED "
+    one_ns.run("ns", "conntrack -I -p tcp -s 10.9.9.9 -d 10.2.0.2 --sport 40001 --dport 80 --state ESTABLISHED "
                  "-u SEEN_REPLY,ASSURED -t 300")
-    ns.run("ct", "conntrack -I -p udp -s 10.1.0.2 -d 10.2.0.2 --sport 5000 --dport 53 -t 30")
-    ns.run("ct", "conntrack -I -p tcp -s 10.1.0.2 -d 10.2.0.2 --sport 40002 --dport 80 --state FIN_WAIT "
+    one_ns.run("ns", "conntrack -I -p udp -s 10.1.0.2 -d 10.2.0.2 --sport 5000 --dport 53 -t 30")
+    one_ns.run("ns", "conntrack -I -p tcp -s 10.1.0.2 -d 10.2.0.2 --sport 40002 --dport 80 --state FIN_WAIT "
                  "-u SEEN_REPLY,ASSURED -t 30")
-    got = offload_events(ns, [
+    got = offload_events(one_ns, [
         [2, 3, ["10.1.0.2", "10.1.0.1", 40000, 8080, 6]],   # original direction, pre-DNAT
         [3, 2, ["10.2.0.2", "10.1.0.2", 80, 40000, 6]],     # its reply
         [2, 3, ["10.9.9.9", "10.2.0.2", 40001, 80, 6]],
