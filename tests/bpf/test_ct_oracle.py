@@ -38,22 +38,19 @@ def kernel_output(t, src_role, src_if, dst_role, dst_if, frame, seconds=1.0):
     return [f for f in frames if f[12:14] == b"\x08\x00"]
 
 
-@pytest.fixture
-def nat_node(routed_topology, maps):
-    t = routed_topology
+def node_rules(t):
     for rule in (["-t", "nat", "-A", "PREROUTING", "-i", "veth1", "-d", VIP, "-p", "udp", "--dport", "5353",
                   "-j", "DNAT", "--to-destination", f"{t.pod2_ip}:53"],
                  ["-t", "nat", "-A", "PREROUTING", "-i", "veth1", "-d", VIP, "-p", "tcp", "--dport", "8080",
                   "-j", "DNAT", "--to-destination", f"{t.pod2_ip}:80"],
                  ["-t", "nat", "-A", "POSTROUTING", "-o", "veth2", "-j", "MASQUERADE"]):
         t.run("node", ["iptables", *rule])
-    t.run("pod1", ["iptables", "-A", "INPUT", "-j", "DROP"])
-    t.run("pod2", ["iptables", "-A", "INPUT", "-j", "DROP"])
-    for ip, mac, dev in ((t.pod1_ip, t.pod1_mac, "veth1"), (t.pod2_ip, t.pod2_mac, "veth2")):
-        t.run("node", ["ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"])
+
+
+def node_maps(t, maps):
+    """The node's routing state, as the agent would mirror it; {dev: ifindex}."""
     idx = {dev: json.loads(t.run("node", ["ip", "-j", "link", "show", "dev", dev]).stdout)[0]["ifindex"]
            for dev in ("veth1", "veth2")}
-    # The node's routing state, as the agent would mirror it.
     maps.clear()
     maps.link(idx["veth1"], t.node_mac1, UP | FWD)
     maps.link(idx["veth2"], t.node_mac2, UP | FWD)
@@ -63,7 +60,20 @@ def nat_node(routed_topology, maps):
     maps.route(f"{t.gw2_ip}/32", action=R["LOCAL"])
     maps.neigh(idx["veth1"], t.pod1_ip, t.pod1_mac)
     maps.neigh(idx["veth2"], t.pod2_ip, t.pod2_mac)
-    return t, idx
+    return idx
+
+
+@pytest.fixture
+def nat_node(routed_topology, maps):
+    """The node's NAT rules; the pods' stacks drop what reaches them, and
+    the node knows their MACs (no ARP), so crafted frames alone decide."""
+    t = routed_topology
+    node_rules(t)
+    t.run("pod1", ["iptables", "-A", "INPUT", "-j", "DROP"])
+    t.run("pod2", ["iptables", "-A", "INPUT", "-j", "DROP"])
+    for ip, mac, dev in ((t.pod1_ip, t.pod1_mac, "veth1"), (t.pod2_ip, t.pod2_mac, "veth2")):
+        t.run("node", ["ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"])
+    return t, node_maps(t, maps)
 
 
 def node_config(t):
