@@ -82,11 +82,12 @@ class Agent:
         self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         # The first sign of a netfilter change stops forwarding in one map write, before
-        # anything is re-read: in the kernel for nftables commits (nfswitch), and on
-        # the watcher's hint thread (on_hint) for everything.
+        # anything is re-read: in the kernel for nftables commits (nfswitch), in a
+        # child process for iptables-legacy's lock (nfhintd), and on the watcher's
+        # hint thread (on_hint) for everything.
         self.nf_watch = netfilter.NetfilterWatcher(
             lambda st: self.events.put(("netfilter", st)), on_hint=self.sync.hold_forward,
-            kernel_switch=(self.sync.config_fd, REASON_NAMES["NETFILTER_CHANGING"]))
+            kernel_switch=(self.sync.config_fd, REASON_NAMES["NETFILTER_CHANGING"], self.sync.config_size))
         self.sync.hint_pending = self.nf_watch.hint_pending
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
@@ -255,6 +256,7 @@ class Agent:
             self.attach_failed[ifindex] = (link, f"cannot attach the TC program to {name}: {e}")
 
     def _beat(self):
+        self.sync.repair_config()
         self.sync.heartbeat(True, HEARTBEAT_GRACE)
 
     # -- inputs besides rtnetlink -----------------------------------------

@@ -15,6 +15,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321  # x86-64
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -32,6 +34,31 @@ class BpfAttrLoad(ctypes.Structure):
         ("log_size", ctypes.c_uint32),
         ("log_buf", ctypes.c_uint64),
     ]
+
+
+class BpfAttrElem(ctypes.Structure):
+    """union bpf_attr, the BPF_MAP_*_ELEM member."""
+
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def _elem(cmd: int, map_fd: int, key: bytes, value) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(value))
+    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytearray:
+    value = ctypes.create_string_buffer(value_size)
+    _elem(BPF_MAP_LOOKUP_ELEM, map_fd, key, value)
+    return bytearray(value.raw)
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    _elem(BPF_MAP_UPDATE_ELEM, map_fd, key, ctypes.create_string_buffer(bytes(value), len(value)))
 
 
 def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL") -> int:

@@ -43,6 +43,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -349,6 +350,7 @@ class _LockInotify:
         self._file_wd = self._add(self.path, IN_OPEN | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
         self._lock = threading.Lock()
         self.open_count = 0
+        self.opens = 0         # opens seen so far
         self.opened_at = 0.0
         self.unread = False    # events arrived, not counted yet: assume busy
 
@@ -391,6 +393,7 @@ class _LockInotify:
         with self._lock:
             self.open_count = max(0, self.open_count + delta)
             if delta > 0:
+                self.opens += 1
                 self.opened_at = time.monotonic()
 
     def busy(self) -> bool:
@@ -493,11 +496,13 @@ class NetfilterWatcher:
                  reader: Callable[..., NetfilterState] = read_state,
                  lock_path: str = XTABLES_LOCK,
                  on_hint: Optional[Callable[[int], None]] = None,
-                 kernel_switch: Optional[Tuple[int, int]] = None):
+                 kernel_switch: Optional[Tuple[int, int, int]] = None):
         self.callback = callback
         self.on_hint = on_hint
-        self._kernel_switch = kernel_switch   # (config map fd, reason): see mirror/nfswitch.py
+        # (config map fd, reason, config value size): see mirror/nfswitch.py, mirror/nfhintd.py
+        self._kernel_switch = kernel_switch
         self._switch_fd = -1
+        self._hintd: Optional[subprocess.Popen] = None
         self._draining = False
         self.poll_interval = poll_interval
         self.debounce = debounce
@@ -534,7 +539,7 @@ class NetfilterWatcher:
             log.warning("nfnetlink NFTABLES group unavailable, polling nft: %s", e)
         if self._nft is not None and self._kernel_switch is not None:
             try:
-                self._switch_fd = nfswitch.attach(self._nft.sock, *self._kernel_switch)
+                self._switch_fd = nfswitch.attach(self._nft.sock, *self._kernel_switch[:2])
                 self.sources.append("nfnetlink-switch")
             except OSError as e:
                 log.warning("no kernel-side netfilter switch (the hint thread alone stops the fast path): %s", e)
@@ -543,6 +548,8 @@ class NetfilterWatcher:
             self.sources.append("inotify:" + self._lock_path)
         except OSError as e:
             log.warning("inotify on %s unavailable, polling legacy: %s", self._lock_path, e)
+        if self._legacy is not None and self._kernel_switch is not None:
+            self._start_hintd()
         self._stop.clear()
         self._threads = [threading.Thread(target=self._run_hints, name="netfilter-hints", daemon=True),
                          threading.Thread(target=self._run, name="netfilter-watch", daemon=True)]
@@ -569,10 +576,30 @@ class NetfilterWatcher:
         if self._switch_fd >= 0:
             os.close(self._switch_fd)
             self._switch_fd = -1
+        if self._hintd is not None:
+            self._hintd.terminate()
+            try:
+                self._hintd.wait(5)
+            except subprocess.TimeoutExpired:
+                self._hintd.kill()
+                self._hintd.wait()
+            self._hintd = None
         for fd in (self._wake_r, self._wake_w, self._halt_r, self._halt_w):
             os.close(fd)
         self._wake_r = self._wake_w = self._halt_r = self._halt_w = -1
         self.sources = []
+
+    def _start_hintd(self) -> None:
+        """The iptables-legacy switch runs in its own process (mirror/nfhintd.py):
+        it must not wait for this process's GIL."""
+        fd, reason, size = self._kernel_switch
+        try:
+            self._hintd = subprocess.Popen(
+                [sys.executable, "-m", "mirror.nfhintd", self._lock_path, str(fd), str(size), str(reason)],
+                pass_fds=(fd,), stdin=subprocess.DEVNULL, close_fds=True)
+            self.sources.append("xtables-lock-switch")
+        except OSError as e:
+            log.warning("no iptables-legacy switch process (the hint thread alone stops the fast path): %s", e)
 
     def __enter__(self) -> "NetfilterWatcher":
         return self.start()
@@ -644,21 +671,23 @@ class NetfilterWatcher:
             self.hint_latency[source].append(time.monotonic() - seen)
 
     def hint_pending(self) -> bool:
-        """Whether an nftables change message has not been handled yet (the kernel
-        switch may have set the hold for it): the reconciler re-holds after a
-        config write that cleared it."""
+        """Whether a change signal has not been handled yet (an nftables message:
+        the kernel switch may have set the hold for it; a legacy lock file open or
+        its events unread: nfhintd may have): the reconciler then keeps the hold."""
         if self._draining:
             return True
-        if self._nft is None:
-            return False
+        if self._legacy is not None and self._legacy.busy():
+            return True                   # a legacy change may be under way
+        fds = [src.fd for src in (self._nft, self._legacy) if src is not None]
         try:
-            return bool(select.select([self._nft.fd], [], [], 0)[0])
+            return bool(fds) and bool(select.select(fds, [], [], 0)[0])
         except (OSError, ValueError):
             return True
 
     def hint_summary(self) -> Dict[str, Any]:
         """Per source: hints and the time from arrival to on_hint() done (us)."""
-        out: Dict[str, Any] = {"realtime": self.realtime, "kernel_switch": self._switch_fd >= 0}
+        out: Dict[str, Any] = {"realtime": self.realtime, "kernel_switch": self._switch_fd >= 0,
+                               "legacy_switch": self._hintd is not None and self._hintd.poll() is None}
         for source, lat in self.hint_latency.items():
             xs = sorted(lat)
             if xs:

@@ -269,8 +269,12 @@ class Reconciler:
 
     @property
     def config_fd(self) -> int:
-        """The config map's fd (for the kernel-side switch, mirror/nfswitch.py)."""
+        """The config map's fd (for the switches, mirror/nfswitch.py, nfhintd.py)."""
         return self.tables["config"].map_fd
+
+    @property
+    def config_size(self) -> int:
+        return ctypes.sizeof(self.tables["config"].Leaf)
 
     def hold_forward(self, seq: int) -> None:
         """A netfilter change is coming or done but not read yet (hint number
@@ -285,6 +289,19 @@ class Reconciler:
         with self._config_lock:
             self._released_seq = max(self._released_seq, seq)
             return self._write_effective(self._nf)
+
+    def repair_config(self) -> bool:
+        """Undo a switch write that no hint will ever answer (a switch that acted
+        on a change already read and released): with nothing held or pending, the
+        map's punt reason must be ours.  Cheap; the agent calls it per heartbeat."""
+        with self._config_lock:
+            if self._hold_seq > self._released_seq or self.hint_pending():
+                return False
+            if self._config().punt_forward_reason == self._punt_forward_reason:
+                return False
+            log.warning("config punt reason changed behind our back: rewriting")
+            self._write_config()
+            return True
 
     @property
     def holding(self) -> bool:

@@ -41,3 +41,34 @@ def test_switch_sets_the_reason_inside_the_commit():
         assert cp.stdout.strip().splitlines()[-1] == "[0, 28, 14, 1]"
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+HINTD = r"""
+import ctypes, os, subprocess, sys, time
+from bcc import BPF
+lock = sys.argv[1]
+b = BPF(text="struct cfg { u32 reason, hz; }; BPF_ARRAY(config, struct cfg, 1);")
+cfg = b["config"]
+cfg[ctypes.c_int(0)] = cfg.Leaf(0, 250)
+p = subprocess.Popen([sys.executable, "-m", "mirror.nfhintd", lock, str(cfg.map_fd), "8", "28"],
+                     pass_fds=(cfg.map_fd,))
+time.sleep(1.0)                                  # let it start watching
+out = [cfg[ctypes.c_int(0)].reason]
+fd = os.open(lock, os.O_RDONLY)                  # what iptables-legacy does before a change
+deadline = time.monotonic() + 5
+while cfg[ctypes.c_int(0)].reason == 0 and time.monotonic() < deadline:
+    time.sleep(0.001)
+out.append(cfg[ctypes.c_int(0)].reason)
+out.append(cfg[ctypes.c_int(0)].hz)              # the rest of the leaf is kept
+os.close(fd)
+p.terminate(); p.wait(5)
+print(out)
+"""
+
+
+def test_legacy_switch_process_sets_the_reason_on_open(tmp_path):
+    lock = tmp_path / "xtables.lock"
+    lock.write_text("")
+    cp = subprocess.run([sys.executable, "-c", HINTD, str(lock)], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip().splitlines()[-1] == "[0, 28, 250]"

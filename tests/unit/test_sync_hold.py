@@ -99,3 +99,13 @@ def test_a_change_landing_during_the_write_is_held_again():
     r.hint_pending = lambda: next(answers, True)
     r.release_hold(1)
     assert cfg.writes[-2:] == [0, CHANGING]
+
+
+def test_a_late_switch_write_is_repaired():
+    r, cfg = reconciler()
+    r.apply(Desired())
+    cfg.writes.append(CHANGING)             # a switch acted after the change was read and released
+    assert r.repair_config() and cfg.writes[-1] == 0
+    assert not r.repair_config()
+    r.hold_forward(1)                       # held: the switch's value is ours
+    assert not r.repair_config() and cfg.writes[-1] == CHANGING
