@@ -727,13 +727,15 @@ class NetfilterWatcher:
                                  errors=[f"read failed: {e}"], read_at=time.monotonic())
         new.hint_seq = covered
         self.stats["reads"] += 1
-        answers = covered is not None and covered > self._answered_seq
+        # Unchanged content is reported again only to whoever holds on hints (the
+        # agent releases its hold on it); other users see changes only.
+        answers = self.on_hint is not None and covered is not None and covered > self._answered_seq
         if self.state is not None and new == self.state and not answers:
             self.state.read_at, self.state.outputs = new.read_at, new.outputs
             return
         self.state = new
-        if answers:
-            self._answered_seq = covered
+        if covered is not None:
+            self._answered_seq = max(self._answered_seq, covered)
         self.stats["callbacks"] += 1
         try:
             self.callback(new)

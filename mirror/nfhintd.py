@@ -7,8 +7,8 @@ kernel announces the change itself.  The agent's hint thread reacts to that open
 but it shares the agent's GIL: on a busy machine another agent thread holding it
 can delay the thread by milliseconds, long enough for the change to land and the
 next packet to pass.  This process has one thread and no one to wait for: it
-blocks on inotify of the lock file (SCHED_FIFO when allowed) and, when an open
-leaves the file open, sets config.punt_forward_reason (the first u32 of the
+blocks on inotify of the lock file (SCHED_FIFO when allowed) and, on any event
+of that file, sets config.punt_forward_reason (the first u32 of the
 config leaf, CONFIG_FD inherited from the agent) to REASON if it is 0, exactly
 what Reconciler.hold_forward would write.  The agent's hint thread takes the hold
 over and the reconcile after the re-read releases it; the reconciler never clears
@@ -44,10 +44,11 @@ def serve(lock_path: str, config_fd: int, value_size: int, reason: int) -> None:
     watch = _LockInotify(lock_path)
     while True:
         select.select([watch.fd], [], [])
-        opens = watch.opens
+        # The file itself is watched: any event may be the open before a change.
+        # Switch first, read after (a switch for a close is lifted by the re-read
+        # that close triggers, or by Reconciler.repair_config).
+        switch_on(config_fd, value_size, reason)
         watch.drain()
-        if watch.opens > opens and watch.open_count > 0:   # a user holds it now: a change may come
-            switch_on(config_fd, value_size, reason)
 
 
 def main(argv) -> int:

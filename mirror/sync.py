@@ -291,12 +291,15 @@ class Reconciler:
             return self._write_effective(self._nf)
 
     def repair_config(self) -> bool:
-        """Undo a switch write that no hint will ever answer (a switch that acted
-        on a change already read and released): with nothing held or pending, the
-        map's punt reason must be ours.  Cheap; the agent calls it per heartbeat."""
+        """With nothing held or pending, make the map's punt reason the
+        translator's again: undo a re-hold no longer needed, or a switch write no
+        hint will answer (a switch that acted on a change already read and
+        released).  Cheap; the agent calls it per heartbeat."""
         with self._config_lock:
             if self._hold_seq > self._released_seq or self.hint_pending():
                 return False
+            if self._write_punt_reason():
+                return True
             if self._config().punt_forward_reason == self._punt_forward_reason:
                 return False
             log.warning("config punt reason changed behind our back: rewriting")

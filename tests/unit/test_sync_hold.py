@@ -109,3 +109,13 @@ def test_a_late_switch_write_is_repaired():
     assert not r.repair_config()
     r.hold_forward(1)                       # held: the switch's value is ours
     assert not r.repair_config() and cfg.writes[-1] == CHANGING
+
+
+def test_a_re_hold_for_a_false_alarm_is_lifted():
+    r, cfg = reconciler()
+    r.apply(Desired())
+    r.hint_pending = lambda: True
+    r.apply(Desired())                       # e.g. another namespace's iptables-legacy has the lock
+    assert cfg.writes[-1] == CHANGING
+    r.hint_pending = lambda: False           # closed again, nothing changed here
+    assert r.repair_config() and cfg.writes[-1] == 0
