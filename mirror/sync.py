@@ -298,7 +298,7 @@ class Reconciler:
         with self._config_lock:
             if self._hold_seq > self._released_seq or self.hint_pending():
                 return False
-            if self._write_punt_reason():
+            if self._write_effective(self._nf):
                 return True
             if self._config().punt_forward_reason == self._punt_forward_reason:
                 return False
