@@ -284,7 +284,10 @@ def test_docker_published_port_and_masquerade(routed_topology, agent):
         for r in (res["in"], res["out"]):
             assert r["error"] is None and r["echoed"] == r["sent"] > 50
         # Established entries at the established timeout (432000 s by default).
-        assert all(to > 431990 for to in res["timeouts"]), res["timeouts"]
+        # (A data segment punted mid-flow, e.g. during a netfilter change hold,
+        # can leave the taken-over entry at the 300 s unacknowledged timeout:
+        # README, known differences.)
+        assert all(to > 431990 for to in res["timeouts"]), (alone["timeouts"], mirrored["timeouts"], d)
     assert len(alone["entries"]) == 2 and mirrored["entries"] == alone["entries"]
     assert all(e[4] == ("ASSURED",) for e in mirrored["entries"])
     assert fast_share(d) > 0.9, d
