@@ -89,7 +89,8 @@
 	X(BR_ISOLATED, 46, "both bridge ports isolated (the bridge drops it)") \
 	X(BR_LOCAL, 47, "destination is a local FDB entry other than the bridge's own MAC") \
 	X(BR_UNSUPPORTED, 48, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
-	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)")
+	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)") \
+	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -19,15 +20,16 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, netfilter, netlink, tc, xfrm
+from . import control, conntrack, netfilter, netlink, nfverdict, offload, tc, xfrm
 from . import model as m
 from .datapath import COMMON_H, Datapath, DatapathError
 from .observe.latency import Histogram
+from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                         PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
-                        bridge_egress_punt, custom_rules, skip_reason, translate, translate_changes)
+                        bridge_egress_punt, custom_rules, netfilter_punt, skip_reason, translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -36,7 +38,10 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
-MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config")
+MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config", "flows")
+# The netfilter hint thread must get the GIL at once when a change lands; with
+# Python's default 5 ms switch interval a parsing thread could hold it that long.
+GIL_SWITCH_INTERVAL = 0.0001  # s
 
 
 class Agent:
@@ -50,6 +55,8 @@ class Agent:
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.state = m.KernelState()
+        self.nf_state = None  # the newest netfilter.NetfilterState (for dump rules)
+        self.nf_answered = 0  # netfilter change hints answered by a state in the model
         self.ready_since = None
         self.stale_since = {}  # neighbour key -> its datapath use stamp when it became STALE
         self.refreshed = set()  # STALE neighbours we already asked to confirm
@@ -74,14 +81,24 @@ class Agent:
             server.close()
 
     def _run(self, server) -> int:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES},
                                beat=self.datapath.beat, hz=self.datapath.measure_hz())
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
         self.attacher = tc.TcAttacher(self.datapath.fd)
+        self.offloader = offload.Offloader(self.sync)
+        self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
-        self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
+        # The first sign of a netfilter change stops forwarding in one map write, before
+        # anything is re-read: in the kernel for nftables commits (nfswitch), in a
+        # child process for iptables-legacy's lock (nfhintd), and on the watcher's
+        # hint thread (on_hint) for everything.
+        self.nf_watch = netfilter.NetfilterWatcher(
+            lambda st: self.events.put(("netfilter", st)), on_hint=self.sync.hold_forward,
+            kernel_switch=(self.sync.config_fd, REASON_NAMES["NETFILTER_CHANGING"], self.sync.config_size))
+        self.sync.hint_pending = self.nf_watch.hint_pending
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
         metrics_server = self._serve_metrics()
@@ -92,6 +109,7 @@ class Agent:
             self.netlink.start()
             self.nf_watch.start()
             self.xfrm_watch.start()
+            self.flow_reader.start()
             self._loop()
         finally:
             self._shutdown()
@@ -125,6 +143,8 @@ class Agent:
     def _shutdown(self):
         log.info("stopping: fast path off, detaching")
         self.nf_watch.stop()
+        self.flow_reader.stop()
+        self.offloader.close()
         self.xfrm_watch.close()
         self.netlink.close()
         self.sync.heartbeat(False)
@@ -180,6 +200,7 @@ class Agent:
     def _apply_batch(self, batch, reread_sysctls):
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
+        flow_events = []
         for kind, payload in batch:
             if kind == "netlink":
                 for msg in payload:
@@ -192,8 +213,11 @@ class Agent:
                         tc_changed.add(msg["index"])
             elif kind == "netfilter":
                 self._set_netfilter(payload)
+                self.nf_answered = max(self.nf_answered, payload.hint_seq or 0)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
+            elif kind == "flow":
+                flow_events.append(payload)
             elif kind == "resync":
                 resync = True
         if resync:
@@ -215,12 +239,18 @@ class Agent:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
+        if flow_events:  # decided against the ruleset generation now in the maps
+            self.offloader.handle(flow_events, self.state)
+        self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
 
     def _resynced_state(self):
         fresh = self.netlink.dump()
-        fresh.netfilter_impact = self.state.netfilter_impact
-        fresh.bridge_nf_impact = self.state.bridge_nf_impact
-        fresh.peer_macs = self.state.peer_macs
+        old = self.state
+        fresh.set_netfilter(old.netfilter_impact, old.netfilter_unsupported, old.nf_rulesets)
+        fresh.nf_gen = old.nf_gen
+        fresh.new_nf_generation()  # verdicts are recomputed after a resync
+        fresh.bridge_nf_impact = old.bridge_nf_impact
+        fresh.peer_macs = old.peer_macs
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -260,14 +290,24 @@ class Agent:
             self.attach_failed[ifindex] = (link, f"cannot attach the TC program to {name}: {e}")
 
     def _beat(self):
+        self.sync.repair_config()
         self.sync.heartbeat(True, HEARTBEAT_GRACE)
 
     # -- inputs besides rtnetlink -----------------------------------------
     def _set_netfilter(self, nf_state):
+        self.nf_state = nf_state
         if nf_state.forward_impact != self.state.netfilter_impact:
             log.info("netfilter: %s", nf_state.forward_impact or "no rules affect forwarded traffic")
-        self.state.netfilter_impact = nf_state.forward_impact
         self.state.bridge_nf_impact = nf_state.bridge_impact
+        # A failed read leaves no rulesets to evaluate: punt, whatever else it says.
+        unsupported = nf_state.unsupported or ("; ".join(nf_state.errors) or None)
+        if unsupported is None and "ct_lookup" not in self.datapath.text:
+            # A datapath without the conntrack stage would ignore nf_mode.
+            unsupported = "this datapath has no conntrack stage"
+        if nf_state.forward_impact is not None and unsupported != self.state.netfilter_unsupported:
+            log.info("netfilter: %s", f"all forwarded traffic punts: {unsupported}" if unsupported
+                     else "stateful: established flows get per-flow verdicts")
+        self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
@@ -277,6 +317,7 @@ class Agent:
         # No events reach us from the peers' namespaces: re-read with the sysctls.
         ports = [l for l in self.state.links.values() if l.port is not None and l.kind == "veth"]
         self.state.set_peer_macs(netlink.read_peer_macs(ports))
+        self.state.ct_sysctls = conntrack.read_sysctls()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -379,10 +420,14 @@ class Agent:
         out["rates_pps"] = self._rates()
         c = out["counters"]
         c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
-        c["punt"] = {name: pkts for name, (pkts, _) in counters.items()}
-        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items()}
+        drops = {r.name for r in REASONS if r.drop}
+        c["punt"] = {name: pkts for name, (pkts, _) in counters.items() if name not in drops}
+        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items() if name not in drops}
+        c["drop"] = {name: pkts for name, (pkts, _) in counters.items() if name in drops}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
         out["bridges"] = self._bridges_status()
+        out["netfilter_hints"] = self.nf_watch.hint_summary()
+        out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out
@@ -407,8 +452,11 @@ class Agent:
                 for name in after if after[name][0] != before.get(name, (0, 0))[0]}
 
     def _punt_forward_explanation(self):
-        if self.state.netfilter_impact:
-            return f"netfilter: {self.state.netfilter_impact}"
+        if self.sync.holding:
+            return "netfilter: a change is under way (held until it is re-read)"
+        nf = netfilter_punt(self.state)
+        if nf:
+            return f"netfilter: {nf}"
         if self.state.xfrm_impact:
             return f"ipsec: {self.state.xfrm_impact}"
         if self.state.fwd_use_pmtu:
@@ -473,6 +521,10 @@ class Agent:
         """A table as rows; `match` {"prefix": ...} or {"interface": ..., "ip": ...}
         or {"bridge": ..., "mac": ...} looks up just that entry (a full read of
         a big table is slow)."""
+        if table == "conntrack":
+            return self.offloader.dump(self.state)
+        if table == "rules":
+            return self._dump_rules()
         if table not in ("routes", "neighbors", "links", "fdb"):
             raise ValueError(f"no table {table!r}")
         names = {i: l.name for i, l in self.state.links.items()}
@@ -497,6 +549,18 @@ class Agent:
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
                  "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), names)}
                 for i, e in sorted(rows.items())]
+
+    def _dump_rules(self):
+        """Every iptables rule: compiled, punt (and why) or unused; plus what the
+        evaluator cannot read at all (native nft tables, read errors)."""
+        st = self.nf_state
+        if st is None:
+            return []
+        rows = [r.as_dict() for r in nfverdict.classify(st.rulesets)]
+        if st.unsupported:
+            rows.append({"backend": "*", "table": "", "chain": "", "index": 0, "rule": "",
+                         "status": "punt", "reason": f"all forwarded traffic: {st.unsupported}"})
+        return rows
 
     @staticmethod
     def _keys(table, match, names):

@@ -1,7 +1,9 @@
-"""The bpf() syscall pieces BCC does not expose: BPF_PROG_TEST_RUN.
+"""The bpf() syscall pieces BCC does not expose: BPF_PROG_TEST_RUN, and
+loading a program from raw instructions.
 
-The agent runs lm_heartbeat with it; the packet tests run the datapath
-with it.  Linux x86-64 only (syscall number).
+The agent runs lm_heartbeat with it and loads the netfilter change switch
+(mirror/nfswitch.py); the packet tests run the datapath with it.  Linux
+x86-64 only (syscall number).
 """
 
 import ctypes
@@ -13,7 +15,66 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321  # x86-64
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+
+
+class BpfAttrLoad(ctypes.Structure):
+    """union bpf_attr, the start of the BPF_PROG_LOAD member."""
+
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+    ]
+
+
+class BpfAttrElem(ctypes.Structure):
+    """union bpf_attr, the BPF_MAP_*_ELEM member."""
+
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def _elem(cmd: int, map_fd: int, key: bytes, value) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(value))
+    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytearray:
+    value = ctypes.create_string_buffer(value_size)
+    _elem(BPF_MAP_LOOKUP_ELEM, map_fd, key, value)
+    return bytearray(value.raw)
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    _elem(BPF_MAP_UPDATE_ELEM, map_fd, key, ctypes.create_string_buffer(bytes(value), len(value)))
+
+
+def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL") -> int:
+    """Load a program given as raw struct bpf_insn bytes; returns its fd
+    (OSError with the verifier's log on refusal)."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = BpfAttrLoad(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                       license=ctypes.addressof(lic), log_level=1, log_size=len(log),
+                       log_buf=ctypes.addressof(log))
+    fd = _libc.syscall(NR_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_LOAD: {os.strerror(err)}: {log.value.decode(errors='replace')[-500:]}")
+    return fd
 
 
 class BpfAttrTest(ctypes.Structure):

@@ -221,10 +221,13 @@ def _chunks(frames, max_bytes):
 
 
 @main.command()
-@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "fdb"]))
+@click.argument("table", type=click.Choice(["routes", "neighbors", "links", "fdb", "rules", "conntrack"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def dump(table, as_json):
-    """Show a fast-path table as the datapath sees it."""
+    """Show a fast-path table as the datapath sees it; `rules`: every iptables
+    rule, compiled or punted (and why) or unused by forwarded flows;
+    `conntrack`: the kernel flows with a current verdict (forward, drop or
+    left to the kernel), the kernel's entry and the fast path's counters."""
     try:
         reply = control.request({"cmd": "dump", "table": table})
     except control.NotRunning:
@@ -250,12 +253,31 @@ def _row_text(table, row):
     if table == "fdb":
         where = "local" if row["local"] else f"dev {row['port']}"
         return f"{row['mac']} {where} master {row['bridge']}"
+    if table == "conntrack":
+        return _flow_text(row)
+    if table == "rules":
+        why = f" ({row['reason']})" if row["reason"] else ""
+        if row["index"]:
+            return (f"{row['backend']} {row['table']} {row['chain']} #{row['index']}: {row['status']}{why}\n"
+                    f"    -A {row['chain']} {row['rule']}")
+        return f"{row['backend']}: {row['status']}{why}" + (f"\n    {row['rule']}" if row["rule"] else "")
     text = f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"
     if "bridge" in row:
         punts = " ".join(f"punt-{k}:{v}" for k, v in row["port_punts"].items())
         text += f" master {row['bridge']} <{','.join(row['port_flags'])}>" + (f" {punts}" if punts else "")
         text += f" peer {row['peer_mac']}" if row.get("peer_mac") else ""
     return text
+
+
+def _flow_text(row):
+    k = row["kernel"]
+    kernel = "kernel entry gone" if k is None else (
+        f"{k['state'] or ''} timeout {k['timeout']} [{','.join(k['status'])}] mark {k['mark']} "
+        f"orig {k['orig'][0]}:{k['orig'][2]}->{k['orig'][1]}:{k['orig'][3]} "
+        f"reply {k['reply'][0]}:{k['reply'][2]}->{k['reply'][1]}:{k['reply'][3]}")
+    decided = row["rule"] or row["reason"]
+    return (f"{row['proto']} {row['in']} {row['wire']} => {row['out']} {row['translated']} "
+            f"{row['verdict']} ({decided}) {row['packets']} pkts {row['bytes']} bytes | {kernel}")
 
 
 def _fail(message):

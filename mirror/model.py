@@ -217,6 +217,22 @@ class LinkSysctls:
     rp_filter: int  # effective: max(conf/all, conf/<dev>)
 
 
+@dataclass(frozen=True)
+class CtSysctls:
+    """net.netfilter.nf_conntrack_* values the fast path needs to refresh a
+    kernel conntrack entry's timeout exactly as the kernel would (seconds),
+    and the accounting switches it cannot honour (flows then punt)."""
+
+    tcp_timeout_established: int = 432000
+    tcp_timeout_unacknowledged: int = 300
+    tcp_timeout_max_retrans: int = 300
+    tcp_max_retrans: int = 3
+    udp_timeout: int = 30
+    udp_timeout_stream: int = 120
+    acct: bool = False
+    timestamp: bool = False
+
+
 @dataclass
 class Changes:
     """What changed since the translator last looked: keys to re-translate."""
@@ -248,6 +264,17 @@ class KernelState:
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
+    # Why the rules on the forward path cannot be evaluated per flow (native
+    # nft tables, read errors ...): then all forwarded traffic punts.  None:
+    # the flow-verdict evaluator reads every table on the path.
+    netfilter_unsupported: Optional[str] = "netfilter state not read yet"
+    # The parsed rulesets per backend (NetfilterState.rulesets) and their
+    # generation: it changes with every content change, so flow verdicts
+    # computed for an older ruleset stop applying at once.
+    nf_rulesets: Dict[str, object] = field(default_factory=dict)
+    nf_gen: int = 1
+    # Conntrack sysctls of this netns; None = not read (stateful mode punts).
+    ct_sysctls: Optional[CtSysctls] = None
     # net.ipv4.ip_forward_use_pmtu: forwarding then obeys learned path MTUs.
     fwd_use_pmtu: bool = False
     # Likewise for IPsec policies (mirror/xfrm.py).
@@ -345,6 +372,15 @@ class KernelState:
         changed = {n for n in set(sysctls) | set(self.sysctls) if sysctls.get(n) != self.sysctls.get(n)}
         self.sysctls = sysctls
         self.changes.links |= {i for i, l in self.links.items() if l.name in changed}
+
+    def set_netfilter(self, impact: Optional[str], unsupported: Optional[str], rulesets: Dict[str, object]):
+        """A new netfilter reading; any change of the rules starts a new generation."""
+        if rulesets != self.nf_rulesets or impact != self.netfilter_impact:
+            self.new_nf_generation()
+        self.netfilter_impact, self.netfilter_unsupported, self.nf_rulesets = impact, unsupported, rulesets
+
+    def new_nf_generation(self):
+        self.nf_gen = self.nf_gen % 0xFFFFFFFF + 1  # u32, never 0 (an unset entry)
 
     def set_egress_tc(self, index: int, what: Optional[str]):
         if self.egress_tc.get(index) == what:

@@ -12,9 +12,12 @@ import logging
 import socket
 import struct
 import threading
+from dataclasses import asdict
 
+from .flows import FlowEntry, FlowKey
+from .reasons import BY_NAME
 from .translate import MAP_TABLES as TABLES
-from .translate import Desired, FdbTarget, LinkEntry, PortEntry, RouteEntry
+from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, RouteEntry
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,29 @@ class Codec:
         return (k.bridge, bytes_to_mac(k.mac)), FdbTarget(v.port, bool(v.flags & FDB_LOCAL))
 
 
+    # flows: FlowKey <-> lm_flow_key, FlowEntry <-> lm_flow (ports in network byte order, like addresses)
+    def flow_key(self, k: FlowKey):
+        return self.t["flows"].Key(ifindex=k.ifindex, saddr=ip_to_u32(k.saddr), daddr=ip_to_u32(k.daddr),
+                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto)
+
+    def flow_leaf(self, e: FlowEntry, packets=0, nbytes=0):
+        return self.t["flows"].Leaf(
+            gen=e.gen, action=e.action, oif=e.oif, ct_mark=e.ct_mark, ct_status=e.ct_status,
+            nat_saddr=ip_to_u32(e.nat_saddr), nat_daddr=ip_to_u32(e.nat_daddr),
+            nat_sport=socket.htons(e.nat_sport), nat_dport=socket.htons(e.nat_dport), packets=packets, bytes=nbytes)
+
+    @staticmethod
+    def decode_flow_key(k) -> FlowKey:
+        return FlowKey(k.ifindex, u32_to_ip(k.saddr), u32_to_ip(k.daddr), socket.ntohs(k.sport),
+                       socket.ntohs(k.dport), k.proto)
+
+    def decode_flow(self, k, v):
+        key = self.decode_flow_key(k)
+        entry = FlowEntry(v.gen, v.action, v.oif, v.ct_mark, v.ct_status, u32_to_ip(v.nat_saddr),
+                          u32_to_ip(v.nat_daddr), socket.ntohs(v.nat_sport), socket.ntohs(v.nat_dport))
+        return key, (entry, v.packets, v.bytes)
+
+
 class Reconciler:
     def __init__(self, tables, beat, hz: int):
         """tables: name -> BCC table for routes, neighbors, links and config;
@@ -124,7 +150,16 @@ class Reconciler:
         self.codec = Codec(tables)
         self.shadow = Desired()
         self.lock = threading.Lock()
-        self._punt_forward_reason = 0
+        # The config slot has its own lock: a netfilter change hint must be able to
+        # stop forwarding while a long apply() holds self.lock.
+        self._config_lock = threading.Lock()
+        self._punt_forward_reason = 0  # as written to the map
+        self._wanted_reason = 0  # as the translator last asked
+        self._nf = NfConfig()  # as written (and asked: it is never held)
+        self._hold_seq = self._released_seq = 0  # netfilter change hints (see hold_forward)
+        # True while an nftables change message is not handled yet: the kernel-side
+        # switch (mirror/nfswitch.py) may have set the hold for it (set by the agent).
+        self.hint_pending = lambda: False
         self.resyncs = 0
         self._write_config()
 
@@ -145,7 +180,7 @@ class Reconciler:
                 return self._apply(self._as_delta(desired) if full else desired)
 
     def _as_delta(self, desired: Desired) -> Desired:
-        delta = Desired(punt_forward_reason=desired.punt_forward_reason)
+        delta = Desired(punt_forward_reason=desired.punt_forward_reason, nf=desired.nf)
         for table in TABLES:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
@@ -155,9 +190,11 @@ class Reconciler:
     def _apply(self, delta: Desired) -> int:
         c, t, cur = self.codec, self.tables, self.shadow
         changes = 0
-        # Tighter global switch first, looser one last.
-        if delta.punt_forward_reason:
-            changes += self._set_punt_reason(delta.punt_forward_reason)
+        # Tighter global switches first, looser ones last: stateful mode and
+        # a new ruleset generation make the datapath check more, not less.
+        tighter = delta.punt_forward_reason or delta.nf.nf_mode != self._nf.nf_mode or delta.nf.nf_gen != self._nf.nf_gen
+        if tighter:
+            changes += self._set_config(delta.punt_forward_reason, delta.nf)
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
         changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
         changes += self._upsert(t["links"], cur.links, delta.links, c.link_key, c.link_leaf)
@@ -168,8 +205,8 @@ class Reconciler:
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
         changes += self._delete(t["ports"], cur.ports, delta.ports, c.port_key)
         changes += self._delete(t["links"], cur.links, delta.links, c.link_key)
-        if not delta.punt_forward_reason:
-            changes += self._set_punt_reason(0)
+        if not tighter:
+            changes += self._set_config(delta.punt_forward_reason, delta.nf)
         return changes
 
     @staticmethod
@@ -199,22 +236,110 @@ class Reconciler:
         t = self.tables
         self.shadow = Desired(**{name: dict(self._decoder(name)(k, v) for k, v in t[name].items())
                                  for name in TABLES})
-        self._punt_forward_reason = self._config().punt_forward_reason
+        with self._config_lock:
+            config = self._config()
+            self._punt_forward_reason = config.punt_forward_reason
+            self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
+
+    # -- flows -------------------------------------------------------------
+    # Not diffed against a shadow: the map is an LRU the datapath also writes
+    # (use counters), and an entry for an older generation or another
+    # conntrack state simply punts.  Written one at a time, on request.
+    def write_flow(self, key: FlowKey, entry: FlowEntry):
+        """Set one flow's verdict; the fast-path counters of the flow are kept
+        across a new verdict."""
+        table, k = self.tables["flows"], self.codec.flow_key(key)
+        with self.lock:
+            try:
+                old = table[k]
+                packets, nbytes = old.packets, old.bytes
+            except KeyError:
+                packets = nbytes = 0
+            table[k] = self.codec.flow_leaf(entry, packets, nbytes)
+
+    def read_flow(self, key: FlowKey):
+        """(FlowEntry, packets, bytes) as the datapath sees it, or None."""
+        k = self.codec.flow_key(key)
+        with self.lock:
+            try:
+                return self.codec.decode_flow(k, self.tables["flows"][k])[1]
+            except KeyError:
+                return None
 
     # -- config and heartbeat --------------------------------------------
     def _config(self):
         return self.tables["config"][ctypes.c_int(0)]
 
     def _write_config(self):
-        leaf = self.tables["config"].Leaf(self._punt_forward_reason, self.hz)
+        leaf = self.tables["config"].Leaf(punt_forward_reason=self._punt_forward_reason, hz=self.hz,
+                                          **asdict(self._nf))
         self.tables["config"][ctypes.c_int(0)] = leaf
 
-    def _set_punt_reason(self, reason: int) -> int:
-        if reason == self._punt_forward_reason:
+    def _set_config(self, reason: int, nf: NfConfig) -> int:
+        with self._config_lock:
+            self._wanted_reason = reason
+            return self._write_effective(nf)
+
+    def _write_effective(self, nf: NfConfig) -> int:
+        """Write the effective config: the translator's, with NETFILTER_CHANGING
+        as the punt reason while a netfilter change hint is not yet answered
+        by a re-read (or not even handled yet: the kernel switch may have set
+        it for that change)."""
+        changing = BY_NAME["NETFILTER_CHANGING"]
+        held = self._hold_seq > self._released_seq or self.hint_pending()
+        reason = self._wanted_reason or (changing if held else 0)
+        if (reason, nf) == (self._punt_forward_reason, self._nf):
             return 0
-        self._punt_forward_reason = reason
+        self._punt_forward_reason, self._nf = reason, nf
         self._write_config()
+        if reason == 0 and self.hint_pending():
+            # A change landed while we wrote: the kernel switch's hold was overwritten.
+            self._punt_forward_reason = changing
+            self._write_config()
         return 1
+
+    @property
+    def config_fd(self) -> int:
+        """The config map's fd (for the switches, mirror/nfswitch.py, nfhintd.py)."""
+        return self.tables["config"].map_fd
+
+    @property
+    def config_size(self) -> int:
+        return ctypes.sizeof(self.tables["config"].Leaf)
+
+    def hold_forward(self, seq: int) -> None:
+        """A netfilter change is coming or done but not read yet (hint number
+        `seq`): punt all forwarding from now on, in one map write.  Runs on the
+        watcher's thread and never waits for a running apply()."""
+        with self._config_lock:
+            self._hold_seq = max(self._hold_seq, seq)
+            self._write_effective(self._nf)
+
+    def release_hold(self, seq: int) -> int:
+        """The state read after hint `seq` is in the maps: end holds up to it."""
+        with self._config_lock:
+            self._released_seq = max(self._released_seq, seq)
+            return self._write_effective(self._nf)
+
+    def repair_config(self) -> bool:
+        """With nothing held or pending, make the map's punt reason the
+        translator's again: undo a re-hold no longer needed, or a switch write no
+        hint will answer (a switch that acted on a change already read and
+        released).  Cheap; the agent calls it per heartbeat."""
+        with self._config_lock:
+            if self._hold_seq > self._released_seq or self.hint_pending():
+                return False
+            if self._write_effective(self._nf):
+                return True
+            if self._config().punt_forward_reason == self._punt_forward_reason:
+                return False
+            log.warning("config punt reason changed behind our back: rewriting")
+            self._write_config()
+            return True
+
+    @property
+    def holding(self) -> bool:
+        return self._hold_seq > self._released_seq
 
     def heartbeat(self, alive: bool, seconds: float = 1.0):
         """Fast path on for `seconds` more, or off from now."""

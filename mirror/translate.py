@@ -25,6 +25,12 @@ PORT_LEARNING = 1 << 1
 PORT_ISOLATED = 1 << 2
 PORT_NF_IPV4 = 1 << 3
 
+# Netfilter modes and conntrack flags of struct lm_config, as in kernel_bpf/common.h.
+NF_OFF = 0  # nothing on the forward path: no conntrack stage
+NF_STATEFUL = 1  # iptables rules on the forward path: only flows with a kernel entry and a verdict
+CT_FLAG_ACCT = 1 << 0  # nf_conntrack_acct=1: the fast path cannot count for the kernel, flows punt
+CT_FLAG_TSTAMP = 1 << 1  # nf_conntrack_timestamp=1: likewise
+
 # Link kinds the fast path can receive on and transmit to today, directly
 # or as bridge ports.  VXLAN, bonds ... arrive with their own issues; until
 # then they are not attached and routes through them punt (EGRESS_UNMANAGED).
@@ -62,6 +68,21 @@ class FdbTarget:
     local: bool = False  # the bridge's own address: passed up, not forwarded
 
 
+@dataclass(frozen=True)
+class NfConfig:
+    """The netfilter part of struct lm_config (same field names)."""
+
+    nf_mode: int = NF_OFF
+    nf_gen: int = 0
+    ct_flags: int = 0
+    tcp_max_retrans: int = 0
+    to_tcp_established: int = 0  # seconds, the kernel's conntrack timeouts
+    to_tcp_unack: int = 0
+    to_tcp_retrans: int = 0
+    to_udp: int = 0
+    to_udp_stream: int = 0
+
+
 @dataclass
 class Desired:
     """Map contents.  As a full translation: every entry.  As a delta
@@ -74,6 +95,7 @@ class Desired:
     ports: Dict[int, Optional[PortEntry]] = field(default_factory=dict)
     fdb: Dict[Tuple[int, str], Optional[FdbTarget]] = field(default_factory=dict)  # (bridge, MAC)
     punt_forward_reason: int = 0
+    nf: NfConfig = NfConfig()
     attach: Dict[int, str] = field(default_factory=dict)  # ifindex -> name to attach TC to
 
 
@@ -144,7 +166,8 @@ MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb")
 def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
-    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state))
+    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state),
+                  nf=nf_config(state))
     # Bridges and ports are few and depend on global inputs (netfilter,
     # br_netfilter sysctls, the bridge's state): always redone.
     bridged = {i for i, l in state.links.items() if l.kind == "bridge" or l.port is not None}
@@ -262,7 +285,7 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
 
 
 def _punt_forward_reason(state: m.KernelState) -> int:
-    if state.netfilter_impact is not None:
+    if netfilter_punt(state) is not None:
         return R["NETFILTER"]
     if state.xfrm_impact is not None:
         return R["IPSEC"]
@@ -271,6 +294,32 @@ def _punt_forward_reason(state: m.KernelState) -> int:
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0
+
+
+def netfilter_punt(state: m.KernelState) -> Optional[str]:
+    """Why netfilter makes all forwarded traffic punt; None when nothing is on
+    the forward path or the rules there can be evaluated per flow."""
+    if state.netfilter_impact is None:
+        return None
+    if state.netfilter_unsupported is not None:
+        return f"{state.netfilter_impact} ({state.netfilter_unsupported})"
+    if state.ct_sysctls is None:
+        return f"{state.netfilter_impact} (conntrack sysctls not read)"
+    return None
+
+
+def nf_config(state: m.KernelState) -> NfConfig:
+    """Stateful mode when iptables rules are on the forward path and can be
+    evaluated per flow; the generation and the conntrack sysctls go along so
+    the datapath refreshes the kernel's timeouts as the kernel would."""
+    if state.netfilter_impact is None or netfilter_punt(state) is not None:
+        return NfConfig()
+    ct = state.ct_sysctls
+    flags = (CT_FLAG_ACCT if ct.acct else 0) | (CT_FLAG_TSTAMP if ct.timestamp else 0)
+    return NfConfig(nf_mode=NF_STATEFUL, nf_gen=state.nf_gen, ct_flags=flags, tcp_max_retrans=ct.tcp_max_retrans,
+                    to_tcp_established=ct.tcp_timeout_established, to_tcp_unack=ct.tcp_timeout_unacknowledged,
+                    to_tcp_retrans=ct.tcp_timeout_max_retrans, to_udp=ct.udp_timeout,
+                    to_udp_stream=ct.udp_timeout_stream)
 
 
 def custom_rules(state: m.KernelState):

@@ -6,6 +6,7 @@
 - `routed_topology`: a tools/topology.py RoutedTopology (pod1 10.1.0.2 -- node -- pod2
   10.2.0.2), removed at teardown even when the test fails.
 - `direct_pair`: the same pods on one veth pair, no node.
+- `one_ns`: one empty namespace (role "ns"), e.g. for conntrack tables.
 - `agent`: factory `agent(topo, *args, ns="node", timeout=15)` that runs
   `loxi-mirror start ARGS` in the namespace, waits for status "ready", and at teardown
   stops it (SIGTERM by PID, SIGKILL after a timeout); the agent's log is printed
@@ -60,6 +61,20 @@ def routed_topology(require_root, request):
     # [{"offload": False}], indirect=True) for MTU-sized packets.
     offload = getattr(request, "param", {}).get("offload", True)
     with RoutedTopology(unique_name("lmt"), unique=False, offload=offload) as topo:
+        yield topo
+
+
+class _OneNs(topology.Netns):
+    ROLES = ("ns",)
+
+    def _build(self):
+        pass
+
+
+@pytest.fixture
+def one_ns(require_root):
+    """One empty namespace (role "ns", lo up, no IPv6), removed at teardown."""
+    with _OneNs(unique_name("lm1"), unique=False, ipv6=False) as topo:
         yield topo
 
 

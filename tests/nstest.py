@@ -24,8 +24,11 @@ def unique_name(prefix="lmt"):
 
 
 def wait_for(predicate, timeout, what, interval=0.05):
-    """Poll predicate() until it is true; fail with `what` after timeout s."""
+    """Poll predicate() until it is true and return its value; fail with `what` after timeout s."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         assert time.monotonic() < deadline, f"{what} (after {timeout} s)"
         time.sleep(interval)

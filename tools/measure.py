@@ -3,6 +3,7 @@ topology. Stdlib only. Servers are started through topo.popen() and stopped
 by PID (topo.kill); nothing else is signalled.
 
     iperf3(topo, seconds=5, streams=1)  -> {"gbps", "retransmits", ...}
+    udp_pps(topo, seconds=5, size=64)   -> {"pps" (received), "sent_pps", "lost_percent"}
     ping_rtt(topo, count=2000)         -> {"median_us", "min_us", "avg_us", "max_us", ...}
     qperf_lat(topo, seconds=3)         -> {"tcp_lat_us": ...}   (None if qperf is missing)
     summary(values)                    -> {"min", "median", "max", "n"}
@@ -70,6 +71,32 @@ def iperf3(topo, seconds=5, streams=1, omit=1, port=IPERF_PORT, affinity=None, e
             "streams": streams,
             "seconds": seconds,
         }
+    finally:
+        topo.kill(srv)
+
+
+def udp_pps(topo, seconds=5, size=64, port=IPERF_PORT):
+    """iperf3 -u unlimited rate with `size`-byte UDP payloads pod1 -> pod2:
+    packets per second that reached the receiver (the forwarding rate)."""
+    srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        topo.wait_listen("pod2", port, proc=srv)
+        cp = topo.run("pod1", ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-u", "-b", "0",
+                               "-l", str(size), "-t", str(seconds), "-J"], check=False, timeout=seconds + 30)
+        try:
+            end = json.loads(cp.stdout)["end"]
+        except (ValueError, KeyError):
+            raise RuntimeError(f"iperf3 -u gave no result (rc {cp.returncode}): {cp.stderr.strip()} "
+                               f"{cp.stdout[-300:]}")
+        recv, sent = end["sum_received"], end["sum_sent"]
+        try:
+            srv.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        return {"pps": (recv["packets"] - recv["lost_packets"]) / recv["seconds"],
+                "sent_pps": sent["packets"] / sent["seconds"], "lost_percent": recv["lost_percent"],
+                "size": size, "seconds": seconds}
     finally:
         topo.kill(srv)
 

@@ -70,7 +70,19 @@ def render_plain(st: Dict) -> str:
     lines.append("punted: " + ("" if rows else "none"))
     for reason, n, rate, hint in rows:
         lines.append(f"  {reason} {n} ({rate:g}/s): {hint}")
+    lines.extend(drop_and_offload_lines(st))
     return "\n".join(lines)
+
+
+def drop_and_offload_lines(st: Dict) -> List[str]:
+    out = []
+    drops = {k: v for k, v in st["counters"].get("drop", {}).items() if v}
+    if drops:
+        out.append("dropped (as the kernel would): " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    off = st.get("offload")
+    if off and off.get("events"):
+        out.append("flow offload: " + ", ".join(f"{k} {v}" for k, v in sorted(off.items())))
+    return out
 
 
 def render_rich(st: Dict, console) -> None:
@@ -104,6 +116,8 @@ def render_rich(st: Dict, console) -> None:
     for reason, n, rate, hint in top_punts(st):
         verdicts.add_row(reason, str(n), f"{rate:g}", hint)
     console.print(verdicts)
+    for line in drop_and_offload_lines(st):
+        console.print(line)
 
 
 def _duration(seconds: float) -> str:

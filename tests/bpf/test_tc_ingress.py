@@ -257,6 +257,8 @@ CASES = [
     punt("forwarding off on ingress", udp(), "FORWARDING_OFF", setup=set_link("in0", UP)),
     punt("netfilter rules present", udp(), "NETFILTER",
          setup=lambda m, t: m.set_config(60, R["NETFILTER"])),
+    punt("netfilter change under way", udp(), "NETFILTER_CHANGING",
+         setup=lambda m, t: m.set_config(60, R["NETFILTER_CHANGING"])),
     punt("policy routing rules present", udp(), "POLICY_ROUTING",
          setup=lambda m, t: m.set_config(60, R["POLICY_ROUTING"])),
     punt("ipsec policies present", udp(), "IPSEC",

@@ -244,19 +244,22 @@ def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
     assert arrived == 1
     assert d.get("NO_NEIGHBOR", 0) >= 1
 
-    # A FORWARD rule: all forwarded traffic goes to the kernel, which applies it.
+    # A FORWARD rule: the first packet of every flow goes to the kernel (no
+    # conntrack entry yet: stateful mode), which applies the rule.
+    gen = a.status()["offload"]["nf_gen"]
     topo.run("node", ["iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
-    wait_for(lambda: a.status().get("forwarding_punted_because"), 5, "agent did not see the FORWARD rule")
+    wait_for(lambda: a.status()["offload"]["nf_gen"] != gen, 5, "agent did not see the FORWARD rule")
     before = counters(a)
     allowed = frame(topo, payload=UDP(sport=40000, dport=10) / b"allowed")
     got = send_and_capture(topo, [frame(topo), allowed], seconds=0.5)
     assert [bytes(IP(f[14:])[UDP].payload) for f in got] == [b"allowed"]  # dport 9 dropped by the rule
     d = delta(counters(a), before)
-    assert d.get("NETFILTER", 0) >= 2 and "FORWARDED" not in d, d
+    assert d.get("CT_MISS", 0) >= 2 and "FORWARDED" not in d, d
 
     # Rule gone: fast path again.
+    gen = a.status()["offload"]["nf_gen"]
     topo.run("node", ["iptables", "-D", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP"])
-    wait_for(lambda: not a.status().get("forwarding_punted_because"), 5, "agent did not see the rule go")
+    wait_for(lambda: a.status()["offload"]["nf_gen"] != gen, 5, "agent did not see the rule go")
     arrived, d = send_one(topo, a)
     assert arrived == 1
     assert d.get("FORWARDED", 0) == 1

@@ -3,7 +3,6 @@ nftables JSON classification. Pure: no root, no tools needed."""
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,14 @@ from mirror.iptables import (
     tokenize,
 )
 
-# The project's shared/ folder lies beside the checkout (CI: beside the clone).
-FIXTURES = Path(os.environ.get("LOXI_FIXTURES",
-                               Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "iptables"))
+# Real rule sets, copied into the repository with their sources (tests/data/iptables/README.md).
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "iptables"
 FIXTURE_FILES = sorted(p for p in FIXTURES.glob("*") if p.suffix in (".rules", ".restore"))
 
 
 def test_fixtures_are_there():
     # Without them the parametrized tests below would silently be empty.
-    assert len(FIXTURE_FILES) >= 5, f"iptables fixtures not found in {FIXTURES} (set LOXI_FIXTURES)"
+    assert len(FIXTURE_FILES) >= 5, f"iptables fixtures not found in {FIXTURES}"
 
 # (tables, chains, rules) and per-table (chains, rules), counted by hand / grep
 # ('^\*', '^:', '^-A' lines per file).
@@ -390,3 +388,29 @@ def test_nft_normalize_drops_handles_counters_metainfo():
     assert all("metainfo" not in o for o in nft_normalize(a))
     b["nftables"][3]["rule"]["expr"][2] = {"accept": None}
     assert nft_normalize(a) != nft_normalize(b)
+
+
+# --------------------------------------------------------------------------- NetfilterState.unsupported
+
+def _outputs(nft_save="", legacy_save="", nft_doc=None, nft_err=None):
+    from mirror.netfilter import build_state
+    return build_state({"iptables-nft": (nft_save, None), "iptables-legacy": (legacy_save, None),
+                        "nft": (None, nft_err) if nft_err else (json.dumps(nft_doc or doc()), None)})
+
+
+def test_state_iptables_only_is_supported():
+    st = _outputs(nft_save=_filter(lines=["-A FORWARD -i eth0 -j DROP"]), nft_doc=IPT_NFT_FORWARD)
+    assert st.forward_impact is not None       # rules on the forward path ...
+    assert st.unsupported is None              # ... that the evaluator reads
+
+
+def test_state_native_nft_forward_table_is_unsupported():
+    d = doc(_table("inet", "x"), _base("inet", "x", "fwd", "forward"), _rule("inet", "x", "fwd"))
+    st = _outputs(nft_doc=d)
+    assert st.unsupported == "nft inet x fwd (hook forward): 1 rule"
+
+
+def test_state_read_error_and_unparsed_lines_are_unsupported():
+    assert "unknown" in _outputs(nft_err="nft: exit status 1").unsupported
+    st = _outputs(legacy_save="*filter\n:FORWARD ACCEPT [0:0]\ngarbage\nCOMMIT\n")
+    assert st.unsupported.startswith("iptables-legacy: 1 line(s) not understood")

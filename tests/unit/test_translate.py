@@ -5,7 +5,8 @@ import pytest
 from mirror import model as m
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                              RouteEntry, Selection, translate)
+                              CT_FLAG_ACCT, CT_FLAG_TSTAMP, NF_OFF, NF_STATEFUL, NfConfig, RouteEntry, Selection,
+                              translate)
 
 UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
 
@@ -146,3 +147,34 @@ def test_no_redirect_peer_past_an_egress_qdisc_or_filter():
     st = node(egress_tc={4: "root qdisc tbf"})
     d = translate(st)
     assert d.links[3].flags & LINK_REDIRECT_PEER and not d.links[4].flags & LINK_REDIRECT_PEER
+
+
+def test_evaluable_forward_rules_select_stateful_mode_with_the_conntrack_sysctls():
+    ct = m.CtSysctls(tcp_timeout_established=600, tcp_timeout_unacknowledged=200, tcp_timeout_max_retrans=100,
+                     tcp_max_retrans=5, udp_timeout=10, udp_timeout_stream=60)
+    st = node(netfilter_impact="filter FORWARD: 3 rules", netfilter_unsupported=None, ct_sysctls=ct)
+    d = translate(st)
+    assert d.punt_forward_reason == 0
+    assert d.nf == NfConfig(nf_mode=NF_STATEFUL, nf_gen=st.nf_gen, ct_flags=0, tcp_max_retrans=5,
+                            to_tcp_established=600, to_tcp_unack=200, to_tcp_retrans=100, to_udp=10,
+                            to_udp_stream=60)
+    acct = node(netfilter_impact="x", netfilter_unsupported=None, ct_sysctls=m.CtSysctls(acct=True, timestamp=True))
+    assert translate(acct).nf.ct_flags == CT_FLAG_ACCT | CT_FLAG_TSTAMP
+
+
+def test_nothing_on_the_forward_path_is_nf_off_and_unevaluable_rules_punt_everything():
+    assert translate(node(netfilter_unsupported=None, ct_sysctls=m.CtSysctls())).nf == NfConfig()
+    native = node(netfilter_impact="nft table inet x", netfilter_unsupported="native nft table", ct_sysctls=m.CtSysctls())
+    assert translate(native).punt_forward_reason == R["NETFILTER"] and translate(native).nf.nf_mode == NF_OFF
+    unread = node(netfilter_impact="filter FORWARD: 1 rule", netfilter_unsupported=None, ct_sysctls=None)
+    assert translate(unread).punt_forward_reason == R["NETFILTER"]
+
+
+def test_every_ruleset_change_is_a_new_generation():
+    st = node()
+    gens = [st.nf_gen]
+    for rulesets in ({"iptables-nft": "A"}, {"iptables-nft": "A"}, {"iptables-nft": "B"}, {}):
+        st.set_netfilter("filter FORWARD" if rulesets else None, None, rulesets)
+        gens.append(st.nf_gen)
+    assert gens[1] != gens[0] and gens[2] == gens[1] and len(set(gens)) == 4 and 0 not in gens
+
