@@ -309,7 +309,7 @@ class Agent:
             return "ip_forward_use_pmtu=1: learned path MTUs decide"
         rules = custom_rules(self.state)
         if rules:
-            return f"policy routing: {len(rules)} rule(s) beyond the defaults"
+            return "policy routing: " + ", ".join(f"{how} rule pref {r.priority} table {r.table}" for how, r in rules)
         return None
 
     def dump(self, table, match=None):

@@ -6,8 +6,8 @@ object carries the full state the kernel reported (netlink messages are
 complete upserts), so replaying events over a dump converges.
 """
 
-from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Optional, Set, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 # rtnetlink constants used across the agent (linux/rtnetlink.h, neighbour.h).
 AF_INET = 2
@@ -37,6 +37,9 @@ NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 # States in which the kernel itself would transmit to the cached MAC.
 NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
+
+# Where set_route() puts a route among those sharing its key.
+APPEND, PREPEND, REPLACE = "append", "prepend", "replace"
 
 # The three rules every namespace starts with: (priority, table).
 DEFAULT_RULES = frozenset({(0, TABLE_LOCAL), (32766, TABLE_MAIN), (32767, TABLE_DEFAULT)})
@@ -93,8 +96,15 @@ class Route:
 
     @property
     def key(self):
-        """What identifies a route to the kernel (RTM_DELROUTE semantics)."""
+        """Where the kernel files a route: routes with the same key are
+        kept in one ordered list (fib aliases)."""
         return (self.table, self.dst, self.dst_len, self.tos, self.priority)
+
+    def same_route(self, other: "Route") -> bool:
+        """Equal but for next-hop flags (DEAD/LINKDOWN change silently)."""
+        def strip(r):
+            return replace(r, nexthops=tuple(replace(nh, flags=0) for nh in r.nexthops))
+        return strip(self) == strip(other)
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,9 @@ class KernelState:
 
     links: Dict[int, Link] = field(default_factory=dict)
     addresses: Set[Address] = field(default_factory=set)
-    routes: Dict[tuple, Route] = field(default_factory=dict)
+    # route key -> the routes sharing it, in the kernel's order (`ip route
+    # append/prepend` make several; the kernel uses the first that works).
+    routes: Dict[tuple, List[Route]] = field(default_factory=dict)
     neighbors: Dict[Tuple[int, str], Neighbor] = field(default_factory=dict)
     rules: Set[Rule] = field(default_factory=set)
     sysctls: Dict[str, LinkSysctls] = field(default_factory=dict)  # by ifname
@@ -158,9 +170,9 @@ class KernelState:
     fwd_use_pmtu: bool = False
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
-    # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;
+    # Indexes: (dst, len) -> {route key: its routes}; ifindex -> route keys via it;
     # ifindex -> its neighbours' keys.
-    by_prefix: Dict[Tuple[str, int], Dict[tuple, Route]] = field(default_factory=dict)
+    by_prefix: Dict[Tuple[str, int], Dict[tuple, List[Route]]] = field(default_factory=dict)
     by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
     neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
     local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
@@ -227,35 +239,68 @@ class KernelState:
         self.addresses.discard(addr)
         self.changes.prefixes.add((addr.address, 32))
 
-    def set_route(self, route: Route):
-        old = self.routes.get(route.key)
-        if old is not None:
-            self._unindex(old)
-        self.routes[route.key] = route
-        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = route
+    def set_route(self, route: Route, where: str = APPEND):
+        """Add a route the way fib_table_insert() placed it among the routes
+        sharing its key: after them (APPEND: `ip route append`, dumps, a new
+        key), before them (PREPEND: `ip route prepend`), or in place of the
+        first of them (REPLACE)."""
+        aliases = self.routes.setdefault(route.key, [])
+        if where == REPLACE and aliases:
+            self._unindex(aliases[0])
+            aliases[0] = route
+        elif where == PREPEND:
+            aliases.insert(0, route)
+        else:
+            aliases.append(route)
+        self._index(route)
+        self._route_changed(route)
+
+    def del_route(self, route: Route):
+        """Remove the route RTM_DELROUTE describes: the first of its key
+        that is the same route (nexthop flags such as LINKDOWN change
+        without notification, so they do not count)."""
+        aliases = self.routes.get(route.key)
+        if not aliases:
+            return
+        for i, alias in enumerate(aliases):
+            if alias.same_route(route):
+                del aliases[i]
+                self._unindex(alias)
+                break
+        else:
+            # Not one we know: the model is off for this key.  Punt it
+            # (an unsupported route first in line) until the next dump.
+            unknown = Route(route.table, route.dst, route.dst_len, tos=route.tos, priority=route.priority,
+                            unsupported=("RTM_DELROUTE of an unknown route",))
+            old, aliases[:] = list(aliases), [unknown]
+            for alias in old:
+                self._unindex(alias)
+            self._index(unknown)
+        if not aliases:
+            del self.routes[route.key]
+        self._route_changed(route)
+
+    def _index(self, route: Route):
+        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = self.routes[route.key]
         for nh in route.nexthops:
             self.by_oif.setdefault(nh.oif, set()).add(route.key)
         if route.table == TABLE_LOCAL and route.dst_len < 32:
             self.local_short.add((route.dst, route.dst_len))
-        self._route_changed(route)
-
-    def del_route(self, route: Route):
-        old = self.routes.pop(route.key, None)
-        if old is not None:
-            self._unindex(old)
-            self._route_changed(old)
 
     def _unindex(self, route: Route):
-        prefix = (route.dst, route.dst_len)
-        self.by_prefix[prefix].pop(route.key, None)
-        if not self.by_prefix[prefix]:
-            del self.by_prefix[prefix]
-        if not any(r.table == TABLE_LOCAL for r in self.by_prefix.get(prefix, {}).values()):
+        """Drop the indexes that only this alias of its key needed."""
+        prefix, key = (route.dst, route.dst_len), route.key
+        if not any(a is not route for a in self.routes.get(key, ())):
+            self.by_prefix[prefix].pop(key, None)
+            if not self.by_prefix[prefix]:
+                del self.by_prefix[prefix]
+        if not any(r.table == TABLE_LOCAL for aliases in self.by_prefix.get(prefix, {}).values() for r in aliases):
             self.local_short.discard(prefix)
+        others = {nh.oif for a in self.routes.get(key, ()) if a is not route for nh in a.nexthops}
         for nh in route.nexthops:
             keys = self.by_oif.get(nh.oif)
-            if keys is not None:
-                keys.discard(route.key)
+            if keys is not None and nh.oif not in others:
+                keys.discard(key)
                 if not keys:
                     del self.by_oif[nh.oif]
 
@@ -265,8 +310,22 @@ class KernelState:
             self.changes.all_routes = True  # it covers main-table prefixes
 
     def _flush_routes(self, index: int):
+        """What fib_sync_down_dev() + fib_flush() do when the link goes
+        down or away: routes all of whose next hops use it are removed,
+        multipath routes keep the others and mark these dead."""
         for key in list(self.by_oif.get(index, ())):
-            self.del_route(self.routes[key])
+            for alias in list(self.routes.get(key, ())):
+                if alias.nexthops and all(nh.oif == index for nh in alias.nexthops):
+                    self.del_route(alias)
+                elif any(nh.oif == index for nh in alias.nexthops):
+                    dead = tuple(replace(nh, flags=nh.flags | RTNH_F_DEAD) if nh.oif == index else nh
+                                 for nh in alias.nexthops)
+                    self._replace_alias(alias, replace(alias, nexthops=dead))
+
+    def _replace_alias(self, old: Route, new: Route):
+        aliases = self.routes[old.key]
+        aliases[next(i for i, a in enumerate(aliases) if a is old)] = new
+        self._route_changed(new)
 
     # -- rules (they only switch forwarding as a whole: nothing to record) --
     def add_rule(self, rule: Rule):

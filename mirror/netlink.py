@@ -138,13 +138,27 @@ def parse_rule(msg) -> m.Rule:
 _OBJECT_EVENTS = {
     "RTM_NEWADDR": (parse_address, m.KernelState.add_address),
     "RTM_DELADDR": (parse_address, m.KernelState.del_address),
-    "RTM_NEWROUTE": (parse_route, m.KernelState.set_route),
     "RTM_DELROUTE": (parse_route, m.KernelState.del_route),
     "RTM_NEWNEIGH": (parse_neighbor, m.KernelState.set_neighbor),
     "RTM_DELNEIGH": (parse_neighbor, m.KernelState.del_neighbor),
     "RTM_NEWRULE": (parse_rule, m.KernelState.add_rule),
     "RTM_DELRULE": (parse_rule, m.KernelState.del_rule),
 }
+
+
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
+
+
+def route_position(nlmsg_flags: int) -> str:
+    """Where fib_table_insert() put the route it announces, from the flags
+    it sets on RTM_NEWROUTE: REPLACE took the place of the first route with
+    the same key, APPEND went after them, CREATE alone (`ip route prepend`)
+    before them; CREATE|EXCL means there was none."""
+    if nlmsg_flags & NLM_F_REPLACE:
+        return m.REPLACE
+    if nlmsg_flags & NLM_F_CREATE and not nlmsg_flags & (NLM_F_APPEND | NLM_F_EXCL):
+        return m.PREPEND
+    return m.APPEND
 
 
 def apply(state: m.KernelState, msg) -> bool:
@@ -158,6 +172,10 @@ def apply(state: m.KernelState, msg) -> bool:
         state.set_link(parse_link(msg))
     elif event == "RTM_DELLINK":
         state.del_link(msg["index"])
+    elif event == "RTM_NEWROUTE":
+        if msg.get("family") != socket.AF_INET:
+            return False
+        state.set_route(parse_route(msg), route_position(msg["header"]["flags"]))
     elif event in _OBJECT_EVENTS:
         if msg.get("family") != socket.AF_INET:
             return False

@@ -152,19 +152,22 @@ def _punt_forward_reason(state: m.KernelState) -> int:
 
 
 def custom_rules(state: m.KernelState):
-    """Rules beyond local/main/default: the main table alone no longer
-    decides, so forwarded traffic punts until policy routing is mirrored."""
-    return sorted(
-        (r for r in state.rules if r.selectors or (r.priority, r.table) not in m.DEFAULT_RULES),
-        key=lambda r: r.priority,
-    )
+    """How the rules differ from local/main/default: extra rules, and
+    default rules that are missing (without `pref 32766 table main` the
+    kernel stops forwarding by the main table).  Non-empty: forwarded
+    traffic punts until policy routing is mirrored."""
+    extra = sorted((r for r in state.rules if r.selectors or (r.priority, r.table) not in m.DEFAULT_RULES),
+                   key=lambda r: r.priority)
+    present = {(r.priority, r.table) for r in state.rules if not r.selectors}
+    missing = [m.Rule(prio, table) for prio, table in sorted(m.DEFAULT_RULES - present)]
+    return [("extra", r) for r in extra] + [("missing", r) for r in missing]
 
 
 def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
     """The entry for one prefix: the kernel consults the local table before
     main, so a local-table route (or an address, even before its local route
     arrives) wins, and so does a shorter local-table prefix covering it."""
-    routes = state.by_prefix.get(prefix, {}).values()
+    routes = _routes_of(state, prefix)
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
     if local:
@@ -183,11 +186,17 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
     return entry
 
 
+def _routes_of(state: m.KernelState, prefix):
+    """Every route for the prefix, those sharing a key in the kernel's order
+    (so min() by priority picks the first of a key, as fib_table_lookup())."""
+    return [r for aliases in state.by_prefix.get(prefix, {}).values() for r in aliases]
+
+
 def _covering_local_prefixes(state: m.KernelState):
     """Local-table routes shorter than /32 (127/8, AnyIP ...) as (net, len, entry)."""
     out = []
     for dst, plen in state.local_short:
-        local = [r for r in state.by_prefix[(dst, plen)].values() if r.table == m.TABLE_LOCAL]
+        local = [r for r in _routes_of(state, (dst, plen)) if r.table == m.TABLE_LOCAL]
         entry = RouteEntry(_local_action(min(local, key=lambda r: r.priority).type))
         out.append((_ip_int(dst) >> (32 - plen), plen, entry))
     return out
@@ -206,7 +215,9 @@ def _local_action(rtype: int) -> int:
 
 
 def _main_entry(routes, links) -> RouteEntry:
-    """The route the kernel would pick among same-prefix routes, as an entry."""
+    """The route the kernel would pick among same-prefix routes, as an entry:
+    the lowest metric, and of routes sharing that key the first.  If that
+    one cannot be used (dead next hop ...) the kernel tries the next: punt."""
     if any(r.tos for r in routes):
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
     route = min(routes, key=lambda r: r.priority)

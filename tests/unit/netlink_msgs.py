@@ -7,8 +7,9 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from mirror import model as m
 
 
-def wire(cls, event, fields, attrs):
+def wire(cls, event, fields, attrs, nlmsg_flags=0):
     msg = cls()
+    msg["header"]["flags"] = nlmsg_flags
     for key, value in fields.items():
         msg[key] = value
     msg["attrs"] = attrs
@@ -37,7 +38,7 @@ def address(index, ip, prefixlen, event="RTM_NEWADDR"):
 
 
 def route(dst, dst_len, oif=None, gateway=None, table=254, rtype=1, priority=None, tos=0, mtu=None,
-          multipath=None, extra=(), event="RTM_NEWROUTE"):
+          multipath=None, extra=(), event="RTM_NEWROUTE", nlmsg_flags=0x600):
     attrs = [("RTA_TABLE", table)]
     if dst_len:
         attrs.append(("RTA_DST", dst))
@@ -53,7 +54,7 @@ def route(dst, dst_len, oif=None, gateway=None, table=254, rtype=1, priority=Non
         attrs.append(("RTA_MULTIPATH", [{"oif": o, "attrs": [("RTA_GATEWAY", g)]} for o, g in multipath]))
     attrs.extend(extra)
     return wire(rtmsg.rtmsg, event, dict(family=2, dst_len=dst_len, table=min(table, 255), type=rtype, tos=tos),
-                attrs)
+                attrs, nlmsg_flags)
 
 
 def neighbor(ifindex, ip, mac, state=m.NUD_REACHABLE, event="RTM_NEWNEIGH"):

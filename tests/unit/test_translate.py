@@ -70,6 +70,22 @@ def test_routes_the_fast_path_does_not_handle_punt(route, reason):
     assert translate(st).routes[("10.9.0.0", 16)] == RouteEntry(R[reason])
 
 
+@pytest.mark.parametrize("aliases, reason", [
+    ([(6, None), (1, "10.2.0.2")], "ROUTE_UNSUPPORTED"),  # blackhole first: the kernel drops
+    ([(1, "10.2.0.2"), (6, None)], "FORWARDED"),
+    ([(1, "10.1.0.2"), (1, "10.2.0.2")], "FORWARDED"),  # the first gateway, not the last
+])
+def test_routes_sharing_a_key_first_one_wins(aliases, reason):
+    st = node()
+    for rtype, gw in aliases:
+        hops = (m.Nexthop(3 if gw == "10.1.0.2" else 4, gw),) if gw else ()
+        st.set_route(m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=rtype, nexthops=hops), m.APPEND)
+    entry = translate(st).routes[("10.9.0.0", 16)]
+    assert entry.action == R[reason]
+    if reason == "FORWARDED":
+        assert entry.gateway == aliases[0][1]
+
+
 def test_local_table_prefix_wins_over_main_inside_it():
     st = node()
     st.set_route(m.Route(m.TABLE_LOCAL, "10.2.0.0", 24, type=m.RTN_LOCAL, nexthops=(m.Nexthop(1),)))  # AnyIP
@@ -81,7 +97,7 @@ def test_local_table_prefix_wins_over_main_inside_it():
 
 def test_addresses_are_local_even_without_local_table_routes():
     st = node()
-    for route in [r for r in st.routes.values() if r.table == m.TABLE_LOCAL]:
+    for route in [r for aliases in st.routes.values() for r in aliases if r.table == m.TABLE_LOCAL]:
         st.del_route(route)
     assert translate(st).routes[("10.2.0.1", 32)].action == R["LOCAL"]
 
@@ -103,9 +119,10 @@ def test_netfilter_and_policy_rules_punt_forwarding():
     st = node()
     st.rules.add(m.Rule(32766, 254, frozenset({("FRA_FWMARK", "1")})))
     assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
-    st = node()
-    st.rules.discard(m.Rule(32767, 253))  # deleting a default rule is fine
-    assert translate(st).punt_forward_reason == 0
+    for prio, table in m.DEFAULT_RULES:  # a missing default rule counts too
+        st = node()
+        st.rules.discard(m.Rule(prio, table))
+        assert translate(st).punt_forward_reason == R["POLICY_ROUTING"], prio
 
 
 def test_neighbors_only_valid_states_on_managed_links():

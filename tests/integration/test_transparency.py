@@ -1,0 +1,113 @@
+"""Transparency of the routed fast path where it used to differ from the
+kernel (issue 5): each test sends the same frames through the kernel alone
+and through loxi-mirror and compares what reaches pod2 and what pod1 gets
+back, byte for byte.
+"""
+
+import pytest
+from scapy.layers.inet import UDP
+
+from nstest import skip_unless_root
+from oracle import exchange, settle
+from test_routing import counters, delta, frame, silence, warm_neighbors
+
+pytestmark = skip_unless_root
+
+OTHER_GW, OTHER_MAC = "10.2.0.3", "02:00:00:00:99:99"  # a second next hop on veth2
+
+
+def _shared_key_routes(topo):
+    """prefix -> `ip route` commands that leave several routes for it."""
+    via_pod2, via_other = ["via", topo.pod2_ip], ["via", OTHER_GW]
+    return {
+        "10.9.0.0/16": [["add", "blackhole", "10.9.0.0/16"], ["append", "10.9.0.0/16"] + via_pod2],
+        "10.6.0.0/16": [["add", "unreachable", "10.6.0.0/16"], ["append", "10.6.0.0/16"] + via_pod2],
+        "10.8.0.0/16": [["add", "10.8.0.0/16"] + via_pod2, ["append", "10.8.0.0/16"] + via_other],
+        "10.5.0.0/16": [["add", "10.5.0.0/16"] + via_other, ["prepend", "10.5.0.0/16"] + via_pod2],
+        "10.4.0.0/16": [["add", "10.4.0.0/16"] + via_pod2, ["prepend", "blackhole", "10.4.0.0/16"]],
+    }
+
+
+def _ip_route(topo, commands):
+    for cmd in commands:
+        topo.run("node", ["ip", "route"] + cmd)
+
+
+def _flush(topo, prefixes):
+    for prefix in prefixes:
+        while topo.run("node", ["ip", "route", "del", prefix], check=False).returncode == 0:
+            pass
+
+
+def test_routes_sharing_a_key_same_as_kernel(routed_topology, agent):
+    """`ip route append/prepend` leave several routes under one key; the
+    kernel uses the first.  At start-up (dump) and while running."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    topo.run("node", ["ip", "neigh", "replace", OTHER_GW, "lladdr", OTHER_MAC, "dev", topo.node_if2, "nud", "permanent"])
+    routes = _shared_key_routes(topo)
+    frames = [frame(topo, dst=p.replace("0.0/16", "0.5")) for p in routes]
+    for cmds in routes.values():
+        _ip_route(topo, cmds)
+    kernel = exchange(topo, frames)
+    # The oracle: 10.8 and 10.5 forwarded to pod2's MAC; 10.6 answered with
+    # ICMP unreachable; the blackholes drop silently.
+    assert [f[30:32] for f in kernel[0]] == [bytes([10, 8]), bytes([10, 5])]
+    assert all(f[:6] == bytes.fromhex(topo.pod2_mac.replace(":", "")) for f in kernel[0])
+    assert len(kernel[1]) == 1
+    a = agent(topo)
+    c0 = counters(a)
+    assert exchange(topo, frames) == kernel, "at start-up"
+    assert delta(counters(a), c0).get("FORWARDED") == 2
+    _flush(topo, routes)
+    settle(topo)
+    for cmds in routes.values():
+        _ip_route(topo, cmds)
+    settle(topo)
+    c0 = counters(a)
+    assert exchange(topo, frames) == kernel, "while running"
+    assert delta(counters(a), c0).get("FORWARDED") == 2
+    # Deleting the first of two leaves the other in use.
+    _ip_route(topo, [["del", "10.8.0.0/16", "via", topo.pod2_ip], ["del", "blackhole", "10.4.0.0/16"]])
+    settle(topo)
+    two = [frame(topo, dst="10.8.0.5"), frame(topo, dst="10.4.0.5")]
+    fast = exchange(topo, two)
+    assert [f[:6] for f in fast[0]] == [bytes.fromhex(OTHER_MAC.replace(":", "")),
+                                        bytes.fromhex(topo.pod2_mac.replace(":", ""))]
+
+
+DEFAULT_RULE_CHANGES = [
+    (["del", "pref", "32766"], ["add", "pref", "32766", "table", "main"]),
+    (["del", "pref", "0"], ["add", "pref", "0", "table", "local"]),
+    (["del", "pref", "32767"], ["add", "pref", "32767", "table", "default"]),
+    (["add", "pref", "32766", "table", "main", "tos", "0x10"], ["del", "pref", "32766", "tos", "0x10"]),
+]
+
+
+def test_default_rules_changed_make_forwarding_punt(routed_topology, agent):
+    """Any difference from the three default rules, a missing one included,
+    leaves forwarding to the kernel: without the main rule it answers
+    'network unreachable' instead of forwarding."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    frames = [frame(topo), frame(topo, payload=UDP(sport=40000, dport=10) / b"second")]
+    kernel = []
+    for change, undo in DEFAULT_RULE_CHANGES:
+        topo.run("node", ["ip", "rule"] + change)
+        kernel.append(exchange(topo, frames))
+        topo.run("node", ["ip", "rule"] + undo)
+    # The oracle: not forwarded (and no ICMP either: there is no route back).
+    assert kernel[0] == ([], []) and len(kernel[1][0]) == 2
+    a = agent(topo)
+    for (change, undo), expected in zip(DEFAULT_RULE_CHANGES, kernel):
+        topo.run("node", ["ip", "rule"] + change)
+        settle(topo)
+        c0 = counters(a)
+        assert exchange(topo, frames) == expected, change
+        d = delta(counters(a), c0)
+        assert d.get("POLICY_ROUTING") == 2 and "FORWARDED" not in d, (change, d)
+        topo.run("node", ["ip", "rule"] + undo)
+    settle(topo)
+    assert a.status()["forwarding_punted_because"] is None
