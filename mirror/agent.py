@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, netfilter, netlink, tc, xfrm
+from . import control, netfilter, netlink, netns, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
 from .reasons import FORWARDED, REASONS
@@ -69,6 +69,7 @@ class Agent:
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
+        self.netns_inode = netns.current_inode()
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.netlink = netlink.NetlinkWatcher(self.events.put)
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
@@ -119,6 +120,9 @@ class Agent:
             poll = now >= next_sysctl
             if poll:
                 next_sysctl = now + SYSCTL_POLL
+                if not netns.held_by_others(self.netns_inode):
+                    log.warning("the network namespace was deleted (nothing but this agent holds it): exiting")
+                    break
             if not healthy:
                 batch.append(("resync", "after an error"))
             if batch or poll:
