@@ -61,7 +61,8 @@
 	X(TTL_EXCEEDED, 24, "TTL <= 1 (kernel answers ICMP time exceeded)")        \
 	X(MTU_EXCEEDED, 25, "packet larger than the egress MTU")                   \
 	X(GSO_UNSUPPORTED, 26, "GSO packet the fast path cannot size-check")     \
-	X(IPSEC, 27, "IPsec (xfrm) policies could apply to forwarded traffic")
+	X(IPSEC, 27, "IPsec (xfrm) policies could apply to forwarded traffic")    \
+	X(RESYNC, 28, "kernel events were lost: agent re-reading the kernel state")
 
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };

@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import control, netfilter, netlink, netns, tc, xfrm
 from . import model as m
 from .datapath import Datapath, DatapathError
-from .reasons import FORWARDED, REASONS
+from .reasons import BY_NAME, FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP, Selection,
                         custom_rules, translate, translate_changes)
@@ -33,6 +33,7 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 MAP_TABLES = ("routes", "neighbors", "links", "config")
+R_RESYNC = BY_NAME["RESYNC"]
 
 
 class Agent:
@@ -71,7 +72,7 @@ class Agent:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
         self.netns_inode = netns.current_inode()
         self.attacher = tc.TcAttacher(self.datapath.fd)
-        self.netlink = netlink.NetlinkWatcher(self.events.put)
+        self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
         self.nf_watch = netfilter.NetfilterWatcher(lambda st: self.events.put(("netfilter", st)))
         self.xfrm_watch = xfrm.XfrmWatcher(self.events.put)
         server.start()
@@ -88,11 +89,12 @@ class Agent:
         return 0
 
     def _initial_sync(self):
-        self.state = self.netlink.dump()
+        self.state = self.netlink.fresh_dump()
         self._set_netfilter(netfilter.read_state())
         self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
         self._reconcile()
+        self._release_after_dump()
         if self.attach_failed and not self.attacher.attached:
             # Not one interface took the program: clsact/cls_bpf missing,
             # no CAP_NET_ADMIN ...  Say so instead of idling.
@@ -124,7 +126,7 @@ class Agent:
                     log.warning("the network namespace was deleted (nothing but this agent holds it): exiting")
                     break
             if not healthy:
-                batch.append(("resync", "after an error"))
+                batch.append(("resync", None))  # None: whatever the generation
             if batch or poll:
                 try:
                     with self.state_lock:
@@ -158,7 +160,10 @@ class Agent:
         tc_changed = set()  # ifindexes with qdisc/filter events
         for kind, payload in batch:
             if kind == "netlink":
-                for msg in payload:
+                gen, msgs = payload
+                if gen != self.netlink.gen:
+                    continue  # queued before the last dump: never replay it over it
+                for msg in msgs:
                     netlink.apply(self.state, msg)
                     event = msg.get("event")
                     reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF")
@@ -171,7 +176,7 @@ class Agent:
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
             elif kind == "resync":
-                resync = True
+                resync |= payload is None or payload == self.netlink.gen
         if resync:
             self.resyncs += 1
             self.state = self._resynced_state()
@@ -187,9 +192,23 @@ class Agent:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
+        if resync:
+            self._release_after_dump()
+
+    def _events_lost(self):
+        """Reader thread, events just lost: the maps may hold what the
+        kernel no longer has, so nothing is forwarded until the re-dump."""
+        self.sync.hold_punt(R_RESYNC)
+
+    def _release_after_dump(self):
+        """The maps match a dump no lost event predates: forward again,
+        unless events were lost again since (another resync is queued)."""
+        with self.netlink.lock:
+            if self.netlink.lost_gen < self.netlink.gen:
+                self.sync.release_punt()
 
     def _resynced_state(self):
-        fresh = self.netlink.dump()
+        fresh = self.netlink.fresh_dump()
         fresh.netfilter_impact = self.state.netfilter_impact
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
@@ -305,6 +324,8 @@ class Agent:
         return out
 
     def _punt_forward_explanation(self):
+        if self.sync.held:
+            return "resync: kernel events were lost, re-reading the kernel state"
         if self.state.netfilter_impact:
             return f"netfilter: {self.state.netfilter_impact}"
         if self.state.xfrm_impact:

@@ -2,15 +2,18 @@
 
 Parsing (message -> model object) is pure and lives in the parse_* functions;
 NetlinkWatcher only owns sockets and the reader thread.  The event socket is
-bound before the dump so nothing falls between the two; replaying the queued
-events over the dump converges because every message is a full upsert.  On
-ENOBUFS (events lost) the watcher asks for a full resync.
+bound before the dump so nothing falls between the two; events queued before
+a dump are dropped, and a dump during which routes changed is redone (see
+NetlinkWatcher.fresh_dump).  On ENOBUFS (events lost) the watcher asks for a
+full resync.
 """
 
 import errno
 import logging
 import os
+import select
 import socket
+import struct
 import threading
 from typing import Optional
 
@@ -247,14 +250,19 @@ def read_fwd_use_pmtu(path="/proc/sys/net/ipv4/ip_forward_use_pmtu") -> bool:
         return False  # no such sysctl: the kernel forwards by device/route MTU
 
 
-def dump(ipr) -> m.KernelState:
-    """A complete KernelState from netlink dumps (sysctls not included)."""
+class DumpInterrupted(Exception):
+    """Routes changed while they were being dumped: dump again."""
+
+
+def dump(ipr, abort=None) -> m.KernelState:
+    """A complete KernelState from netlink dumps (sysctls not included).
+    abort(): polled while routes are read; True raises DumpInterrupted."""
     state = m.KernelState()
     for msg in ipr.get_links():
         state.set_link(parse_link(msg))
     for msg in ipr.get_addr(family=socket.AF_INET):
         state.add_address(parse_address(msg))
-    for msg in ipr.get_routes(family=socket.AF_INET):  # every table
+    for msg in dump_routes(abort):  # every table, in the kernel's order
         state.set_route(parse_route(msg))
     for msg in ipr.get_neighbours(family=socket.AF_INET):
         neigh = parse_neighbor(msg)
@@ -267,18 +275,55 @@ def dump(ipr) -> m.KernelState:
     return state
 
 
+RTM_GETROUTE = 26
+NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+
+
+def dump_routes(abort=None):
+    """The IPv4 routes of every table, read datagram by datagram from a
+    socket of its own (faster than IPRoute.get_routes, and it can stop as
+    soon as abort() says the result would be stale anyway)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    marshal = MarshalRtnl()
+    try:
+        sock.bind((0, 0))
+        rtmsg = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(rtmsg), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + rtmsg)
+        while True:
+            if abort is not None and abort():
+                raise DumpInterrupted()
+            for msg in marshal.parse(sock.recv(RECV_BYTES)):
+                kind = msg["header"]["type"]
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    raise OSError(-msg["error"], "route dump failed")
+                yield msg
+    finally:
+        sock.close()
+
+
+ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
+
+
 class NetlinkWatcher:
     """Reads rtnetlink events in a thread and hands them to `post`.
 
-    post(("netlink", [msgs])) for events, post(("resync", reason)) when
-    events were lost and the caller must dump again.  Events come from a
-    plain socket decoded with pyroute2's marshal (pyroute2's own sockets are
-    bound to the asyncio loop of the thread that made them); requests and
-    dumps go through an IPRoute used only by the main thread.
+    post(("netlink", (gen, [msgs]))) for events, post(("resync", gen)) when
+    events were lost and the caller must dump again; on_lost() is called
+    at once (from the reader thread) so the fast path can stop before the
+    re-dump.  `gen` numbers the dumps: events tagged with an older one were
+    queued before the last dump and must be dropped, never replayed over it
+    (route messages are not upserts: append/prepend/delete-first depend on
+    what is already there).  Events come from a plain socket decoded with
+    pyroute2's marshal; requests and dumps go through an IPRoute used only
+    by the main thread.
     """
 
-    def __init__(self, post):
+    def __init__(self, post, on_lost=lambda: None):
         self.post = post
+        self.on_lost = on_lost
         self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
@@ -287,11 +332,40 @@ class NetlinkWatcher:
         self.events.bind((0, GROUPS))
         self.marshal = MarshalRtnl()
         self.requests = IPRoute()
+        # Held while reading the event socket, so a dump can tell exactly
+        # which events came before it.
+        self.lock = threading.Lock()
+        self.gen = 0  # changed by the main thread only (fresh_dump)
+        self.lost_gen = -1  # the last generation in which events were lost
+        self._route_news = False  # route events or losses since gen began
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="netlink", daemon=True)
 
+    def fresh_dump(self) -> m.KernelState:
+        """A dump no queued event may be replayed over.  Everything queued
+        so far is dropped and a new generation begins; events that arrive
+        during the dump are handed on with it (upserts of links, neighbours
+        ... converge when replayed), but if a route event or a loss is among
+        them the dump may already contain it or not: dump again."""
+        while True:
+            with self.lock:
+                self._discard_queued()
+                self.gen += 1
+                self._route_news = False
+            try:
+                state = dump(self.requests, abort=self._news)
+            except DumpInterrupted:
+                continue
+            if not self._news():
+                return state
+
+    def _news(self) -> bool:
+        with self.lock:
+            self._pump()
+            return self._route_news
+
     def dump(self) -> m.KernelState:
-        return dump(self.requests)
+        return self.fresh_dump()
 
     def start(self):
         self._thread.start()
@@ -299,35 +373,57 @@ class NetlinkWatcher:
     def _run(self):
         while not self._stopping:
             try:
-                datagrams = self._receive()
-            except OSError as e:
+                readable = select.select([self.events], [], [], 0.5)[0]
+            except (OSError, ValueError):
                 if self._stopping:
                     return
-                reason = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
-                log.warning("netlink events lost (%s): full resync", reason)
-                self.post(("resync", reason))
-                continue
-            try:
-                msgs = [msg for data in datagrams for msg in self.marshal.parse(data)]
-                for msg in msgs:
-                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
-            except Exception as e:  # undecodable: do not guess, re-dump
-                log.warning("netlink decode error (%s): full resync", e)
-                self.post(("resync", "decode error"))
-                continue
-            if msgs:
-                self.post(("netlink", msgs))
+                raise
+            if readable:
+                with self.lock:
+                    self._pump()
 
-    def _receive(self, most=512):
-        """Block for one datagram, then take what else is already queued:
-        one hand-off per burst, not per message."""
-        datagrams = [self.events.recv(RECV_BYTES)]
+    def _pump(self, most=512):
+        """Read what is queued on the event socket (the caller holds the
+        lock) and post it tagged with the current generation: one hand-off
+        per burst, not per message."""
+        datagrams, lost = [], None
         while len(datagrams) < most:
             try:
                 datagrams.append(self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT))
             except BlockingIOError:
                 break
-        return datagrams
+            except OSError as e:
+                if self._stopping:
+                    return
+                lost = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
+                break
+        try:
+            msgs = [msg for data in datagrams for msg in self.marshal.parse(data)]
+            for msg in msgs:
+                msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+        except Exception as e:  # undecodable: do not guess, re-dump
+            msgs, lost = [], f"decode error {e}"
+        if any(msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET for msg in msgs):
+            self._route_news = True
+        if msgs:
+            self.post(("netlink", (self.gen, msgs)))
+        if lost:
+            log.warning("netlink events lost (%s): full resync", lost)
+            self._route_news = True
+            self.lost_gen = self.gen
+            self.on_lost()
+            self.post(("resync", self.gen))
+
+    def _discard_queued(self, most=1 << 20):
+        """Drop what the socket holds (older than the coming dump) and
+        clear a pending overrun error."""
+        for _ in range(most):
+            try:
+                self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # ENOBUFS: cleared by reporting it
 
     def neighbor_use(self, ifindex: int, dst: str):
         """Tell the kernel the neighbour is in use (NTF_USE), as its own
@@ -336,12 +432,9 @@ class NetlinkWatcher:
 
     def close(self):
         self._stopping = True
-        try:
-            self.events.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        for sock in (self.events, self.requests):
-            try:
-                sock.close()
-            except Exception:
-                pass
+        with self.lock:
+            for sock in (self.events, self.requests):
+                try:
+                    sock.close()
+                except Exception:
+                    pass

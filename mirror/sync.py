@@ -95,6 +95,10 @@ class Reconciler:
         self.shadow = Desired()
         self.lock = threading.Lock()
         self._punt_forward_reason = 0
+        # A punt-everything reason set from any thread (lost events) until
+        # released; config writes take this lock.
+        self._config_lock = threading.Lock()
+        self.held = 0
         self.resyncs = 0
         self._write_config()
 
@@ -175,8 +179,20 @@ class Reconciler:
         return self.tables["config"][ctypes.c_int(0)]
 
     def _write_config(self):
-        leaf = self.tables["config"].Leaf(self._punt_forward_reason, self.hz)
-        self.tables["config"][ctypes.c_int(0)] = leaf
+        with self._config_lock:
+            leaf = self.tables["config"].Leaf(self.held or self._punt_forward_reason, self.hz)
+            self.tables["config"][ctypes.c_int(0)] = leaf
+
+    def hold_punt(self, reason: int):
+        """Punt all forwarded traffic now, whatever the maps say, until
+        release_punt() (one map write; safe from any thread)."""
+        self.held = reason
+        self._write_config()
+
+    def release_punt(self):
+        if self.held:
+            self.held = 0
+            self._write_config()
 
     def _set_punt_reason(self, reason: int) -> int:
         if reason == self._punt_forward_reason:

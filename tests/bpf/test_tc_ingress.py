@@ -261,6 +261,8 @@ CASES = [
          setup=lambda m, t: m.set_config(60, R["POLICY_ROUTING"])),
     punt("ipsec policies present", udp(), "IPSEC",
          setup=lambda m, t: m.set_config(60, R["IPSEC"])),
+    punt("kernel events lost, agent re-dumping", udp(), "RESYNC",
+         setup=lambda m, t: m.set_config(60, R["RESYNC"])),
     punt("source is one of our addresses", udp(src="10.1.0.1"), "MARTIAN"),
     punt("rp_filter strict, source routed via another link", udp(src="10.2.9.9"), "RP_FILTER",
          setup=set_link("in0", UP | FWD | RPF_STRICT)),

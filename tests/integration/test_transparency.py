@@ -4,11 +4,14 @@ and through loxi-mirror and compares what reaches pod2 and what pod1 gets
 back, byte for byte.
 """
 
-import pytest
+import json
+import subprocess
+import sys
+
 from scapy.layers.inet import UDP
 
 from nstest import skip_unless_root
-from oracle import exchange, settle
+from oracle import HERE, exchange, settle
 from test_routing import counters, delta, frame, silence, warm_neighbors
 
 pytestmark = skip_unless_root
@@ -111,3 +114,64 @@ def test_default_rules_changed_make_forwarding_punt(routed_topology, agent):
         topo.run("node", ["ip", "rule"] + undo)
     settle(topo)
     assert a.status()["forwarding_punted_because"] is None
+
+
+def test_resync_under_a_route_storm_converges_and_never_forwards_stale(routed_topology, agent, monkeypatch,
+                                                                      tmp_path):
+    """A 20,000-route add/delete storm overruns a tiny event buffer
+    (ENOBUFS).  Events queued before a re-dump must not be replayed over it:
+    within 1 s of the storm's end the route map equals a fresh translation
+    of the kernel's state, key by key, and a prefix deleted during the storm
+    never reaches pod2."""
+    topo = routed_topology
+    monkeypatch.setenv("LOXI_MIRROR_NETLINK_RCVBUF", "4096")
+    warm_neighbors(topo)
+    silence(topo)
+    topo.run("node", ["ip", "route", "add", "10.251.0.0/16", "via", topo.pod2_ip])
+    a = agent(topo)
+    probe = frame(topo, dst="10.251.0.5")
+    assert len(exchange(topo, [probe])[0]) == 1  # forwarded while the route exists
+    prefixes = [f"10.{100 + i // 256}.{i % 256}.0/24" for i in range(20000)]
+    first = [f"route add {p} via {topo.pod2_ip}" for p in prefixes[:10000]]
+    first.append("route del 10.251.0.0/16")
+    rest = [f"route add {p} via {topo.pod2_ip}" for p in prefixes[10000:]]
+    rest += [f"route del {p}" for p in prefixes[:19000]]  # the last 1,000 stay
+    rest += [f"route append {p} via {OTHER_GW}" for p in prefixes[19500:]]  # and share a key
+    topo.run("node", ["ip", "neigh", "replace", OTHER_GW, "lladdr", OTHER_MAC, "dev", topo.node_if2, "nud",
+                      "permanent"])
+    topo.run("node", ["ip", "-batch", "-"], input="\n".join(first) + "\n")
+    batch = tmp_path / "storm.batch"
+    batch.write_text("\n".join(rest) + "\n")
+    # From the delete on, a stream of probes to the deleted prefix for the
+    # rest of the storm and after: the kernel drops every one.
+    prober = topo.popen("pod1", [sys.executable, "-c", PROBER, topo.pod1_if, probe.hex(), "8"])
+    arrived = topo.popen("pod2", [sys.executable, f"{HERE}/pktio.py", "capture", topo.pod2_if, "10"],
+                         stdout=subprocess.PIPE, text=True)
+    assert arrived.stdout.readline().strip() == "ready"
+    out = topo.run("node", [sys.executable, f"{HERE}/resync_check.py", str(batch), "5"], timeout=120).stdout
+    result = json.loads(out)
+    print("map equal to a fresh translation", result)
+    prober.wait(timeout=30)
+    got, _ = arrived.communicate(timeout=30)
+    to_deleted = [f for f in json.loads(got.splitlines()[-1]) if bytes.fromhex(f)[30:32] == bytes([10, 251])]
+    st = a.status()
+    assert st["resyncs"] >= 1, st  # the buffer did overflow
+    assert result["ms"] is not None and result["ms"] < 1000, result
+    # The kernel dropped every probe (the route was gone); so must we.
+    assert len(to_deleted) == 0, f"{len(to_deleted)} probes to the deleted prefix reached pod2"
+    assert send_one_to(topo, a, "10.251.0.5") == 0
+
+
+PROBER = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+frame, end = bytes.fromhex(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    s.send(frame)
+    time.sleep(0.001)
+"""
+
+
+def send_one_to(topo, a, dst):
+    return len(exchange(topo, [frame(topo, dst=dst)])[0])
