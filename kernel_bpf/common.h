@@ -97,7 +97,8 @@ struct lm_neigh {
 /* Link flags */
 #define LM_LINK_UP (1 << 0)            /* oper up: may be used for egress */
 #define LM_LINK_FORWARDING (1 << 1)    /* conf/<dev>/forwarding = 1 */
-#define LM_LINK_REDIRECT_PEER (1 << 2) /* veth with peer in another netns */
+#define LM_LINK_REDIRECT_PEER (1 << 2) /* veth with peer in another netns,
+					  nothing on the way to skip */
 #define LM_LINK_RPF_STRICT (1 << 3)    /* effective rp_filter = 1 */
 #define LM_LINK_RPF_LOOSE (1 << 4)     /* effective rp_filter = 2 */
 
@@ -105,6 +106,8 @@ struct lm_link {
 	__u8 mac[ETH_ALEN];
 	__u16 flags;
 	__u32 mtu;
+	__u8 peer_mac[ETH_ALEN]; /* LM_LINK_REDIRECT_PEER: the peer's own MAC */
+	__u16 pad;
 };
 
 struct lm_config {

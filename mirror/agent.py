@@ -155,7 +155,8 @@ class Agent:
             pass
         return batch
 
-    def _apply_batch(self, batch, reread_sysctls):
+    def _apply_batch(self, batch, poll):
+        reread_sysctls = poll
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
         for kind, payload in batch:
@@ -166,7 +167,7 @@ class Agent:
                 for msg in msgs:
                     netlink.apply(self.state, msg)
                     event = msg.get("event")
-                    reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF")
+                    reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF") and "nsid" not in msg
                     if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                         self._track_stale(msg)
                     elif event in netlink.TC_EVENTS:
@@ -181,19 +182,35 @@ class Agent:
             self.resyncs += 1
             self.state = self._resynced_state()
             reread_sysctls = True
-        elif tc_changed:
-            busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
-            for index in tc_changed:
-                self.state.set_egress_tc(index, busy.get(index))
-                if index in self.attacher.attached and not self.attacher.still_attached(index):
-                    log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
-                    self.attacher.forget(index)  # _reconcile attaches it again
+        elif tc_changed or poll:
+            # tcx programs come and go without an event: the poll catches them.
+            self._reread_tc(set(self.state.links) if poll else tc_changed)
+        if not resync:
+            self._read_new_peers()
         if reread_sysctls:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
         self._reconcile(full=resync)
         if resync:
             self._release_after_dump()
+
+    def _reread_tc(self, indexes):
+        busy = netlink.read_egress_tc(self.netlink.requests, indexes)
+        after = netlink.read_ingress_tc_after(self.netlink.requests, indexes)
+        for index in indexes:
+            self.state.set_egress_tc(index, busy.get(index))
+            self.state.set_ingress_tc_after(index, after.get(index))
+            if index in self.attacher.attached and not self.attacher.still_attached(index):
+                log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
+                self.attacher.forget(index)  # _reconcile attaches it again
+
+    def _read_new_peers(self):
+        """Peers of veths that are new or moved: read once, their later
+        changes arrive as events from their namespace."""
+        for link in list(self.state.links.values()):
+            key = link.peer_key
+            if key is not None and key not in self.state.peers:
+                self.state.set_peer(key, netlink.read_peer(key))
 
     def _events_lost(self):
         """Reader thread, events just lost: the maps may hold what the

@@ -14,6 +14,8 @@ _libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321  # x86-64
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_QUERY = 16
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 
 class BpfAttrTest(ctypes.Structure):
@@ -85,6 +87,35 @@ class SkBuff(ctypes.Structure):
 
 assert ctypes.sizeof(SkBuff) == 192 and SkBuff.gso_size.offset == 176 and SkBuff.hwtstamp.offset == 184
 assert ctypes.sizeof(BpfAttrTest) == 80
+
+
+class BpfAttrQuery(ctypes.Structure):
+    """union bpf_attr, the BPF_PROG_QUERY member."""
+
+    _fields_ = [
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("prog_cnt", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("prog_attach_flags", ctypes.c_uint64),
+        ("link_ids", ctypes.c_uint64),
+        ("link_attach_flags", ctypes.c_uint64),
+        ("revision", ctypes.c_uint64),
+    ]
+
+
+def tcx_prog_count(ifindex: int, attach_type: int) -> int:
+    """How many tcx programs are attached to the device (this netns) at
+    BPF_TCX_INGRESS / BPF_TCX_EGRESS; they are invisible to tc dumps."""
+    attr = BpfAttrQuery(target_ifindex=ifindex, attach_type=attach_type)
+    rc = _libc.syscall(NR_BPF, BPF_PROG_QUERY, ctypes.byref(attr), ctypes.sizeof(attr))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_QUERY: {os.strerror(err)}")
+    return attr.prog_cnt
 
 
 @dataclass

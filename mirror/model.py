@@ -56,6 +56,14 @@ class Link:
     link_type: int = ARPHRD_ETHER  # ifi_type (ARPHRD_*)
     master: int = 0  # ifindex of the bridge/bond this is enslaved to
     peer_in_other_netns: bool = False  # IFLA_LINK_NETNSID present (veth)
+    link: int = 0  # IFLA_LINK: a veth's peer, a macvlan's lower device (ifindex)
+    link_netnsid: Optional[int] = None  # IFLA_LINK_NETNSID: `link` is in that netns
+    promiscuity: int = 0  # IFLA_PROMISCUITY: something wants frames for other MACs
+
+    @property
+    def peer_key(self):
+        """(netnsid, ifindex) of a peer in another namespace, else None."""
+        return (self.link_netnsid, self.link) if self.link_netnsid is not None and self.link else None
 
     @property
     def admin_up(self) -> bool:
@@ -64,6 +72,19 @@ class Link:
     @property
     def oper_up(self) -> bool:
         return self.admin_up and bool(self.flags & IFF_RUNNING)
+
+
+# Devices stacked on a lower device that take frames from it before IP
+# (their rx_handler) or deliver to it: a lower device with one is not managed.
+STACKED_KINDS = ("macvlan", "macvtap", "ipvlan", "ipvtap")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A veth's other end, in another namespace (RTM_GETLINK there)."""
+
+    mac: Optional[str]
+    xdp: bool  # an XDP program is attached: veth_xmit() would run it
 
 
 @dataclass(frozen=True)
@@ -163,6 +184,11 @@ class KernelState:
     # Links whose egress path is not empty (a root qdisc other than noqueue,
     # clsact egress filters): ifindex -> what is there.
     egress_tc: Dict[int, str] = field(default_factory=dict)
+    # Links with tc ingress filters after ours (they never run for packets
+    # we redirect): ifindex -> what is there.
+    ingress_tc_after: Dict[int, str] = field(default_factory=dict)
+    # veth peers in other namespaces: (netnsid, ifindex) -> Peer.
+    peers: Dict[Tuple[int, int], Peer] = field(default_factory=dict)
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
@@ -189,6 +215,9 @@ class KernelState:
         if old == link:
             return
         self._link_changed(link.index, routes=old is None or old.mtu != link.mtu)
+        for stacked in (old, link):
+            if stacked is not None and stacked.kind in STACKED_KINDS and stacked.link_netnsid is None:
+                self._link_changed(stacked.link, routes=False)  # its lower device
         if old is None:
             return
         # The kernel flushes these without sending messages for them.
@@ -201,8 +230,11 @@ class KernelState:
     def del_link(self, index: int):
         """A link is gone: its addresses, routes and neighbours go with it."""
         self._link_changed(index, routes=False)
-        self.links.pop(index, None)
+        old = self.links.pop(index, None)
+        if old is not None and old.kind in STACKED_KINDS:
+            self._link_changed(old.link, routes=False)
         self.egress_tc.pop(index, None)
+        self.ingress_tc_after.pop(index, None)
         for addr in [a for a in self.addresses if a.index == index]:
             self.del_address(addr)
         self._flush_neighbors(index, keep_permanent=False)
@@ -222,13 +254,29 @@ class KernelState:
         self.changes.links |= {i for i, l in self.links.items() if l.name in changed}
 
     def set_egress_tc(self, index: int, what: Optional[str]):
-        if self.egress_tc.get(index) == what:
+        self._set_tc(self.egress_tc, index, what)
+
+    def set_ingress_tc_after(self, index: int, what: Optional[str]):
+        self._set_tc(self.ingress_tc_after, index, what)
+
+    def _set_tc(self, table, index: int, what: Optional[str]):
+        if table.get(index) == what:
             return
         if what is None:
-            self.egress_tc.pop(index, None)
+            table.pop(index, None)
         else:
-            self.egress_tc[index] = what
-        self.changes.links.add(index)
+            table[index] = what
+        self._link_changed(index, routes=False)
+
+    def set_peer(self, key: Tuple[int, int], peer: Optional[Peer]):
+        """A veth peer's state (None: gone); its local veth needs another look."""
+        if self.peers.get(key) == peer:
+            return
+        if peer is None:
+            self.peers.pop(key, None)
+        else:
+            self.peers[key] = peer
+        self.changes.links |= {i for i, link in self.links.items() if link.peer_key == key}
 
     # -- addresses and routes ---------------------------------------------
     def add_address(self, addr: Address):

@@ -19,10 +19,11 @@ from typing import Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from . import bpfsys, tc
 from . import model as m
-from . import tc
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # sets another size (tests use a tiny one to exercise the overrun resync).
 RCVBUF = int(os.environ.get("LOXI_MIRROR_NETLINK_RCVBUF", 32 << 20))
 SO_RCVBUFFORCE = 33
+SOL_NETLINK, NETLINK_LISTEN_ALL_NSID = 270, 8
 NETLINK_ROUTE = 0
 RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)
 EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
@@ -66,7 +68,16 @@ def parse_link(msg) -> m.Link:
         link_type=msg["ifi_type"],
         master=msg.get_attr("IFLA_MASTER") or 0,
         peer_in_other_netns=msg.get_attr("IFLA_LINK_NETNSID") is not None,
+        link=msg.get_attr("IFLA_LINK") or 0,
+        link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
+        promiscuity=msg.get_attr("IFLA_PROMISCUITY") or 0,
     )
+
+
+def parse_peer(msg) -> m.Peer:
+    xdp = msg.get_attr("IFLA_XDP")
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+    return m.Peer(mac=msg.get_attr("IFLA_ADDRESS"), xdp=attached not in (None, 0, "none"))
 
 
 def parse_address(msg) -> m.Address:
@@ -171,7 +182,10 @@ def apply(state: m.KernelState, msg) -> bool:
     caller to re-read the forwarding / rp_filter sysctls or a link's qdiscs.
     """
     event = msg.get("event")
-    if event == "RTM_NEWLINK":
+    if "nsid" in msg:  # a link in another namespace: a veth peer
+        key = (msg["nsid"], msg["index"])
+        state.set_peer(key, parse_peer(msg) if event == "RTM_NEWLINK" else None)
+    elif event == "RTM_NEWLINK":
         state.set_link(parse_link(msg))
     elif event == "RTM_DELLINK":
         state.del_link(msg["index"])
@@ -197,11 +211,14 @@ TC_H_ROOT = 0xFFFFFFFF
 
 
 def read_egress_tc(ipr, indexes):
-    """{ifindex: description} for links whose egress path is not empty.
+    """{ifindex: description} for links whose egress path is not empty:
+    a root qdisc, clsact egress filters, tcx egress programs (all skipped by
+    bpf_redirect_peer).
 
     Re-read on any tc event rather than replaying tc messages: qdisc and
     filter deletion semantics (whole chains, replaced defaults) are subtle,
     and a dump of one link is cheap.  Vanished links are simply absent.
+    tcx programs send no event: the agent also re-reads this on its poll.
     """
     out = {}
     for index in indexes:
@@ -213,11 +230,64 @@ def read_egress_tc(ipr, indexes):
                 filters = [f for f in ipr.get_filters(index=index, parent=tc.EGRESS_PARENT) if f["handle"]]
                 if filters:
                     what.append(f"{len(filters)} egress filter(s)")
+            tcx = bpfsys.tcx_prog_count(index, bpfsys.BPF_TCX_EGRESS)
+            if tcx:
+                what.append(f"{tcx} tcx egress program(s)")
         except Exception as e:  # vanished (ENODEV): its RTM_DELLINK follows
             log.debug("tc dump of ifindex %d failed: %s", index, e)
             continue
         if what:
             out[index] = ", ".join(what)
+    return out
+
+
+def read_ingress_tc_after(ipr, indexes):
+    """{ifindex: description} for links with tc ingress filters placed
+    after ours: a packet we redirect would skip them."""
+    out = {}
+    for index in indexes:
+        try:
+            filters = ipr.get_filters(index=index, parent=tc.INGRESS_PARENT)
+        except Exception:  # no ingress qdisc (nothing after us), or vanished
+            continue
+        later = [f for f in filters if f["handle"] and (f["info"] >> 16) >= tc.FILTER_PRIO and not tc.is_ours(f)]
+        if later:
+            out[index] = f"{len(later)} ingress filter(s) after ours"
+    return out
+
+
+UNKNOWN_PEER = m.Peer(mac=None, xdp=False)  # no MAC to compare with: never redirect_peer
+
+
+def read_peer(key) -> m.Peer:
+    """A veth peer in another namespace, by RTM_GETLINK with
+    IFLA_TARGET_NETNSID (pyroute2 calls it IFLA_IF_NETNSID)."""
+    nsid, index = key
+    req = ifinfmsg()
+    req["family"], req["index"] = socket.AF_UNSPEC, index
+    req["attrs"] = [("IFLA_IF_NETNSID", nsid)]
+    req["header"]["type"], req["header"]["flags"], req["header"]["sequence_number"] = RTM_GETLINK, 1, 1
+    req.encode()
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        sock.bind((0, 0))
+        sock.send(req.data)
+        for msg in MarshalRtnl().parse(sock.recv(RECV_BYTES)):
+            if msg["header"]["type"] == rtnl.RTM_NEWLINK:
+                return parse_peer(msg)
+        return UNKNOWN_PEER  # NLMSG_ERROR: no such link (any more), or not ours to see
+    except OSError:
+        return UNKNOWN_PEER
+    finally:
+        sock.close()
+
+
+def read_peers(links):
+    """{peer key: Peer} for every veth whose peer is in another namespace."""
+    out = {}
+    for link in links:
+        if link.peer_key is not None:
+            out[link.peer_key] = read_peer(link.peer_key)
     return out
 
 
@@ -272,10 +342,14 @@ def dump(ipr, abort=None) -> m.KernelState:
         state.add_rule(parse_rule(msg))
     for index, what in read_egress_tc(ipr, list(state.links)).items():
         state.set_egress_tc(index, what)
+    for index, what in read_ingress_tc_after(ipr, list(state.links)).items():
+        state.set_ingress_tc_after(index, what)
+    for key, peer in read_peers(state.links.values()).items():
+        state.set_peer(key, peer)
     return state
 
 
-RTM_GETROUTE = 26
+RTM_GETLINK, RTM_GETROUTE = 18, 26
 NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
 NLMSG_DONE, NLMSG_ERROR = 3, 2
 
@@ -307,6 +381,14 @@ def dump_routes(abort=None):
 ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
 
 
+def _netnsid(ancillary) -> Optional[int]:
+    """The netnsid a datagram came from (NETLINK_LISTEN_ALL_NSID), None for our own."""
+    for level, kind, data in ancillary:
+        if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(data) >= 4:
+            return struct.unpack("=i", data[:4])[0]
+    return None
+
+
 class NetlinkWatcher:
     """Reads rtnetlink events in a thread and hands them to `post`.
 
@@ -329,6 +411,9 @@ class NetlinkWatcher:
             self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         except OSError:
             self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        # Link events of the namespaces our veth peers live in (MAC, XDP
+        # changes there), each datagram tagged with the netnsid.
+        self.events.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
         self.events.bind((0, GROUPS))
         self.marshal = MarshalRtnl()
         self.requests = IPRoute()
@@ -389,7 +474,8 @@ class NetlinkWatcher:
         datagrams, lost = [], None
         while len(datagrams) < most:
             try:
-                datagrams.append(self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT))
+                data, ancillary, _, _ = self.events.recvmsg(RECV_BYTES, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT)
+                datagrams.append((data, _netnsid(ancillary)))
             except BlockingIOError:
                 break
             except OSError as e:
@@ -398,12 +484,19 @@ class NetlinkWatcher:
                 lost = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
                 break
         try:
-            msgs = [msg for data in datagrams for msg in self.marshal.parse(data)]
-            for msg in msgs:
-                msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+            msgs = []
+            for data, nsid in datagrams:
+                for msg in self.marshal.parse(data):
+                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+                    if nsid is None:
+                        msgs.append(msg)
+                    elif msg["event"] in ("RTM_NEWLINK", "RTM_DELLINK"):
+                        msg["nsid"] = nsid  # another namespace's link: maybe a veth peer
+                        msgs.append(msg)
         except Exception as e:  # undecodable: do not guess, re-dump
             msgs, lost = [], f"decode error {e}"
-        if any(msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET for msg in msgs):
+        if any(msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET and "nsid" not in msg
+               for msg in msgs):
             self._route_news = True
         if msgs:
             self.post(("netlink", (self.gen, msgs)))

@@ -76,11 +76,15 @@ class Codec:
     def link_leaf(self, e: LinkEntry):
         leaf = self.t["links"].Leaf()
         ctypes.memmove(leaf.mac, mac_to_bytes(e.mac), 6)
+        if e.peer_mac:
+            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
         leaf.flags, leaf.mtu = e.flags, e.mtu
         return leaf
 
     def decode_link(self, k, v):
-        return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu)
+        peer_mac = bytes_to_mac(v.peer_mac)
+        return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu,
+                                  None if peer_mac == "00:00:00:00:00:00" else peer_mac)
 
 
 class Reconciler:

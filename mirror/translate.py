@@ -38,6 +38,9 @@ class LinkEntry:
     mac: str
     flags: int
     mtu: int
+    # A veth peer's own MAC: only frames to it may skip the peer's receive
+    # classification (redirect_peer); others take veth_xmit (bpf_redirect).
+    peer_mac: Optional[str] = None
 
 
 @dataclass
@@ -66,15 +69,28 @@ class Selection:
         return not (self.exclude and re.fullmatch(self.exclude, name))
 
 
-def eligible(link: m.Link, selection: Selection) -> bool:
+def eligible(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_after=frozenset()) -> bool:
     return (
         link.link_type == m.ARPHRD_ETHER
         and link.kind in SUPPORTED_KINDS
         and link.name != "lo"
         and not link.master  # bridge/bond ports: their traffic is not routed here
+        # A macvlan/ipvlan on it (here, or moved elsewhere: it adds its MAC,
+        # which makes a veth promiscuous; so do passthru and tcpdump) takes
+        # frames before IP does; a tc filter after ours would be skipped.
+        and link.index not in stacked_on
+        and not link.promiscuity
+        and link.index not in tc_after
         and bool(link.mac)
         and selection.allows(link.name)
     )
+
+
+def _eligible_in(state: m.KernelState, selection: Selection):
+    """eligible() for links of this state."""
+    stacked_on = {l.link for l in state.links.values() if l.kind in m.STACKED_KINDS and l.link_netnsid is None}
+    tc_after = set(state.ingress_tc_after)
+    return lambda link: eligible(link, selection, stacked_on, tc_after)
 
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
@@ -91,9 +107,10 @@ def translate(state: m.KernelState, selection: Selection = Selection()) -> Desir
 def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
+    ok = _eligible_in(state, selection)
     out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state))
-    out.links = {i: link_entry(state, i, selection) for i in changes.links}
-    out.neighbors = {k: neighbor_entry(state, k, selection) for k in changes.neighbors}
+    out.links = {i: link_entry(state, i, ok) for i in changes.links}
+    out.neighbors = {k: neighbor_entry(state, k, ok) for k in changes.neighbors}
     prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
     local_ips = {a.address for a in state.addresses}
     covering = _covering_local_prefixes(state)
@@ -102,32 +119,38 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
 
 
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
-    return {i: l.name for i, l in state.links.items() if eligible(l, selection)}
+    ok = _eligible_in(state, selection)
+    return {i: l.name for i, l in state.links.items() if ok(l)}
 
 
-def link_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[LinkEntry]:
+def link_entry(state: m.KernelState, index: int, ok) -> Optional[LinkEntry]:
     link = state.links.get(index)
-    if link is None or not eligible(link, selection):
+    if link is None or not ok(link):
         return None
-    return _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc)
+    peer = state.peers.get(link.peer_key) if link.peer_key else None
+    return _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc, peer)
 
 
-def neighbor_entry(state: m.KernelState, key, selection: Selection) -> Optional[str]:
+def neighbor_entry(state: m.KernelState, key, ok) -> Optional[str]:
     neigh = state.neighbors.get(key)
     link = state.links.get(key[0])
-    if neigh is None or link is None or not eligible(link, selection):
+    if neigh is None or link is None or not ok(link):
         return None
     return neigh.mac if neigh.mac and neigh.state & m.NUD_VALID else None
 
 
-def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool) -> LinkEntry:
+def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool,
+                peer: Optional[m.Peer]) -> LinkEntry:
     flags = 0
     if link.oper_up:
         flags |= LINK_UP
-    # bpf_redirect_peer skips this device's egress qdisc and filters (and
-    # drops unless the peer lives in another netns): only where there is
-    # nothing to skip.  Elsewhere bpf_redirect takes the kernel's egress path.
-    if link.kind == "veth" and link.peer_in_other_netns and not egress_busy:
+    # bpf_redirect_peer skips this device's egress (qdisc, clsact and tcx
+    # programs) and, on the peer, the XDP program and eth_type_trans() that
+    # veth_xmit() would run (and it drops unless the peer lives in another
+    # netns): only where none of that matters.  Elsewhere bpf_redirect takes
+    # the kernel's own path through veth_xmit().
+    peer_mac = peer.mac if peer is not None and not peer.xdp else None
+    if link.kind == "veth" and link.peer_in_other_netns and not egress_busy and peer_mac:
         flags |= LINK_REDIRECT_PEER
     if sysctls is not None:  # unknown sysctls: no FORWARDING flag, so punt
         if sysctls.forwarding:
@@ -136,7 +159,8 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
             flags |= LINK_RPF_STRICT
         elif sysctls.rp_filter >= 2:
             flags |= LINK_RPF_LOOSE
-    return LinkEntry(mac=link.mac, flags=flags, mtu=link.mtu)
+    return LinkEntry(mac=link.mac, flags=flags, mtu=link.mtu,
+                     peer_mac=peer_mac if flags & LINK_REDIRECT_PEER else None)
 
 
 def _punt_forward_reason(state: m.KernelState) -> int:

@@ -8,10 +8,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from scapy.layers.inet import UDP
 
-from nstest import skip_unless_root
-from oracle import HERE, exchange, settle
+from nstest import skip_unless_root, wait_for
+from oracle import HERE, exchange, settle, udp_received
 from test_routing import counters, delta, frame, silence, warm_neighbors
 
 pytestmark = skip_unless_root
@@ -175,3 +176,163 @@ while time.monotonic() < end:
 
 def send_one_to(topo, a, dst):
     return len(exchange(topo, [frame(topo, dst=dst)])[0])
+
+
+# --- the peer's receive path and metadata (item 4) ---------------------------
+
+def _set_neighbor(topo, mac):
+    topo.run("node", ["ip", "neigh", "replace", topo.pod2_ip, "lladdr", mac, "dev", topo.node_if2, "nud", "permanent"])
+
+
+def test_frame_for_another_mac_is_dropped_by_the_pod_as_by_the_kernel(routed_topology, agent):
+    """A neighbour entry that is not the pod's MAC (stale, or the pod changed
+    its MAC): the kernel's veth hands the frame to eth_type_trans() in the
+    pod, which calls it PACKET_OTHERHOST and ip_rcv() drops it.  At start-up
+    and when the pod's MAC changes while the agent runs."""
+    topo = routed_topology
+    steps = [
+        ("stale neighbour", lambda: _set_neighbor(topo, "02:00:00:00:77:77")),
+        ("neighbour right", lambda: _set_neighbor(topo, topo.pod2_mac)),
+        ("pod changed its MAC", lambda: topo.run("pod2", ["ip", "link", "set", topo.pod2_if, "address",
+                                                           "02:00:00:00:55:55"])),
+        ("pod MAC back", lambda: topo.run("pod2", ["ip", "link", "set", topo.pod2_if, "address", topo.pod2_mac])),
+    ]
+    frames = [frame(topo), frame(topo, payload=UDP(sport=40000, dport=9) / b"second")]
+    kernel = []
+    for _, step in steps:
+        step()
+        kernel.append(udp_received(topo, 9, frames))
+    assert [len(k) for k in kernel] == [0, 2, 0, 2]  # the oracle
+    steps[0][1]()
+    a = agent(topo)
+    for (what, step), expected in zip(steps, kernel):
+        if what != "stale neighbour":
+            step()
+            settle(topo)
+        c0 = counters(a)
+        assert udp_received(topo, 9, frames) == expected, what
+        assert delta(counters(a), c0).get("FORWARDED") == 2, what  # still the fast path
+
+
+def test_mark_is_scrubbed_across_namespaces(routed_topology, agent):
+    """A mark set on the node (here by a tc filter before ours) does not
+    reach the pod: veth_xmit() scrubs it when the frame changes namespace."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    topo.run("node", ["tc", "qdisc", "add", "dev", topo.node_if1, "clsact"])
+    _attach(topo, "node", "tc-ingress", topo.node_if1, "1", "mark").wait(timeout=30)
+    topo.run("pod2", ["iptables", "-A", "INPUT", "-m", "mark", "--mark", "5", "-j", "DROP"])
+    frames = [frame(topo)]
+    kernel = udp_received(topo, 9, frames)
+    assert len(kernel) == 1  # the oracle: mark 0 in the pod
+    a = agent(topo)
+    c0 = counters(a)
+    assert udp_received(topo, 9, frames) == kernel
+    assert delta(counters(a), c0).get("FORWARDED") == 1
+
+
+# --- programs and devices the fast path must not bypass (item 5) ------------
+
+def _attach(topo, ns, kind, iface, *args):
+    p = topo.popen(ns, [sys.executable, f"{HERE}/bpfattach.py", kind, iface, *args], stdout=subprocess.PIPE,
+                   text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _link_flags(topo, name):
+    rows = json.loads(topo.run("node", ["loxi-mirror", "dump", "links", "--json"]).stdout)
+    return next((r["flags"] for r in rows if r["name"] == name), None)
+
+
+def test_xdp_on_the_pod_side_peer_runs(routed_topology, agent):
+    """A native XDP program on the pod's veth end runs when the kernel's
+    veth_xmit() delivers to it; redirect_peer would skip it."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    _set_neighbor(topo, topo.pod2_mac)  # no ARP needed once XDP drops IPv4 only
+    frames = [frame(topo)]
+    assert len(udp_received(topo, 9, frames)) == 1
+    a = agent(topo)
+    _attach(topo, "pod2", "xdp", topo.pod2_if).wait(timeout=30)
+    kernel_expected = []  # the program drops IPv4
+    settle(topo)
+    c0 = counters(a)
+    assert udp_received(topo, 9, frames) == kernel_expected
+    assert delta(counters(a), c0).get("FORWARDED") == 1  # bpf_redirect: still the fast path
+    # and the kernel alone agrees
+    a.stop()
+    assert udp_received(topo, 9, frames) == kernel_expected
+
+
+def test_tcx_egress_program_on_the_node_veth_runs(routed_topology, agent):
+    topo = routed_topology
+    warm_neighbors(topo)
+    _set_neighbor(topo, topo.pod2_mac)
+    frames = [frame(topo)]
+    holder = _attach(topo, "node", "tcx-egress", topo.node_if2)
+    kernel = udp_received(topo, 9, frames)
+    assert kernel == []  # the oracle: the tcx program drops it
+    topo.kill(holder)
+    a = agent(topo)
+    assert "redirect_peer" in _link_flags(topo, topo.node_if2)
+    holder = _attach(topo, "node", "tcx-egress", topo.node_if2)  # no event: the poll must find it
+    wait_for(lambda: "redirect_peer" not in _link_flags(topo, topo.node_if2), 5, "tcx program not noticed")
+    c0 = counters(a)
+    assert udp_received(topo, 9, frames) == kernel
+    assert delta(counters(a), c0).get("FORWARDED") == 1
+
+
+def test_user_ingress_filter_after_ours_runs(routed_topology, agent):
+    topo = routed_topology
+    warm_neighbors(topo)
+    frames = [frame(topo)]
+    topo.run("node", ["tc", "qdisc", "add", "dev", topo.node_if1, "clsact"])
+
+    def drop_after_us():
+        _attach(topo, "node", "tc-ingress", topo.node_if1, "65521", "drop").wait(timeout=30)
+
+    drop_after_us()
+    kernel = udp_received(topo, 9, frames)
+    assert kernel == []  # the oracle
+    topo.run("node", ["tc", "filter", "del", "dev", topo.node_if1, "ingress", "prio", "65521"])
+    a = agent(topo)
+    for when in ("while running", "at start-up"):
+        if when == "while running":
+            drop_after_us()
+            settle(topo)
+        else:
+            a.stop()
+            a = agent(topo)
+        assert udp_received(topo, 9, frames) == kernel, when
+        assert topo.node_if1 not in a.status()["interfaces"], when
+
+
+@pytest.mark.parametrize("mode", ["passthru", "source"])
+def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
+    """passthru: the macvlan takes every frame of veth1 (here it does not
+    forward: forwarding=0 on it); source: it gets a copy of frames from the
+    listed MACs.  Either way the frame must not skip it."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    frames = [frame(topo)]
+    topo.run("node", ["ip", "link", "add", "mv0", "link", topo.node_if1, "type", "macvlan", "mode", mode])
+    if mode == "source":
+        topo.run("node", ["ip", "link", "set", "mv0", "type", "macvlan", "macaddr", "add", topo.pod1_mac])
+    topo.run("node", ["ip", "link", "set", "mv0", "up"])
+    topo.run("node", ["sysctl", "-qw", "net.ipv4.conf.mv0.forwarding=0"])
+
+    def outcome():
+        cap = topo.popen("node", [sys.executable, f"{HERE}/pktio.py", "capture", "mv0", "1"],
+                         stdout=subprocess.PIPE, text=True)
+        assert cap.stdout.readline().strip() == "ready"
+        at_pod2 = udp_received(topo, 9, frames)
+        out, _ = cap.communicate(timeout=15)
+        at_mv0 = [f for f in json.loads(out.splitlines()[-1]) if bytes.fromhex(f)[12:14] == b"\x08\x00"]
+        return at_pod2, len(at_mv0)
+
+    kernel = outcome()
+    assert kernel == (([] if mode == "passthru" else [bytes(frames[0][42:])]), 1)  # the oracle
+    a = agent(topo)
+    assert outcome() == kernel
+    assert topo.node_if1 not in a.status()["interfaces"]

@@ -5,7 +5,7 @@ import pytest
 from mirror import model as m
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                              RouteEntry, Selection, translate)
+                              RouteEntry, Selection, translate, translate_changes)
 
 UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
 
@@ -14,8 +14,12 @@ def node(**over):
     """A node routing between two pods: v1 (10.1.0.1/24), v2 (10.2.0.1/24)."""
     st = m.KernelState(netfilter_impact=None, xfrm_impact=None)
     st.set_link(m.Link(1, "lo", "", "00:00:00:00:00:00", 65536, UP, link_type=772))
-    st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True))
-    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True))
+    st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True, link=2,
+                       link_netnsid=0))
+    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True, link=2,
+                       link_netnsid=1))
+    st.set_peer((0, 2), m.Peer("02:00:00:00:01:02", xdp=False))  # the pods' own MACs
+    st.set_peer((1, 2), m.Peer("02:00:00:00:02:02", xdp=False))
     st.add_address(m.Address(3, "10.1.0.1", 24))
     st.add_address(m.Address(4, "10.2.0.1", 24))
     for idx, net, addr in ((3, "10.1.0.0", "10.1.0.1"), (4, "10.2.0.0", "10.2.0.1")):
@@ -163,3 +167,34 @@ def test_no_redirect_peer_past_an_egress_qdisc_or_filter():
     st = node(egress_tc={4: "root qdisc tbf"})
     d = translate(st)
     assert d.links[3].flags & LINK_REDIRECT_PEER and not d.links[4].flags & LINK_REDIRECT_PEER
+
+
+def test_redirect_peer_only_to_a_known_peer_without_xdp():
+    """The peer's own MAC goes with the flag (the datapath compares the
+    neighbour's MAC with it); an XDP program on the peer, or a peer we
+    cannot see, means bpf_redirect through veth_xmit(), which runs it."""
+    d = translate(node())
+    assert d.links[4].flags & LINK_REDIRECT_PEER and d.links[4].peer_mac == "02:00:00:00:02:02"
+    st = node()
+    st.take_changes()
+    st.set_peer((1, 2), m.Peer("02:00:00:00:02:02", xdp=True))
+    delta = translate_changes(st, st.take_changes())
+    assert not delta.links[4].flags & LINK_REDIRECT_PEER and delta.links[4].peer_mac is None
+    assert 3 not in delta.links  # only the veth whose peer changed
+    st.set_peer((1, 2), None)
+    assert not translate(st).links[4].flags & LINK_REDIRECT_PEER
+
+
+@pytest.mark.parametrize("change", ["macvlan here", "promiscuous", "tc filter after ours"])
+def test_links_with_something_beside_us_are_not_managed(change):
+    st = node()
+    if change == "macvlan here":
+        st.set_link(m.Link(9, "mv0", "macvlan", "02:00:00:00:09:09", 1500, UP, link=4))
+    elif change == "promiscuous":
+        st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True, link=2,
+                           link_netnsid=1, promiscuity=1))
+    else:
+        st.set_ingress_tc_after(4, "1 ingress filter(s) after ours")
+    d = translate(st)
+    assert 4 not in d.attach and 4 not in d.links and not any(k[0] == 4 for k in d.neighbors)
+    assert 3 in d.attach
