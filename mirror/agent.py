@@ -278,6 +278,7 @@ class Agent:
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
+        self.state.fwd_update_priority = netlink.read_fwd_update_priority()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -349,6 +350,8 @@ class Agent:
             return f"ipsec: {self.state.xfrm_impact}"
         if self.state.fwd_use_pmtu:
             return "ip_forward_use_pmtu=1: learned path MTUs decide"
+        if not self.state.fwd_update_priority:
+            return "ip_forward_update_priority=0: forwarding keeps the packet's priority"
         rules = custom_rules(self.state)
         if rules:
             return "policy routing: " + ", ".join(f"{how} rule pref {r.priority} table {r.table}" for how, r in rules)

@@ -194,6 +194,9 @@ class KernelState:
     netfilter_impact: Optional[str] = "netfilter state not read yet"
     # net.ipv4.ip_forward_use_pmtu: forwarding then obeys learned path MTUs.
     fwd_use_pmtu: bool = False
+    # net.ipv4.ip_forward_update_priority=0: forwarding keeps skb->priority
+    # (the fast path sets it from the TOS, as the default 1 does).
+    fwd_update_priority: bool = True
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
     # Indexes: (dst, len) -> {route key: its routes}; ifindex -> route keys via it;

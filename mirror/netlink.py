@@ -313,11 +313,20 @@ def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
 
 def read_fwd_use_pmtu(path="/proc/sys/net/ipv4/ip_forward_use_pmtu") -> bool:
     """ip_forward_use_pmtu=1: forwarding obeys learned path MTUs (not mirrored)."""
+    return read_flag(path, absent=False)
+
+
+def read_fwd_update_priority(path="/proc/sys/net/ipv4/ip_forward_update_priority") -> bool:
+    """ip_forward_update_priority (default 1): ip_forward() sets skb->priority from the TOS."""
+    return read_flag(path, absent=True)
+
+
+def read_flag(path, absent: bool) -> bool:
     try:
         with open(path) as f:
             return f.read().strip() != "0"
     except OSError:
-        return False  # no such sysctl: the kernel forwards by device/route MTU
+        return absent  # no such sysctl: the kernel's behaviour without it
 
 
 class DumpInterrupted(Exception):

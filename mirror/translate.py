@@ -170,6 +170,8 @@ def _punt_forward_reason(state: m.KernelState) -> int:
         return R["IPSEC"]
     if state.fwd_use_pmtu:
         return R["ROUTE_UNSUPPORTED"]  # learned PMTU exceptions decide the MTU
+    if not state.fwd_update_priority:
+        return R["ROUTE_UNSUPPORTED"]  # skb->priority kept, not set from the TOS
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0

@@ -3,10 +3,11 @@ a namespace:
 
     bpfattach.py xdp IFACE          native XDP; stays attached after exit
     bpfattach.py tcx-egress IFACE   tcx egress link; held until this process ends
-    bpfattach.py tc-ingress IFACE PRIO drop|mark
-                                    a cls_bpf filter at clsact ingress (there must
-                                    be one) at PRIO that drops IPv4, or sets mark 5
-                                    and lets the next filter decide; stays after exit
+    bpfattach.py tc-ingress|tc-egress IFACE PRIO drop|mark|drop-prio6
+                                    a cls_bpf filter at clsact ingress/egress (there
+                                    must be one) at PRIO that drops IPv4, or sets
+                                    mark 5, or drops skb->priority 6, else lets the
+                                    next filter decide; stays after exit
 
 Prints "ready" once attached.  For tests that check the fast path does not
 bypass programs the kernel's own path runs (tc actions such as gact or
@@ -36,6 +37,10 @@ int tc_drop_ipv4(struct __sk_buff *skb)
 {
     return is_ipv4((void *)(long)skb->data, (void *)(long)skb->data_end) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
+int tc_drop_prio6(struct __sk_buff *skb)
+{
+    return skb->priority == 6 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
 int tc_mark(struct __sk_buff *skb)
 {
     skb->mark = 5;
@@ -54,12 +59,14 @@ class LinkCreate(ctypes.Structure):
 
 def main(kind, iface, *args):
     b = BPF(text=DROP_IPV4)
-    if kind == "tc-ingress":
+    if kind in ("tc-ingress", "tc-egress"):
         from pyroute2 import IPRoute
         prio, what = int(args[0]), args[1]
-        fn = b.load_func("tc_drop_ipv4" if what == "drop" else "tc_mark", BPF.SCHED_CLS)
+        fn = b.load_func({"drop": "tc_drop_ipv4", "mark": "tc_mark", "drop-prio6": "tc_drop_prio6"}[what],
+                         BPF.SCHED_CLS)
         IPRoute().tc("add-filter", "bpf", socket_ifindex(iface), 1, fd=fn.fd, name=f"test_{what}",
-                     parent=0xFFFFFFF2, prio=prio, direct_action=True, classid=1)
+                     parent=0xFFFFFFF2 if kind == "tc-ingress" else 0xFFFFFFF3, prio=prio,
+                     direct_action=True, classid=1)
         print("ready", flush=True)
         return
     if kind == "xdp":

@@ -336,3 +336,25 @@ def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
     a = agent(topo)
     assert outcome() == kernel
     assert topo.node_if1 not in a.status()["interfaces"]
+
+
+# --- gaps the inventory found (docs/forward-path-inputs.md) -----------------
+
+def test_forward_update_priority_off_is_obeyed(routed_topology, agent):
+    """ip_forward_update_priority=0: ip_forward() keeps the packet's
+    priority instead of setting it from the TOS, which an egress filter (or
+    qdisc) on the node sees.  Here a filter drops priority 6 (TOS 0x10)."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    topo.run("node", ["tc", "qdisc", "add", "dev", topo.node_if2, "clsact"])
+    _attach(topo, "node", "tc-egress", topo.node_if2, "1", "drop-prio6").wait(timeout=30)
+    frames = [frame(topo, tos=0x10)]
+    assert udp_received(topo, 9, frames) == []  # the oracle, default 1: priority 6, dropped
+    topo.run("node", ["sysctl", "-qw", "net.ipv4.ip_forward_update_priority=0"])
+    kernel = udp_received(topo, 9, frames)
+    assert len(kernel) == 1  # priority kept (0): delivered
+    a = agent(topo)
+    c0 = counters(a)
+    assert udp_received(topo, 9, frames) == kernel
+    assert "ip_forward_update_priority" in (a.status()["forwarding_punted_because"] or "")
+    assert "FORWARDED" not in delta(counters(a), c0)

@@ -117,6 +117,7 @@ def test_netfilter_and_policy_rules_punt_forwarding():
     assert translate(node(netfilter_impact="netfilter state not read yet")).punt_forward_reason == R["NETFILTER"]
     assert translate(node(xfrm_impact="1 xfrm policy")).punt_forward_reason == R["IPSEC"]
     assert translate(node(fwd_use_pmtu=True)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
+    assert translate(node(fwd_update_priority=False)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
     st = node()
     st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4")})))
     assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
