@@ -275,6 +275,8 @@ CASES = [
     punt("kernel events lost, agent re-dumping", udp(), "RESYNC",
          setup=lambda m, t: m.set_config(60, R["RESYNC"])),
     punt("source is one of our addresses", udp(src="10.1.0.1"), "MARTIAN"),
+    punt("rp_filter off, source's route not unicast (custom local routes make the kernel check)",
+         udp(src="10.9.1.1"), "RP_FILTER"),
     punt("rp_filter strict, source routed via another link", udp(src="10.2.9.9"), "RP_FILTER",
          setup=set_link("in0", UP | FWD | RPF_STRICT)),
     punt("rp_filter strict, no route to the source", udp(src="192.168.50.1"), "RP_FILTER",

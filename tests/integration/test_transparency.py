@@ -358,3 +358,25 @@ def test_forward_update_priority_off_is_obeyed(routed_topology, agent):
     assert udp_received(topo, 9, frames) == kernel
     assert "ip_forward_update_priority" in (a.status()["forwarding_punted_because"] or "")
     assert "FORWARDED" not in delta(counters(a), c0)
+
+
+def test_broadcast_source_after_custom_local_routes(routed_topology, agent):
+    """Once a local-table route was added by hand (fib_has_custom_local_routes,
+    which never resets) the kernel validates every source by a route lookup,
+    even with rp_filter off, and drops one whose route is neither unicast
+    nor an error route: here pod1's subnet broadcast address as source.
+    Without such a route only our own addresses are refused."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    frames = [frame(topo, src="10.1.0.255"), frame(topo)]
+    assert len(exchange(topo, frames)[0]) == 2  # before: both forwarded
+    topo.run("node", ["ip", "route", "add", "local", "10.77.0.0/24", "dev", "lo", "table", "local"])
+    topo.run("node", ["ip", "route", "del", "local", "10.77.0.0/24", "dev", "lo", "table", "local"])
+    kernel = exchange(topo, frames)
+    assert [f[26:30] for f in kernel[0]] == [bytes([10, 1, 0, 2])]  # the oracle: only the plain one
+    a = agent(topo)
+    c0 = counters(a)
+    assert exchange(topo, frames) == kernel
+    d = delta(counters(a), c0)
+    assert d.get("RP_FILTER") == 1 and d.get("FORWARDED") == 1, d
