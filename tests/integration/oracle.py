@@ -34,15 +34,16 @@ def _ipv4(frames, src=None, dst=None):
             and (src is None or f[26:26 + len(src)] == src) and (dst is None or f[30:30 + len(dst)] == dst)]
 
 
-def exchange(topo, frames, seconds=1.0):
-    """Send frames from pod1: (IPv4 frames from pod1's subnet arriving at
-    pod2, IPv4 frames the node sent back to pod1), both byte for byte."""
+def exchange(topo, frames, seconds=1.0, sources=None):
+    """Send frames from pod1: (IPv4 frames from pod1's subnet, or whose
+    source starts with the bytes `sources`, arriving at pod2; IPv4 frames the
+    node sent back to pod1), both byte for byte."""
     pod1 = bytes(map(int, topo.pod1_ip.split(".")))
     at_pod2 = _capture(topo, "pod2", topo.pod2_if, seconds)
     at_pod1 = _capture(topo, "pod1", topo.pod1_if, seconds)
     topo.run("pod1", [PY, f"{HERE}/pktio.py", "send", topo.pod1_if] + [f.hex() for f in frames])
     back = [_without_ip_id(f) for f in _ipv4(_frames(at_pod1, seconds), dst=pod1)]
-    return _ipv4(_frames(at_pod2, seconds), src=pod1[:3]), back
+    return _ipv4(_frames(at_pod2, seconds), src=pod1[:3] if sources is None else sources), back
 
 
 def _without_ip_id(frame):

@@ -380,3 +380,22 @@ def test_broadcast_source_after_custom_local_routes(routed_topology, agent):
     assert exchange(topo, frames) == kernel
     d = delta(counters(a), c0)
     assert d.get("RP_FILTER") == 1 and d.get("FORWARDED") == 1, d
+
+
+@pytest.mark.parametrize("rp_filter", [1, 2])
+def test_rp_filter_same_as_kernel(routed_topology, agent, rp_filter):
+    """Sources routed via another interface (strict drops, loose keeps),
+    with no route at all (both drop) and via the ingress (both keep)."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    topo.run("node", ["sysctl", "-qw", f"net.ipv4.conf.all.rp_filter={rp_filter}"])
+    frames = [frame(topo, src="10.2.0.9"), frame(topo, src="10.99.0.1"), frame(topo)]
+    kernel = exchange(topo, frames, sources=b"\x0a")
+    kept = {1: [bytes([10, 1, 0, 2])], 2: [bytes([10, 2, 0, 9]), bytes([10, 1, 0, 2])]}[rp_filter]
+    assert [f[26:30] for f in kernel[0]] == kept  # the oracle
+    a = agent(topo)
+    c0 = counters(a)
+    assert exchange(topo, frames, sources=b"\x0a") == kernel
+    d = delta(counters(a), c0)
+    assert d.get("FORWARDED") == len(kept) and d.get("RP_FILTER") == 3 - len(kept), d
