@@ -308,22 +308,28 @@ def test_user_ingress_filter_after_ours_runs(routed_topology, agent):
         assert topo.node_if1 not in a.status()["interfaces"], when
 
 
-@pytest.mark.parametrize("mode", ["passthru", "source"])
+@pytest.mark.parametrize("mode", ["passthru", "source", "source, moved to another namespace"])
 def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
     """passthru: the macvlan takes every frame of veth1 (here it does not
     forward: forwarding=0 on it); source: it gets a copy of frames from the
-    listed MACs.  Either way the frame must not skip it."""
+    listed MACs, also when it lives in another namespace (then only the
+    promiscuity it gives veth1 shows on the node).  Either way the frame
+    must not skip it."""
     topo = routed_topology
     warm_neighbors(topo)
     frames = [frame(topo)]
-    topo.run("node", ["ip", "link", "add", "mv0", "link", topo.node_if1, "type", "macvlan", "mode", mode])
-    if mode == "source":
+    where = "pod2" if "moved" in mode else "node"
+    topo.run("node", ["ip", "link", "add", "mv0", "link", topo.node_if1, "type", "macvlan", "mode",
+                      mode.split(",")[0]])
+    if mode.startswith("source"):
         topo.run("node", ["ip", "link", "set", "mv0", "type", "macvlan", "macaddr", "add", topo.pod1_mac])
-    topo.run("node", ["ip", "link", "set", "mv0", "up"])
-    topo.run("node", ["sysctl", "-qw", "net.ipv4.conf.mv0.forwarding=0"])
+    if where != "node":
+        topo.run("node", ["ip", "link", "set", "mv0", "netns", topo.nsname(where)])
+    topo.run(where, ["ip", "link", "set", "mv0", "up"])
+    topo.run(where, ["sysctl", "-qw", "net.ipv4.conf.mv0.forwarding=0"])
 
     def outcome():
-        cap = topo.popen("node", [sys.executable, f"{HERE}/pktio.py", "capture", "mv0", "1"],
+        cap = topo.popen(where, [sys.executable, f"{HERE}/pktio.py", "capture", "mv0", "1"],
                          stdout=subprocess.PIPE, text=True)
         assert cap.stdout.readline().strip() == "ready"
         at_pod2 = udp_received(topo, 9, frames)
@@ -332,7 +338,10 @@ def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
         return at_pod2, len(at_mv0)
 
     kernel = outcome()
-    assert kernel == (([] if mode == "passthru" else [bytes(frames[0][42:])]), 1)  # the oracle
+    # The oracle: passthru drops it; the source macvlan gets its copy (in
+    # pod2 it is delivered there too, so pod2's socket receives it twice).
+    copies = {"passthru": 0, "source": 1}.get(mode, 2)
+    assert kernel == ([bytes(frames[0][42:])] * copies, 1)
     a = agent(topo)
     assert outcome() == kernel
     assert topo.node_if1 not in a.status()["interfaces"]
