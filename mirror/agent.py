@@ -32,6 +32,7 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
+QUIET_BEFORE_REDUMP = 0.1  # s without route events before uncertain prefixes are dumped again
 MAP_TABLES = ("routes", "neighbors", "links", "config")
 R_RESYNC = BY_NAME["RESYNC"]
 
@@ -48,6 +49,7 @@ class Agent:
         self.refreshed = set()  # STALE neighbours we already asked to confirm
         self.attach_failed = {}  # ifindex -> (Link state in which attaching failed, why)
         self.resyncs = 0  # full re-dumps (lost events, errors)
+        self.last_route_event = 0.0  # monotonic time of the last route event handled
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -127,7 +129,7 @@ class Agent:
                     break
             if not healthy:
                 batch.append(("resync", None))  # None: whatever the generation
-            if batch or poll:
+            if batch or poll or self.state.uncertain:
                 try:
                     with self.state_lock:
                         self._apply_batch(batch, poll)
@@ -168,7 +170,9 @@ class Agent:
                     netlink.apply(self.state, msg)
                     event = msg.get("event")
                     reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF") and "nsid" not in msg
-                    if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+                    if event in netlink.ROUTE_EVENTS:
+                        self.last_route_event = time.monotonic()
+                    elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                         self._track_stale(msg)
                     elif event in netlink.TC_EVENTS:
                         tc_changed.add(msg["index"])
@@ -178,6 +182,10 @@ class Agent:
                 self.state.xfrm_impact = payload
             elif kind == "resync":
                 resync |= payload is None or payload == self.netlink.gen
+        # Prefixes that changed during the last dump punt until a dump is
+        # clean: try once routes have been quiet for a moment.
+        quiet = time.monotonic() - self.last_route_event > QUIET_BEFORE_REDUMP
+        resync |= bool(self.state.uncertain) and (poll or quiet)
         if resync:
             self.resyncs += 1
             self.state = self._resynced_state()

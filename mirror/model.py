@@ -205,6 +205,9 @@ class KernelState:
     by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
     neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
     local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
+    # Prefixes whose routes changed while they were dumped: the model may be
+    # off for them until a clean dump (they punt meanwhile).
+    uncertain: Set[Tuple[str, int]] = field(default_factory=set)
     changes: Changes = field(default_factory=Changes)
 
     def take_changes(self) -> Changes:

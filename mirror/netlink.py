@@ -388,6 +388,7 @@ def dump_routes(abort=None):
 
 
 ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
+STRICT_DUMP_TRIES = 3  # dumps redone for any route change before some may stay uncertain
 
 
 def _netnsid(ancillary) -> Optional[int]:
@@ -431,7 +432,9 @@ class NetlinkWatcher:
         self.lock = threading.Lock()
         self.gen = 0  # changed by the main thread only (fresh_dump)
         self.lost_gen = -1  # the last generation in which events were lost
-        self._route_news = False  # route events or losses since gen began
+        # Since the current generation began: prefixes of route events, and
+        # whether events were lost (or changed a covering local prefix).
+        self._window, self._window_lost = set(), False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="netlink", daemon=True)
 
@@ -439,24 +442,33 @@ class NetlinkWatcher:
         """A dump no queued event may be replayed over.  Everything queued
         so far is dropped and a new generation begins; events that arrive
         during the dump are handed on with it (upserts of links, neighbours
-        ... converge when replayed), but if a route event or a loss is among
-        them the dump may already contain it or not: dump again."""
+        ... converge when replayed), but if a route event is among them the
+        dump may already contain it or not: dump again.  Routes that never
+        stop changing would make that endless, so after a few tries the dump
+        is taken with the prefixes changed meanwhile marked uncertain (they
+        punt until a later dump is clean).  Lost events always mean again."""
+        attempt = 0
         while True:
+            attempt += 1
+            strict = attempt <= STRICT_DUMP_TRIES
             with self.lock:
                 self._discard_queued()
                 self.gen += 1
-                self._route_news = False
+                self._window, self._window_lost = set(), False
             try:
-                state = dump(self.requests, abort=self._news)
+                state = dump(self.requests, abort=lambda: self._news(strict))
             except DumpInterrupted:
                 continue
-            if not self._news():
+            if not self._news(strict):
+                state.uncertain = set(self._window)
                 return state
 
-    def _news(self) -> bool:
+    def _news(self, strict=True) -> bool:
+        """Whether the dump under way is no good: events were lost, or
+        (strict) routes changed since it began."""
         with self.lock:
             self._pump()
-            return self._route_news
+            return self._window_lost or (strict and bool(self._window))
 
     def dump(self) -> m.KernelState:
         return self.fresh_dump()
@@ -504,14 +516,17 @@ class NetlinkWatcher:
                         msgs.append(msg)
         except Exception as e:  # undecodable: do not guess, re-dump
             msgs, lost = [], f"decode error {e}"
-        if any(msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET and "nsid" not in msg
-               for msg in msgs):
-            self._route_news = True
+        for msg in msgs:
+            if msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET and "nsid" not in msg:
+                route = parse_route(msg)
+                self._window.add((route.dst, route.dst_len))
+                if route.table == m.TABLE_LOCAL and route.dst_len < 32:
+                    self._window_lost = True  # it covers other prefixes: no partial trust
         if msgs:
             self.post(("netlink", (self.gen, msgs)))
         if lost:
             log.warning("netlink events lost (%s): full resync", lost)
-            self._route_news = True
+            self._window_lost = True
             self.lost_gen = self.gen
             self.on_lost()
             self.post(("resync", self.gen))

@@ -95,7 +95,7 @@ def _eligible_in(state: m.KernelState, selection: Selection):
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
     """Every map entry the state calls for."""
-    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses},
+    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses} | state.uncertain,
                         links=set(state.links), neighbors=set(state.neighbors))
     full = translate_changes(state, changes, selection)
     full.routes = {k: v for k, v in full.routes.items() if v is not None}
@@ -194,6 +194,8 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
     main, so a local-table route (or an address, even before its local route
     arrives) wins, and so does a shorter local-table prefix covering it."""
     routes = _routes_of(state, prefix)
+    if prefix in state.uncertain:
+        return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
     if local:

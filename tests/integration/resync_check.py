@@ -40,7 +40,7 @@ def fresh_routes(ipr):
 
 def main(batch, timeout):
     ipr = IPRoute()
-    subprocess.run(["ip", "-batch", batch], check=True)
+    subprocess.run(["ip", "-batch", batch], check=True, stdout=subprocess.DEVNULL)
     t0 = time.monotonic()
     diff = None
     while time.monotonic() - t0 < timeout:

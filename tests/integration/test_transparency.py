@@ -408,3 +408,28 @@ def test_rp_filter_same_as_kernel(routed_topology, agent, rp_filter):
     assert exchange(topo, frames, sources=b"\x0a") == kernel
     d = delta(counters(a), c0)
     assert d.get("FORWARDED") == len(kept) and d.get("RP_FILTER") == 3 - len(kept), d
+
+
+def test_agent_starts_while_a_route_never_stops_changing(routed_topology, agent, tmp_path):
+    """A dump is redone while routes change during it, but not forever: a
+    route flapping without pause must not keep the agent from starting.
+    The flapping prefix punts (RESYNC) meanwhile; once it is quiet the maps
+    equal a fresh translation."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    batch = "".join(f"route add 10.{100 + i // 256}.{i % 256}.0/24 via {topo.pod2_ip}\n" for i in range(5000))
+    topo.run("node", ["ip", "-batch", "-"], input=batch)
+    flap = topo.popen("node", ["sh", "-c", f"while :; do ip route replace 10.200.0.0/24 via {topo.pod2_ip}; "
+                                          "ip route del 10.200.0.0/24; done"])
+    try:
+        a = agent(topo, timeout=30)
+        c0 = counters(a)
+        assert len(exchange(topo, [frame(topo, dst="10.100.7.9")])[0]) == 1
+        assert delta(counters(a), c0).get("FORWARDED") == 1
+    finally:
+        topo.kill(flap)
+    quiet = tmp_path / "quiet.batch"
+    quiet.write_text("link show dev lo\n")
+    out = topo.run("node", [sys.executable, f"{HERE}/resync_check.py", str(quiet), "10"], timeout=60).stdout
+    assert json.loads(out)["ms"] is not None, out

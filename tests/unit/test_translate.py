@@ -199,3 +199,11 @@ def test_links_with_something_beside_us_are_not_managed(change):
     d = translate(st)
     assert 4 not in d.attach and 4 not in d.links and not any(k[0] == 4 for k in d.neighbors)
     assert 3 in d.attach
+
+
+def test_prefixes_uncertain_after_a_dump_punt():
+    st = node()
+    st.uncertain = {("10.2.0.0", 24), ("10.9.0.0", 16)}  # the second has no route now
+    d = translate(st)
+    assert d.routes[("10.2.0.0", 24)] == RouteEntry(R["RESYNC"]) == d.routes[("10.9.0.0", 16)]
+    assert d.routes[("10.1.0.0", 24)].action == R["FORWARDED"]
