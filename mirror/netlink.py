@@ -456,19 +456,20 @@ class NetlinkWatcher:
                 self.gen += 1
                 self._window, self._window_lost = set(), False
             try:
-                state = dump(self.requests, abort=lambda: self._news(strict))
+                state = dump(self.requests, abort=lambda: self._news(strict)[0])
             except DumpInterrupted:
                 continue
-            if not self._news(strict):
-                state.uncertain = set(self._window)
+            spoilt, changed = self._news(strict)
+            if not spoilt:
+                state.uncertain = changed
                 return state
 
-    def _news(self, strict=True) -> bool:
-        """Whether the dump under way is no good: events were lost, or
-        (strict) routes changed since it began."""
+    def _news(self, strict=True):
+        """(whether the dump under way is no good: events were lost, or,
+        strict, routes changed since it began; the prefixes that changed)."""
         with self.lock:
             self._pump()
-            return self._window_lost or (strict and bool(self._window))
+            return self._window_lost or (strict and bool(self._window)), set(self._window)
 
     def dump(self) -> m.KernelState:
         return self.fresh_dump()
