@@ -247,22 +247,27 @@ def _link_flags(topo, name):
 
 def test_xdp_on_the_pod_side_peer_runs(routed_topology, agent):
     """A native XDP program on the pod's veth end runs when the kernel's
-    veth_xmit() delivers to it; redirect_peer would skip it."""
+    veth_xmit() delivers to it; redirect_peer would skip it.  Attached
+    before the agent starts, removed and attached again while it runs."""
     topo = routed_topology
     warm_neighbors(topo)
     _set_neighbor(topo, topo.pod2_mac)  # no ARP needed once XDP drops IPv4 only
     frames = [frame(topo)]
-    assert len(udp_received(topo, 9, frames)) == 1
-    a = agent(topo)
+    without = udp_received(topo, 9, frames)
     _attach(topo, "pod2", "xdp", topo.pod2_if).wait(timeout=30)
-    kernel_expected = []  # the program drops IPv4
-    settle(topo)
-    c0 = counters(a)
-    assert udp_received(topo, 9, frames) == kernel_expected
-    assert delta(counters(a), c0).get("FORWARDED") == 1  # bpf_redirect: still the fast path
-    # and the kernel alone agrees
-    a.stop()
-    assert udp_received(topo, 9, frames) == kernel_expected
+    with_xdp = udp_received(topo, 9, frames)
+    assert len(without) == 1 and with_xdp == []  # the oracle: the program drops IPv4
+    a = agent(topo)
+    for step, expected in (("at start-up", with_xdp), ("removed", without), ("attached again", with_xdp)):
+        if step == "removed":
+            topo.run("pod2", ["ip", "link", "set", "dev", topo.pod2_if, "xdp", "off"])
+        elif step == "attached again":
+            _attach(topo, "pod2", "xdp", topo.pod2_if).wait(timeout=30)
+        settle(topo)
+        c0 = counters(a)
+        assert udp_received(topo, 9, frames) == expected, step
+        assert delta(counters(a), c0).get("FORWARDED") == 1, step  # still the fast path
+    assert "redirect_peer" not in _link_flags(topo, topo.node_if2)
 
 
 def test_tcx_egress_program_on_the_node_veth_runs(routed_topology, agent):
