@@ -6,6 +6,7 @@ reconciled; only then is the heartbeat extended, so a stuck or dead agent
 turns the fast path off (the datapath punts once the deadline passes).
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -193,6 +194,8 @@ class Agent:
         elif tc_changed or poll:
             # tcx programs come and go without an event: the poll catches them.
             self._reread_tc(set(self.state.links) if poll else tc_changed)
+        if poll and not resync:
+            self._reread_promiscuity()
         if not resync:
             self._read_new_peers()
         if reread_sysctls:
@@ -211,6 +214,12 @@ class Agent:
             if index in self.attacher.attached and not self.attacher.still_attached(index):
                 log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
                 self.attacher.forget(index)  # _reconcile attaches it again
+
+    def _reread_promiscuity(self):
+        for index, count in netlink.read_promiscuity(self.netlink.requests).items():
+            link = self.state.links.get(index)
+            if link is not None and link.promiscuity != count:
+                self.state.set_link(dataclasses.replace(link, promiscuity=count))
 
     def _read_new_peers(self):
         """Peers of veths that are new or moved: read once, their later

@@ -256,6 +256,12 @@ def read_ingress_tc_after(ipr, indexes):
     return out
 
 
+def read_promiscuity(ipr):
+    """{ifindex: IFLA_PROMISCUITY}.  A macvlan's address on a veth raises it
+    without any notification (__dev_set_rx_mode), so the agent polls it."""
+    return {msg["index"]: msg.get_attr("IFLA_PROMISCUITY") or 0 for msg in ipr.get_links()}
+
+
 UNKNOWN_PEER = m.Peer(mac=None, xdp=False)  # no MAC to compare with: never redirect_peer
 
 

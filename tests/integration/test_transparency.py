@@ -283,9 +283,13 @@ def test_tcx_egress_program_on_the_node_veth_runs(routed_topology, agent):
     assert "redirect_peer" in _link_flags(topo, topo.node_if2)
     holder = _attach(topo, "node", "tcx-egress", topo.node_if2)  # no event: the poll must find it
     wait_for(lambda: "redirect_peer" not in _link_flags(topo, topo.node_if2), 5, "tcx program not noticed")
-    c0 = counters(a)
-    assert udp_received(topo, 9, frames) == kernel
-    assert delta(counters(a), c0).get("FORWARDED") == 1
+    for when in ("while running", "at start-up"):
+        if when == "at start-up":
+            a.stop()
+            a = agent(topo)
+        c0 = counters(a)
+        assert udp_received(topo, 9, frames) == kernel, when
+        assert delta(counters(a), c0).get("FORWARDED") == 1, when
 
 
 def test_user_ingress_filter_after_ours_runs(routed_topology, agent):
@@ -319,19 +323,21 @@ def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
     forward: forwarding=0 on it); source: it gets a copy of frames from the
     listed MACs, also when it lives in another namespace (then only the
     promiscuity it gives veth1 shows on the node).  Either way the frame
-    must not skip it."""
+    must not skip it: created while the agent runs, and at start-up."""
     topo = routed_topology
     warm_neighbors(topo)
     frames = [frame(topo)]
     where = "pod2" if "moved" in mode else "node"
-    topo.run("node", ["ip", "link", "add", "mv0", "link", topo.node_if1, "type", "macvlan", "mode",
-                      mode.split(",")[0]])
-    if mode.startswith("source"):
-        topo.run("node", ["ip", "link", "set", "mv0", "type", "macvlan", "macaddr", "add", topo.pod1_mac])
-    if where != "node":
-        topo.run("node", ["ip", "link", "set", "mv0", "netns", topo.nsname(where)])
-    topo.run(where, ["ip", "link", "set", "mv0", "up"])
-    topo.run(where, ["sysctl", "-qw", "net.ipv4.conf.mv0.forwarding=0"])
+
+    def create():
+        topo.run("node", ["ip", "link", "add", "mv0", "link", topo.node_if1, "type", "macvlan", "mode",
+                          mode.split(",")[0]])
+        if mode.startswith("source"):
+            topo.run("node", ["ip", "link", "set", "mv0", "type", "macvlan", "macaddr", "add", topo.pod1_mac])
+        if where != "node":
+            topo.run("node", ["ip", "link", "set", "mv0", "netns", topo.nsname(where)])
+        topo.run(where, ["ip", "link", "set", "mv0", "up"])
+        topo.run(where, ["sysctl", "-qw", "net.ipv4.conf.mv0.forwarding=0"])
 
     def outcome():
         cap = topo.popen(where, [sys.executable, f"{HERE}/pktio.py", "capture", "mv0", "1"],
@@ -342,13 +348,22 @@ def test_macvlan_on_a_managed_interface(routed_topology, agent, mode):
         at_mv0 = [f for f in json.loads(out.splitlines()[-1]) if bytes.fromhex(f)[12:14] == b"\x08\x00"]
         return at_pod2, len(at_mv0)
 
+    create()
     kernel = outcome()
     # The oracle: passthru drops it; the source macvlan gets its copy (in
     # pod2 it is delivered there too, so pod2's socket receives it twice).
     copies = {"passthru": 0, "source": 1}.get(mode, 2)
     assert kernel == ([bytes(frames[0][42:])] * copies, 1)
+    topo.run(where, ["ip", "link", "del", "mv0"])
     a = agent(topo)
-    assert outcome() == kernel
+    assert topo.node_if1 in a.status()["interfaces"]
+    create()
+    # A macvlan elsewhere only raises veth1's promiscuity, silently: polled.
+    wait_for(lambda: topo.node_if1 not in a.status()["interfaces"], 5, "veth1 still managed")
+    assert outcome() == kernel, "created while the agent runs"
+    a.stop()
+    a = agent(topo)
+    assert outcome() == kernel, "at start-up"
     assert topo.node_if1 not in a.status()["interfaces"]
 
 
