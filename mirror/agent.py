@@ -33,7 +33,7 @@ HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
-QUIET_BEFORE_REDUMP = 0.1  # s without route events before uncertain prefixes are dumped again
+QUIET_BEFORE_REDUMP = 0.05  # s without route events before uncertain prefixes are dumped again
 MAP_TABLES = ("routes", "neighbors", "links", "config")
 R_RESYNC = BY_NAME["RESYNC"]
 
@@ -120,7 +120,8 @@ class Agent:
         next_beat = next_sysctl = next_neigh = 0.0
         healthy = True
         while not self.stopping.is_set():
-            batch = self._drain(timeout=HEARTBEAT_INTERVAL)
+            # Uncertain prefixes: look again soon, to re-dump once routes are quiet.
+            batch = self._drain(timeout=QUIET_BEFORE_REDUMP if self.state.uncertain else HEARTBEAT_INTERVAL)
             now = time.monotonic()
             poll = now >= next_sysctl
             if poll:

@@ -4,11 +4,13 @@ translation of the kernel's state, key by key, until they are equal.
 Run inside the agent's namespace:
     resync_check.py BATCH_FILE TIMEOUT
 
-Runs `ip -batch BATCH_FILE` (the storm), then repeatedly reads the route
-map from the running agent (control socket `dump`, i.e. the real BPF map)
-and translates a fresh netlink dump of the kernel (mirror.netlink.dump +
-mirror.translate, no agent involved).  Prints {"ms": time from the storm's
-end until both were equal, or null, "diff": the differing keys last seen}.
+Runs `ip -batch BATCH_FILE` (the storm), translates a fresh netlink dump of
+the kernel (mirror.netlink.dump + mirror.translate, no agent involved) and
+repeatedly reads the route map from the running agent (control socket
+`dump`, i.e. the real BPF map) until the two are equal (and a second fresh
+translation confirms the kernel did not change meanwhile).  Prints {"ms":
+time from the storm's end until they were equal, or null, "diff": the
+differing keys last seen}.
 """
 
 import json
@@ -42,14 +44,19 @@ def main(batch, timeout):
     ipr = IPRoute()
     subprocess.run(["ip", "-batch", batch], check=True, stdout=subprocess.DEVNULL)
     t0 = time.monotonic()
-    diff = None
+    # The kernel's state is final now: translate it once, poll the agent's
+    # map against it, and check it is still what the kernel says at the end.
+    want, diff = fresh_routes(ipr), None
     while time.monotonic() - t0 < timeout:
-        have, want = agent_routes(), fresh_routes(ipr)
+        have = agent_routes()
         if have == want:
-            print(json.dumps({"ms": (time.monotonic() - t0) * 1000, "routes": len(have)}))
-            return
+            ms = (time.monotonic() - t0) * 1000
+            if fresh_routes(ipr) == want:
+                print(json.dumps({"ms": ms, "routes": len(have)}))
+                return
+            want = fresh_routes(ipr)
         diff = {k: [have.get(k), want.get(k)] for k in set(have) | set(want) if have.get(k) != want.get(k)}
-        time.sleep(0.01)
+        time.sleep(0.005)
     print(json.dumps({"ms": None, "diff_count": len(diff), "diff": dict(list(diff.items())[:20])}))
 
 
