@@ -18,6 +18,13 @@ BPF_PROG_QUERY = 16
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 
+def _bpf(cmd: int, attr, what: str):
+    """bpf(cmd, &attr, sizeof attr); OSError on failure."""
+    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
 class BpfAttrTest(ctypes.Structure):
     """union bpf_attr, the BPF_PROG_TEST_RUN member."""
 
@@ -111,10 +118,7 @@ def tcx_prog_count(ifindex: int, attach_type: int) -> int:
     """How many tcx programs are attached to the device (this netns) at
     BPF_TCX_INGRESS / BPF_TCX_EGRESS; they are invisible to tc dumps."""
     attr = BpfAttrQuery(target_ifindex=ifindex, attach_type=attach_type)
-    rc = _libc.syscall(NR_BPF, BPF_PROG_QUERY, ctypes.byref(attr), ctypes.sizeof(attr))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_QUERY: {os.strerror(err)}")
+    _bpf(BPF_PROG_QUERY, attr, "BPF_PROG_QUERY")
     return attr.prog_cnt
 
 
@@ -145,8 +149,5 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: Optional[SkBuff] = None, repea
         ctx_in=ctypes.addressof(ctx_in),
         ctx_out=ctypes.addressof(ctx_out),
     )
-    rc = _libc.syscall(NR_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return RunResult(attr.retval, data_out.raw[: attr.data_size_out], ctx_out, attr.duration)
