@@ -212,14 +212,16 @@ TC_H_ROOT = 0xFFFFFFFF
 
 def read_egress_tc(ipr, indexes):
     """{ifindex: description} for links whose egress path is not empty:
-    a root qdisc, clsact egress filters, tcx egress programs (all skipped by
-    bpf_redirect_peer).
+    a root qdisc, clsact egress filters, tcx egress programs, packet captures
+    (all skipped by bpf_redirect_peer).
 
     Re-read on any tc event rather than replaying tc messages: qdisc and
     filter deletion semantics (whole chains, replaced defaults) are subtle,
     and a dump of one link is cheap.  Vanished links are simply absent.
-    tcx programs send no event: the agent also re-reads this on its poll.
+    tcx programs and packet sockets send no event: the agent also re-reads
+    this on its poll.
     """
+    taps = read_packet_taps()
     out = {}
     for index in indexes:
         try:
@@ -233,12 +235,34 @@ def read_egress_tc(ipr, indexes):
             tcx = bpfsys.tcx_prog_count(index, bpfsys.BPF_TCX_EGRESS)
             if tcx:
                 what.append(f"{tcx} tcx egress program(s)")
+            if 0 in taps or index in taps:
+                what.append("packet capture")
         except Exception as e:  # vanished (ENODEV): its RTM_DELLINK follows
             log.debug("tc dump of ifindex %d failed: %s", index, e)
             continue
         if what:
             out[index] = ", ".join(what)
     return out
+
+
+ETH_P_ALL = 0x0003
+
+
+def read_packet_taps(path="/proc/net/packet"):
+    """ifindexes (0: every device) with an ETH_P_ALL packet socket, such as
+    tcpdump: dev_queue_xmit() shows them what a device transmits, which
+    bpf_redirect_peer would skip."""
+    taps = set()
+    try:
+        with open(path) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and int(fields[3], 16) == ETH_P_ALL:
+                    taps.add(int(fields[4]))
+    except (OSError, ValueError):
+        taps.add(0)  # unknown: assume a capture everywhere
+    return taps
 
 
 def read_ingress_tc_after(ipr, indexes):

@@ -453,3 +453,49 @@ def test_agent_starts_while_a_route_never_stops_changing(routed_topology, agent,
     quiet.write_text("link show dev lo\n")
     out = topo.run("node", [sys.executable, f"{HERE}/resync_check.py", str(quiet), "10"], timeout=60).stdout
     assert json.loads(out)["ms"] is not None, out
+
+
+CAPTURE_OUTGOING = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.05)
+print("ready", flush=True)
+out, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        data, addr = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    out += addr[2] == 4 and data[12:14] == b"\\x08\\x00" and data[26:30] == bytes([10, 1, 0, 2])
+print(out, flush=True)
+"""
+
+
+def test_capture_on_the_node_veth_sees_forwarded_packets(routed_topology, agent):
+    """A packet socket on the node's egress veth (tcpdump without -p) sees
+    what the kernel transmits there; redirect_peer would skip it."""
+    topo = routed_topology
+    warm_neighbors(topo)
+    silence(topo)
+    frames = [frame(topo), frame(topo, payload=UDP(sport=40000, dport=9) / b"second")]
+
+    def captured(seconds=4.0, before=None):
+        cap = topo.popen("node", [sys.executable, "-c", CAPTURE_OUTGOING, topo.node_if2, str(seconds)],
+                         stdout=subprocess.PIPE, text=True)
+        assert cap.stdout.readline().strip() == "ready"
+        if before:
+            before()
+        arrived = len(exchange(topo, frames)[0])
+        return arrived, int(cap.communicate(timeout=seconds + 10)[0].split()[-1])
+
+    kernel = captured()
+    assert kernel == (2, 2)  # the oracle
+    a = agent(topo)
+
+    def noticed():  # a new capture has no event: the poll finds it
+        wait_for(lambda: "redirect_peer" not in _link_flags(topo, topo.node_if2), 5, "capture not noticed")
+
+    c0 = counters(a)
+    assert captured(seconds=8, before=noticed) == kernel
+    assert delta(counters(a), c0).get("FORWARDED") == 2
