@@ -90,7 +90,8 @@
 	X(BR_LOCAL, 47, "destination is a local FDB entry other than the bridge's own MAC") \
 	X(BR_UNSUPPORTED, 48, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
 	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)") \
-	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read")
+	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read") \
+	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -132,7 +133,8 @@ struct lm_neigh {
 /* Link flags */
 #define LM_LINK_UP (1 << 0)            /* oper up: may be used for egress */
 #define LM_LINK_FORWARDING (1 << 1)    /* conf/<dev>/forwarding = 1 */
-#define LM_LINK_REDIRECT_PEER (1 << 2) /* veth with peer in another netns */
+#define LM_LINK_REDIRECT_PEER (1 << 2) /* veth with peer in another netns,
+					  nothing on the way to skip */
 #define LM_LINK_RPF_STRICT (1 << 3)    /* effective rp_filter = 1 */
 #define LM_LINK_RPF_LOOSE (1 << 4)     /* effective rp_filter = 2 */
 #define LM_LINK_BRIDGE (1 << 5)        /* a bridge: routes out of it pick the port by FDB */
@@ -141,6 +143,8 @@ struct lm_link {
 	__u8 mac[ETH_ALEN];
 	__u16 flags;
 	__u32 mtu;
+	__u8 peer_mac[ETH_ALEN]; /* LM_LINK_REDIRECT_PEER: the peer's own MAC */
+	__u16 pad;
 };
 
 /* lm_config.nf_mode */

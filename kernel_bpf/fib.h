@@ -44,6 +44,12 @@ static __always_inline __u32 lm_fib_source(struct __sk_buff *skb, struct lm_pkt 
 	 * martian source. */
 	if (src && src->action == LM_LOCAL)
 		return LM_MARTIAN;
+	/* Even without rp_filter the kernel looks the source up once local-
+	 * table routes were ever added by hand (fib_has_custom_local_routes,
+	 * which never resets) and then drops it if that route is not unicast
+	 * (blackhole, broadcast, ...).  Whether it does is not visible: punt. */
+	if (src && src->action != LM_FORWARDED)
+		return LM_RP_FILTER;
 	if (!(flags & (LM_LINK_RPF_STRICT | LM_LINK_RPF_LOOSE)))
 		return LM_FORWARDED;
 	/* rp_filter: the reverse route must be plain unicast (loose), via the

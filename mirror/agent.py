@@ -6,6 +6,7 @@ reconciled; only then is the heartbeat extended, so a stuck or dead agent
 turns the fast path off (the datapath punts once the deadline passes).
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, conntrack, netfilter, netlink, nfverdict, offload, tc, xfrm
+from . import control, conntrack, netfilter, netlink, netns, nfverdict, offload, tc, xfrm
 from . import model as m
 from .datapath import COMMON_H, Datapath, DatapathError
 from .observe.latency import Histogram
@@ -29,7 +30,8 @@ from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                         PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
-                        bridge_egress_punt, custom_rules, netfilter_punt, skip_reason, translate, translate_changes)
+                        bridge_egress_punt, custom_rules, device_skip_reason, managed_in, netfilter_punt, translate,
+                        translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -42,6 +44,8 @@ MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config", "flows")
 # The netfilter hint thread must get the GIL at once when a change lands; with
 # Python's default 5 ms switch interval a parsing thread could hold it that long.
 GIL_SWITCH_INTERVAL = 0.0001  # s
+QUIET_BEFORE_REDUMP = 0.05  # s without route events before uncertain prefixes are dumped again
+R_RESYNC = REASON_NAMES["RESYNC"]
 
 
 class Agent:
@@ -64,6 +68,7 @@ class Agent:
         self.resyncs = 0  # full re-dumps (lost events, errors)
         self.fdb_refreshed = {}  # (bridge, MAC) -> datapath use stamp at our last NTF_USE
         self.fdb_scan_due = {}  # bridge ifindex -> monotonic time of its next FDB refresh scan
+        self.last_route_event = 0.0  # monotonic time of the last route event handled
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -87,10 +92,11 @@ class Agent:
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
+        self.netns_inode = netns.current_inode()
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.offloader = offload.Offloader(self.sync)
         self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
-        self.netlink = netlink.NetlinkWatcher(self.events.put)
+        self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
         # The first sign of a netfilter change stops forwarding in one map write, before
         # anything is re-read: in the kernel for nftables commits (nfswitch), in a
         # child process for iptables-legacy's lock (nfhintd), and on the watcher's
@@ -126,11 +132,12 @@ class Agent:
         return server
 
     def _initial_sync(self):
-        self.state = self.netlink.dump()
+        self.state = self.netlink.fresh_dump()
         self._set_netfilter(netfilter.read_state())
         self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
         self._reconcile()
+        self._release_after_dump()
         if self.attach_failed and not self.attacher.attached:
             # Not one interface took the program: clsact/cls_bpf missing,
             # no CAP_NET_ADMIN ...  Say so instead of idling.
@@ -155,14 +162,18 @@ class Agent:
         next_beat = next_sysctl = next_neigh = next_fdb = 0.0
         healthy = True
         while not self.stopping.is_set():
-            batch = self._drain(timeout=HEARTBEAT_INTERVAL)
+            # Uncertain prefixes: look again soon, to re-dump once routes are quiet.
+            batch = self._drain(timeout=QUIET_BEFORE_REDUMP if self.state.uncertain else HEARTBEAT_INTERVAL)
             now = time.monotonic()
             poll = now >= next_sysctl
             if poll:
                 next_sysctl = now + SYSCTL_POLL
+                if not netns.held_by_others(self.netns_inode):
+                    log.warning("the network namespace was deleted (nothing but this agent holds it): exiting")
+                    break
             if not healthy:
-                batch.append(("resync", "after an error"))
-            if batch or poll:
+                batch.append(("resync", None))  # None: whatever the generation
+            if batch or poll or self.state.uncertain:
                 try:
                     started = time.monotonic()
                     with self.state_lock:
@@ -197,17 +208,23 @@ class Agent:
             pass
         return batch
 
-    def _apply_batch(self, batch, reread_sysctls):
+    def _apply_batch(self, batch, poll):
+        reread_sysctls = poll
         resync = False
         tc_changed = set()  # ifindexes with qdisc/filter events
         flow_events = []
         for kind, payload in batch:
             if kind == "netlink":
-                for msg in payload:
+                gen, msgs = payload
+                if gen != self.netlink.gen:
+                    continue  # queued before the last dump: never replay it over it
+                for msg in msgs:
                     netlink.apply(self.state, msg)
                     event = msg.get("event")
-                    reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF")
-                    if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+                    reread_sysctls |= event in ("RTM_NEWLINK", "RTM_NEWNETCONF") and "nsid" not in msg
+                    if event in netlink.ROUTE_EVENTS:
+                        self.last_route_event = time.monotonic()
+                    elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                         self._track_stale(msg)
                     elif event in netlink.TC_EVENTS:
                         tc_changed.add(msg["index"])
@@ -219,22 +236,22 @@ class Agent:
             elif kind == "flow":
                 flow_events.append(payload)
             elif kind == "resync":
-                resync = True
+                resync |= payload is None or payload == self.netlink.gen
+        # Prefixes that changed during the last dump punt until a dump is
+        # clean: try once routes have been quiet for a moment.
+        quiet = time.monotonic() - self.last_route_event > QUIET_BEFORE_REDUMP
+        resync |= bool(self.state.uncertain) and (poll or quiet)
         if resync:
             self.resyncs += 1
             self.state = self._resynced_state()
             reread_sysctls = True
-        elif tc_changed:
-            busy = netlink.read_egress_tc(self.netlink.requests, tc_changed)
-            bridges = [i for i in tc_changed if getattr(self.state.links.get(i), "kind", "") == "bridge"]
-            ingress = netlink.read_ingress_tc(self.netlink.requests, bridges)
-            for index in tc_changed:
-                self.state.set_egress_tc(index, busy.get(index))
-                if index in bridges:
-                    self.state.set_ingress_tc(index, ingress.get(index))
-                if index in self.attacher.attached and not self.attacher.still_attached(index):
-                    log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
-                    self.attacher.forget(index)  # _reconcile attaches it again
+        elif tc_changed or poll:
+            # tcx programs come and go without an event: the poll catches them.
+            self._reread_tc(set(self.state.links) if poll else tc_changed)
+        if poll and not resync:
+            self._reread_promiscuity()
+        if not resync:
+            self._read_new_peers()
         if reread_sysctls:
             self._refresh_sysctls()
             self.state.xfrm_impact = xfrm.read()  # the default policy has no event
@@ -242,9 +259,51 @@ class Agent:
         if flow_events:  # decided against the ruleset generation now in the maps
             self.offloader.handle(flow_events, self.state)
         self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
+        if resync:
+            self._release_after_dump()
+
+    def _reread_tc(self, indexes):
+        busy = netlink.read_egress_tc(self.netlink.requests, indexes)
+        after = netlink.read_ingress_tc_after(self.netlink.requests, indexes)
+        bridges = [i for i in indexes if getattr(self.state.links.get(i), "kind", "") == "bridge"]
+        ingress = netlink.read_ingress_tc(self.netlink.requests, bridges)
+        for index in indexes:
+            self.state.set_egress_tc(index, busy.get(index))
+            self.state.set_ingress_tc_after(index, after.get(index))
+            if index in bridges:
+                self.state.set_ingress_tc(index, ingress.get(index))
+            if index in self.attacher.attached and not self.attacher.still_attached(index):
+                log.info("our filter on %s was removed: attaching again", self.attacher.attached[index])
+                self.attacher.forget(index)  # _reconcile attaches it again
+
+    def _reread_promiscuity(self):
+        for index, count in netlink.read_promiscuity(self.netlink.requests).items():
+            link = self.state.links.get(index)
+            if link is not None and link.promiscuity != count:
+                self.state.set_link(dataclasses.replace(link, promiscuity=count))
+
+    def _read_new_peers(self):
+        """Peers of veths that are new or moved: read once, their later
+        changes arrive as events from their namespace."""
+        for link in list(self.state.links.values()):
+            key = link.peer_key
+            if key is not None and key not in self.state.peers:
+                self.state.set_peer(key, netlink.read_peer(key))
+
+    def _events_lost(self):
+        """Reader thread, events just lost: the maps may hold what the
+        kernel no longer has, so nothing is forwarded until the re-dump."""
+        self.sync.hold_punt(R_RESYNC)
+
+    def _release_after_dump(self):
+        """The maps match a dump no lost event predates: forward again,
+        unless events were lost again since (another resync is queued)."""
+        with self.netlink.lock:
+            if self.netlink.lost_gen < self.netlink.gen:
+                self.sync.release_punt()
 
     def _resynced_state(self):
-        fresh = self.netlink.dump()
+        fresh = self.netlink.fresh_dump()
         old = self.state
         fresh.set_netfilter(old.netfilter_impact, old.netfilter_unsupported, old.nf_rulesets)
         fresh.nf_gen = old.nf_gen
@@ -318,6 +377,7 @@ class Agent:
         ports = [l for l in self.state.links.values() if l.port is not None and l.kind == "veth"]
         self.state.set_peer_macs(netlink.read_peer_macs(ports))
         self.state.ct_sysctls = conntrack.read_sysctls()
+        self.state.fwd_update_priority = netlink.read_fwd_update_priority()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -434,9 +494,10 @@ class Agent:
 
     def _skipped_interfaces(self):
         """{name: why} for every interface the fast path does not receive on."""
+        ok = managed_in(self.state, self.selection)
         out = {l.name: why for l in self.state.links.values()
-               if l.kind != "bridge" and not attachable(self.state, l, self.selection)
-               and (why := skip_reason(l, self.selection)) is not None}
+               if l.kind != "bridge" and not attachable(l, ok)
+               and (why := device_skip_reason(self.state, l, self.selection)) is not None}
         for ifindex, (_, why) in self.attach_failed.items():
             link = self.state.links.get(ifindex)
             if link is not None:
@@ -452,6 +513,8 @@ class Agent:
                 for name in after if after[name][0] != before.get(name, (0, 0))[0]}
 
     def _punt_forward_explanation(self):
+        if self.sync.held:
+            return "resync: kernel events were lost, re-reading the kernel state"
         if self.sync.holding:
             return "netfilter: a change is under way (held until it is re-read)"
         nf = netfilter_punt(self.state)
@@ -461,9 +524,11 @@ class Agent:
             return f"ipsec: {self.state.xfrm_impact}"
         if self.state.fwd_use_pmtu:
             return "ip_forward_use_pmtu=1: learned path MTUs decide"
+        if not self.state.fwd_update_priority:
+            return "ip_forward_update_priority=0: forwarding keeps the packet's priority"
         rules = custom_rules(self.state)
         if rules:
-            return f"policy routing: {len(rules)} rule(s) beyond the defaults"
+            return "policy routing: " + ", ".join(f"{how} rule pref {r.priority} table {r.table}" for how, r in rules)
         return None
 
     def _bridges_status(self):

@@ -19,6 +19,15 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_QUERY = 16
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+
+
+def _bpf(cmd: int, attr, what: str):
+    """bpf(cmd, &attr, sizeof attr); OSError on failure."""
+    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 
 
@@ -148,6 +157,32 @@ assert ctypes.sizeof(SkBuff) == 192 and SkBuff.gso_size.offset == 176 and SkBuff
 assert ctypes.sizeof(BpfAttrTest) == 80
 
 
+class BpfAttrQuery(ctypes.Structure):
+    """union bpf_attr, the BPF_PROG_QUERY member."""
+
+    _fields_ = [
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("prog_cnt", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("prog_attach_flags", ctypes.c_uint64),
+        ("link_ids", ctypes.c_uint64),
+        ("link_attach_flags", ctypes.c_uint64),
+        ("revision", ctypes.c_uint64),
+    ]
+
+
+def tcx_prog_count(ifindex: int, attach_type: int) -> int:
+    """How many tcx programs are attached to the device (this netns) at
+    BPF_TCX_INGRESS / BPF_TCX_EGRESS; they are invisible to tc dumps."""
+    attr = BpfAttrQuery(target_ifindex=ifindex, attach_type=attach_type)
+    _bpf(BPF_PROG_QUERY, attr, "BPF_PROG_QUERY")
+    return attr.prog_cnt
+
+
 @dataclass
 class RunResult:
     retval: int
@@ -175,10 +210,7 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: Optional[SkBuff] = None, repea
         ctx_in=ctypes.addressof(ctx_in),
         ctx_out=ctypes.addressof(ctx_out),
     )
-    rc = _libc.syscall(NR_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return RunResult(attr.retval, data_out.raw[: attr.data_size_out], ctx_out, attr.duration)
 
 

@@ -7,7 +7,7 @@ complete upserts), so replaying events over a dump converges.
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, FrozenSet, Optional, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 # rtnetlink constants used across the agent (linux/rtnetlink.h, neighbour.h).
 AF_INET = 2
@@ -42,6 +42,8 @@ AF_BRIDGE = 7
 # Bridge port STP states (linux/if_bridge.h BR_STATE_*).
 BR_STATE_DISABLED, BR_STATE_LISTENING, BR_STATE_LEARNING, BR_STATE_FORWARDING, BR_STATE_BLOCKING = range(5)
 BR_STATE_NAMES = ("disabled", "listening", "learning", "forwarding", "blocking")
+# Where set_route() puts a route among those sharing its key.
+APPEND, PREPEND, REPLACE = "append", "prepend", "replace"
 
 # The three rules every namespace starts with: (priority, table).
 DEFAULT_RULES = frozenset({(0, TABLE_LOCAL), (32766, TABLE_MAIN), (32767, TABLE_DEFAULT)})
@@ -113,6 +115,14 @@ class Link:
     bridge: Optional[BridgeInfo] = None  # kind "bridge"
     port: Optional[BridgePort] = None  # enslaved to a bridge
     vlan: Optional[VlanInfo] = None  # kind "vlan"
+    link: int = 0  # IFLA_LINK: a veth's peer, a macvlan's lower device (ifindex)
+    link_netnsid: Optional[int] = None  # IFLA_LINK_NETNSID: `link` is in that netns
+    promiscuity: int = 0  # IFLA_PROMISCUITY: something wants frames for other MACs
+
+    @property
+    def peer_key(self):
+        """(netnsid, ifindex) of a peer in another namespace, else None."""
+        return (self.link_netnsid, self.link) if self.link_netnsid is not None and self.link else None
 
     @property
     def admin_up(self) -> bool:
@@ -121,6 +131,19 @@ class Link:
     @property
     def oper_up(self) -> bool:
         return self.admin_up and bool(self.flags & IFF_RUNNING)
+
+
+# Devices stacked on a lower device that take frames from it before IP
+# (their rx_handler) or deliver to it: a lower device with one is not managed.
+STACKED_KINDS = ("macvlan", "macvtap", "ipvlan", "ipvtap")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A veth's other end, in another namespace (RTM_GETLINK there)."""
+
+    mac: Optional[str]
+    xdp: bool  # an XDP program is attached: veth_xmit() would run it
 
 
 @dataclass(frozen=True)
@@ -153,8 +176,15 @@ class Route:
 
     @property
     def key(self):
-        """What identifies a route to the kernel (RTM_DELROUTE semantics)."""
+        """Where the kernel files a route: routes with the same key are
+        kept in one ordered list (fib aliases)."""
         return (self.table, self.dst, self.dst_len, self.tos, self.priority)
+
+    def same_route(self, other: "Route") -> bool:
+        """Equal but for next-hop flags (DEAD/LINKDOWN change silently)."""
+        def strip(r):
+            return replace(r, nexthops=tuple(replace(nh, flags=0) for nh in r.nexthops))
+        return strip(self) == strip(other)
 
 
 @dataclass(frozen=True)
@@ -254,13 +284,20 @@ class KernelState:
 
     links: Dict[int, Link] = field(default_factory=dict)
     addresses: Set[Address] = field(default_factory=set)
-    routes: Dict[tuple, Route] = field(default_factory=dict)
+    # route key -> the routes sharing it, in the kernel's order (`ip route
+    # append/prepend` make several; the kernel uses the first that works).
+    routes: Dict[tuple, List[Route]] = field(default_factory=dict)
     neighbors: Dict[Tuple[int, str], Neighbor] = field(default_factory=dict)
     rules: Set[Rule] = field(default_factory=set)
     sysctls: Dict[str, LinkSysctls] = field(default_factory=dict)  # by ifname
     # Links whose egress path is not empty (a root qdisc other than noqueue,
     # clsact egress filters): ifindex -> what is there.
     egress_tc: Dict[int, str] = field(default_factory=dict)
+    # Links with tc ingress filters after ours (they never run for packets
+    # we redirect): ifindex -> what is there.
+    ingress_tc_after: Dict[int, str] = field(default_factory=dict)
+    # veth peers in other namespaces: (netnsid, ifindex) -> Peer.
+    peers: Dict[Tuple[int, int], Peer] = field(default_factory=dict)
     # Why netfilter could affect forwarded traffic; None = it cannot.
     # Starts "unknown" so nothing is fast-pathed before iptables was read.
     netfilter_impact: Optional[str] = "netfilter state not read yet"
@@ -277,6 +314,9 @@ class KernelState:
     ct_sysctls: Optional[CtSysctls] = None
     # net.ipv4.ip_forward_use_pmtu: forwarding then obeys learned path MTUs.
     fwd_use_pmtu: bool = False
+    # net.ipv4.ip_forward_update_priority=0: forwarding keeps skb->priority
+    # (the fast path sets it from the TOS, as the default 1 does).
+    fwd_update_priority: bool = True
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
     # Bridges: FDB, br_netfilter sysctls, netfilter chains every bridged
@@ -290,13 +330,16 @@ class KernelState:
     port_vlans: Dict[int, Tuple[PortVlan, ...]] = field(default_factory=dict)
     # MACs of the veth peers of bridge ports (read from the peer's netns).
     peer_macs: Dict[int, str] = field(default_factory=dict)
-    # Indexes: (dst, len) -> {route key: Route}; ifindex -> route keys via it;
+    # Indexes: (dst, len) -> {route key: its routes}; ifindex -> route keys via it;
     # ifindex -> its neighbours' keys.
-    by_prefix: Dict[Tuple[str, int], Dict[tuple, Route]] = field(default_factory=dict)
+    by_prefix: Dict[Tuple[str, int], Dict[tuple, List[Route]]] = field(default_factory=dict)
     by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
     neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
     fdb_by_link: Dict[int, Set[Tuple[int, str, int]]] = field(default_factory=dict)  # bridge and port
     local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
+    # Prefixes whose routes changed while they were dumped: the model may be
+    # off for them until a clean dump (they punt meanwhile).
+    uncertain: Set[Tuple[str, int]] = field(default_factory=set)
     changes: Changes = field(default_factory=Changes)
 
     def take_changes(self) -> Changes:
@@ -316,6 +359,9 @@ class KernelState:
             self._flush_fdb(link.index)  # left the bridge: br_fdb_delete_by_port()
         if old is None or (old.master, old.port, old.bridge) != (link.master, link.port, link.bridge):
             self.changes.fdb |= self.fdb_by_link.get(link.index, set())  # eligibility
+        for stacked in (old, link):
+            if stacked is not None and stacked.kind in STACKED_KINDS and stacked.link_netnsid is None:
+                self._link_changed(stacked.link, routes=False)  # its lower device
         if old is None:
             return
         # The kernel flushes these without sending messages for them.
@@ -330,8 +376,11 @@ class KernelState:
         self._link_changed(index, routes=False)
         if getattr(self.links.get(index), "kind", "") == "bridge":
             self._ports_changed(index)
-        self.links.pop(index, None)
+        old = self.links.pop(index, None)
+        if old is not None and old.kind in STACKED_KINDS:
+            self._link_changed(old.link, routes=False)
         self.egress_tc.pop(index, None)
+        self.ingress_tc_after.pop(index, None)
         for addr in [a for a in self.addresses if a.index == index]:
             self.del_address(addr)
         self._flush_neighbors(index, keep_permanent=False)
@@ -383,13 +432,29 @@ class KernelState:
         self.nf_gen = self.nf_gen % 0xFFFFFFFF + 1  # u32, never 0 (an unset entry)
 
     def set_egress_tc(self, index: int, what: Optional[str]):
-        if self.egress_tc.get(index) == what:
+        self._set_tc(self.egress_tc, index, what)
+
+    def set_ingress_tc_after(self, index: int, what: Optional[str]):
+        self._set_tc(self.ingress_tc_after, index, what)
+
+    def _set_tc(self, table, index: int, what: Optional[str]):
+        if table.get(index) == what:
             return
         if what is None:
-            self.egress_tc.pop(index, None)
+            table.pop(index, None)
         else:
-            self.egress_tc[index] = what
-        self.changes.links.add(index)
+            table[index] = what
+        self._link_changed(index, routes=False)
+
+    def set_peer(self, key: Tuple[int, int], peer: Optional[Peer]):
+        """A veth peer's state (None: gone); its local veth needs another look."""
+        if self.peers.get(key) == peer:
+            return
+        if peer is None:
+            self.peers.pop(key, None)
+        else:
+            self.peers[key] = peer
+        self.changes.links |= {i for i, link in self.links.items() if link.peer_key == key}
 
     # -- addresses and routes ---------------------------------------------
     def add_address(self, addr: Address):
@@ -400,35 +465,68 @@ class KernelState:
         self.addresses.discard(addr)
         self.changes.prefixes.add((addr.address, 32))
 
-    def set_route(self, route: Route):
-        old = self.routes.get(route.key)
-        if old is not None:
-            self._unindex(old)
-        self.routes[route.key] = route
-        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = route
+    def set_route(self, route: Route, where: str = APPEND):
+        """Add a route the way fib_table_insert() placed it among the routes
+        sharing its key: after them (APPEND: `ip route append`, dumps, a new
+        key), before them (PREPEND: `ip route prepend`), or in place of the
+        first of them (REPLACE)."""
+        aliases = self.routes.setdefault(route.key, [])
+        if where == REPLACE and aliases:
+            self._unindex(aliases[0])
+            aliases[0] = route
+        elif where == PREPEND:
+            aliases.insert(0, route)
+        else:
+            aliases.append(route)
+        self._index(route)
+        self._route_changed(route)
+
+    def del_route(self, route: Route):
+        """Remove the route RTM_DELROUTE describes: the first of its key
+        that is the same route (nexthop flags such as LINKDOWN change
+        without notification, so they do not count)."""
+        aliases = self.routes.get(route.key)
+        if not aliases:
+            return
+        for i, alias in enumerate(aliases):
+            if alias.same_route(route):
+                del aliases[i]
+                self._unindex(alias)
+                break
+        else:
+            # Not one we know: the model is off for this key.  Punt it
+            # (an unsupported route first in line) until the next dump.
+            unknown = Route(route.table, route.dst, route.dst_len, tos=route.tos, priority=route.priority,
+                            unsupported=("RTM_DELROUTE of an unknown route",))
+            old, aliases[:] = list(aliases), [unknown]
+            for alias in old:
+                self._unindex(alias)
+            self._index(unknown)
+        if not aliases:
+            del self.routes[route.key]
+        self._route_changed(route)
+
+    def _index(self, route: Route):
+        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = self.routes[route.key]
         for nh in route.nexthops:
             self.by_oif.setdefault(nh.oif, set()).add(route.key)
         if route.table == TABLE_LOCAL and route.dst_len < 32:
             self.local_short.add((route.dst, route.dst_len))
-        self._route_changed(route)
-
-    def del_route(self, route: Route):
-        old = self.routes.pop(route.key, None)
-        if old is not None:
-            self._unindex(old)
-            self._route_changed(old)
 
     def _unindex(self, route: Route):
-        prefix = (route.dst, route.dst_len)
-        self.by_prefix[prefix].pop(route.key, None)
-        if not self.by_prefix[prefix]:
-            del self.by_prefix[prefix]
-        if not any(r.table == TABLE_LOCAL for r in self.by_prefix.get(prefix, {}).values()):
+        """Drop the indexes that only this alias of its key needed."""
+        prefix, key = (route.dst, route.dst_len), route.key
+        if not any(a is not route for a in self.routes.get(key, ())):
+            self.by_prefix[prefix].pop(key, None)
+            if not self.by_prefix[prefix]:
+                del self.by_prefix[prefix]
+        if not any(r.table == TABLE_LOCAL for aliases in self.by_prefix.get(prefix, {}).values() for r in aliases):
             self.local_short.discard(prefix)
+        others = {nh.oif for a in self.routes.get(key, ()) if a is not route for nh in a.nexthops}
         for nh in route.nexthops:
             keys = self.by_oif.get(nh.oif)
-            if keys is not None:
-                keys.discard(route.key)
+            if keys is not None and nh.oif not in others:
+                keys.discard(key)
                 if not keys:
                     del self.by_oif[nh.oif]
 
@@ -438,8 +536,22 @@ class KernelState:
             self.changes.all_routes = True  # it covers main-table prefixes
 
     def _flush_routes(self, index: int):
+        """What fib_sync_down_dev() + fib_flush() do when the link goes
+        down or away: routes all of whose next hops use it are removed,
+        multipath routes keep the others and mark these dead."""
         for key in list(self.by_oif.get(index, ())):
-            self.del_route(self.routes[key])
+            for alias in list(self.routes.get(key, ())):
+                if alias.nexthops and all(nh.oif == index for nh in alias.nexthops):
+                    self.del_route(alias)
+                elif any(nh.oif == index for nh in alias.nexthops):
+                    dead = tuple(replace(nh, flags=nh.flags | RTNH_F_DEAD) if nh.oif == index else nh
+                                 for nh in alias.nexthops)
+                    self._replace_alias(alias, replace(alias, nexthops=dead))
+
+    def _replace_alias(self, old: Route, new: Route):
+        aliases = self.routes[old.key]
+        aliases[next(i for i, a in enumerate(aliases) if a is old)] = new
+        self._route_changed(new)
 
     # -- rules (they only switch forwarding as a whole: nothing to record) --
     def add_rule(self, rule: Rule):

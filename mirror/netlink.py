@@ -2,14 +2,16 @@
 
 Parsing (message -> model object) is pure and lives in the parse_* functions;
 NetlinkWatcher only owns sockets and the reader thread.  The event socket is
-bound before the dump so nothing falls between the two; replaying the queued
-events over the dump converges because every message is a full upsert.  On
-ENOBUFS (events lost) the watcher asks for a full resync.
+bound before the dump so nothing falls between the two; events queued before
+a dump are dropped, and a dump during which routes changed is redone (see
+NetlinkWatcher.fresh_dump).  On ENOBUFS (events lost) the watcher asks for a
+full resync.
 """
 
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -17,10 +19,11 @@ from typing import Dict, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from . import bpfsys, tc
 from . import model as m
-from . import tc
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 # sets another size (tests use a tiny one to exercise the overrun resync).
 RCVBUF = int(os.environ.get("LOXI_MIRROR_NETLINK_RCVBUF", 32 << 20))
 SO_RCVBUFFORCE = 33
+SOL_NETLINK, NETLINK_LISTEN_ALL_NSID = 270, 8
 NETLINK_ROUTE = 0
 RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)
 EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
@@ -111,10 +115,19 @@ def parse_link(msg) -> m.Link:
         peer_in_other_netns=msg.get_attr("IFLA_LINK_NETNSID") is not None,
         peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
         peer_index=msg.get_attr("IFLA_LINK") or 0,
+        link=msg.get_attr("IFLA_LINK") or 0,
+        link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
+        promiscuity=msg.get_attr("IFLA_PROMISCUITY") or 0,
         bridge=parse_bridge(data) if kind == "bridge" else None,
         port=parse_port(slave) if slave is not None else None,
         vlan=parse_vlan(data) if kind == "vlan" else None,
     )
+
+
+def parse_peer(msg) -> m.Peer:
+    xdp = msg.get_attr("IFLA_XDP")
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+    return m.Peer(mac=msg.get_attr("IFLA_ADDRESS"), xdp=attached not in (None, 0, "none"))
 
 
 BRIDGE_VLAN_INFO_PVID = 0x2
@@ -239,13 +252,27 @@ def parse_rule(msg) -> m.Rule:
 _OBJECT_EVENTS = {
     "RTM_NEWADDR": (parse_address, m.KernelState.add_address),
     "RTM_DELADDR": (parse_address, m.KernelState.del_address),
-    "RTM_NEWROUTE": (parse_route, m.KernelState.set_route),
     "RTM_DELROUTE": (parse_route, m.KernelState.del_route),
     "RTM_NEWNEIGH": (parse_neighbor, m.KernelState.set_neighbor),
     "RTM_DELNEIGH": (parse_neighbor, m.KernelState.del_neighbor),
     "RTM_NEWRULE": (parse_rule, m.KernelState.add_rule),
     "RTM_DELRULE": (parse_rule, m.KernelState.del_rule),
 }
+
+
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
+
+
+def route_position(nlmsg_flags: int) -> str:
+    """Where fib_table_insert() put the route it announces, from the flags
+    it sets on RTM_NEWROUTE: REPLACE took the place of the first route with
+    the same key, APPEND went after them, CREATE alone (`ip route prepend`)
+    before them; CREATE|EXCL means there was none."""
+    if nlmsg_flags & NLM_F_REPLACE:
+        return m.REPLACE
+    if nlmsg_flags & NLM_F_CREATE and not nlmsg_flags & (NLM_F_APPEND | NLM_F_EXCL):
+        return m.PREPEND
+    return m.APPEND
 
 
 def apply(state: m.KernelState, msg) -> bool:
@@ -255,7 +282,10 @@ def apply(state: m.KernelState, msg) -> bool:
     caller to re-read the forwarding / rp_filter sysctls or a link's qdiscs.
     """
     event = msg.get("event")
-    if event in ("RTM_NEWLINK", "RTM_DELLINK") and msg.get("family") == m.AF_BRIDGE:
+    if "nsid" in msg:  # a link in another namespace: a veth peer
+        key = (msg["nsid"], msg["index"])
+        state.set_peer(key, parse_peer(msg) if event == "RTM_NEWLINK" else None)
+    elif event in ("RTM_NEWLINK", "RTM_DELLINK") and msg.get("family") == m.AF_BRIDGE:
         state.set_port(*parse_bridge_link(msg))
     elif event == "RTM_NEWLINK":
         state.set_link(parse_link(msg))
@@ -266,6 +296,10 @@ def apply(state: m.KernelState, msg) -> bool:
         if entry is None:
             return False
         (state.set_fdb if event == "RTM_NEWNEIGH" else state.del_fdb)(entry)
+    elif event == "RTM_NEWROUTE":
+        if msg.get("family") != socket.AF_INET:
+            return False
+        state.set_route(parse_route(msg), route_position(msg["header"]["flags"]))
     elif event in _OBJECT_EVENTS:
         if msg.get("family") != socket.AF_INET:
             return False
@@ -284,12 +318,17 @@ TC_H_ROOT = 0xFFFFFFFF
 
 
 def read_egress_tc(ipr, indexes):
-    """{ifindex: description} for links whose egress path is not empty.
+    """{ifindex: description} for links whose egress path is not empty:
+    a root qdisc, clsact egress filters, tcx egress programs, packet captures
+    (all skipped by bpf_redirect_peer).
 
     Re-read on any tc event rather than replaying tc messages: qdisc and
     filter deletion semantics (whole chains, replaced defaults) are subtle,
     and a dump of one link is cheap.  Vanished links are simply absent.
+    tcx programs and packet sockets send no event: the agent also re-reads
+    this on its poll.
     """
+    taps = read_packet_taps()
     out = {}
     for index in indexes:
         try:
@@ -300,6 +339,11 @@ def read_egress_tc(ipr, indexes):
                 filters = [f for f in ipr.get_filters(index=index, parent=tc.EGRESS_PARENT) if f["handle"]]
                 if filters:
                     what.append(f"{len(filters)} egress filter(s)")
+            tcx = bpfsys.tcx_prog_count(index, bpfsys.BPF_TCX_EGRESS)
+            if tcx:
+                what.append(f"{tcx} tcx egress program(s)")
+            if 0 in taps or index in taps:
+                what.append("packet capture")
         except Exception as e:  # vanished (ENODEV): its RTM_DELLINK follows
             log.debug("tc dump of ifindex %d failed: %s", index, e)
             continue
@@ -376,6 +420,82 @@ def read_bridge_sysctls(root="/proc/sys/net/bridge") -> m.BridgeSysctls:
                            call_arptables=read("bridge-nf-call-arptables"))
 
 
+ETH_P_ALL = 0x0003
+
+
+def read_packet_taps(path="/proc/net/packet"):
+    """ifindexes (0: every device) with an ETH_P_ALL packet socket, such as
+    tcpdump: dev_queue_xmit() shows them what a device transmits, which
+    bpf_redirect_peer would skip."""
+    taps = set()
+    try:
+        with open(path) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and int(fields[3], 16) == ETH_P_ALL:
+                    taps.add(int(fields[4]))
+    except (OSError, ValueError):
+        taps.add(0)  # unknown: assume a capture everywhere
+    return taps
+
+
+def read_ingress_tc_after(ipr, indexes):
+    """{ifindex: description} for links with tc ingress filters placed
+    after ours: a packet we redirect would skip them."""
+    out = {}
+    for index in indexes:
+        try:
+            filters = ipr.get_filters(index=index, parent=tc.INGRESS_PARENT)
+        except Exception:  # no ingress qdisc (nothing after us), or vanished
+            continue
+        later = [f for f in filters if f["handle"] and (f["info"] >> 16) >= tc.FILTER_PRIO and not tc.is_ours(f)]
+        if later:
+            out[index] = f"{len(later)} ingress filter(s) after ours"
+    return out
+
+
+def read_promiscuity(ipr):
+    """{ifindex: IFLA_PROMISCUITY}.  A macvlan's address on a veth raises it
+    without any notification (__dev_set_rx_mode), so the agent polls it."""
+    return {msg["index"]: msg.get_attr("IFLA_PROMISCUITY") or 0 for msg in ipr.get_links()}
+
+
+UNKNOWN_PEER = m.Peer(mac=None, xdp=False)  # no MAC to compare with: never redirect_peer
+
+
+def read_peer(key) -> m.Peer:
+    """A veth peer in another namespace, by RTM_GETLINK with
+    IFLA_TARGET_NETNSID (pyroute2 calls it IFLA_IF_NETNSID)."""
+    nsid, index = key
+    req = ifinfmsg()
+    req["family"], req["index"] = socket.AF_UNSPEC, index
+    req["attrs"] = [("IFLA_IF_NETNSID", nsid)]
+    req["header"]["type"], req["header"]["flags"], req["header"]["sequence_number"] = RTM_GETLINK, 1, 1
+    req.encode()
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        sock.bind((0, 0))
+        sock.send(req.data)
+        for msg in MarshalRtnl().parse(sock.recv(RECV_BYTES)):
+            if msg["header"]["type"] == rtnl.RTM_NEWLINK:
+                return parse_peer(msg)
+        return UNKNOWN_PEER  # NLMSG_ERROR: no such link (any more), or not ours to see
+    except OSError:
+        return UNKNOWN_PEER
+    finally:
+        sock.close()
+
+
+def read_peers(links):
+    """{peer key: Peer} for every veth whose peer is in another namespace."""
+    out = {}
+    for link in links:
+        if link.peer_key is not None:
+            out[link.peer_key] = read_peer(link.peer_key)
+    return out
+
+
 def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
     """Forwarding and effective rp_filter per interface name (this netns)."""
 
@@ -398,21 +518,35 @@ def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
 
 def read_fwd_use_pmtu(path="/proc/sys/net/ipv4/ip_forward_use_pmtu") -> bool:
     """ip_forward_use_pmtu=1: forwarding obeys learned path MTUs (not mirrored)."""
+    return read_flag(path, absent=False)
+
+
+def read_fwd_update_priority(path="/proc/sys/net/ipv4/ip_forward_update_priority") -> bool:
+    """ip_forward_update_priority (default 1): ip_forward() sets skb->priority from the TOS."""
+    return read_flag(path, absent=True)
+
+
+def read_flag(path, absent: bool) -> bool:
     try:
         with open(path) as f:
             return f.read().strip() != "0"
     except OSError:
-        return False  # no such sysctl: the kernel forwards by device/route MTU
+        return absent  # no such sysctl: the kernel's behaviour without it
 
 
-def dump(ipr) -> m.KernelState:
-    """A complete KernelState from netlink dumps (sysctls not included)."""
+class DumpInterrupted(Exception):
+    """Routes changed while they were being dumped: dump again."""
+
+
+def dump(ipr, abort=None) -> m.KernelState:
+    """A complete KernelState from netlink dumps (sysctls not included).
+    abort(): polled while routes are read; True raises DumpInterrupted."""
     state = m.KernelState()
     for msg in ipr.get_links():
         state.set_link(parse_link(msg))
     for msg in ipr.get_addr(family=socket.AF_INET):
         state.add_address(parse_address(msg))
-    for msg in ipr.get_routes(family=socket.AF_INET):  # every table
+    for msg in dump_routes(abort):  # every table, in the kernel's order
         state.set_route(parse_route(msg))
     for msg in ipr.get_neighbours(family=socket.AF_INET):
         neigh = parse_neighbor(msg)
@@ -429,34 +563,128 @@ def dump(ipr) -> m.KernelState:
     bridges = [i for i, l in state.links.items() if l.kind == "bridge"]
     for index, what in read_ingress_tc(ipr, bridges).items():
         state.set_ingress_tc(index, what)
+    for index, what in read_ingress_tc_after(ipr, list(state.links)).items():
+        state.set_ingress_tc_after(index, what)
+    for key, peer in read_peers(state.links.values()).items():
+        state.set_peer(key, peer)
     return state
+
+
+RTM_GETLINK, RTM_GETROUTE = 18, 26
+NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+
+
+def dump_routes(abort=None):
+    """The IPv4 routes of every table, read datagram by datagram from a
+    socket of its own (faster than IPRoute.get_routes, and it can stop as
+    soon as abort() says the result would be stale anyway)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    marshal = MarshalRtnl()
+    try:
+        sock.bind((0, 0))
+        rtmsg = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(rtmsg), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + rtmsg)
+        while True:
+            if abort is not None and abort():
+                raise DumpInterrupted()
+            for msg in marshal.parse(sock.recv(RECV_BYTES)):
+                kind = msg["header"]["type"]
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    raise OSError(-msg["error"], "route dump failed")
+                yield msg
+    finally:
+        sock.close()
+
+
+ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
+STRICT_DUMP_TRIES = 3  # dumps redone for any route change before some may stay uncertain
+
+
+def _netnsid(ancillary) -> Optional[int]:
+    """The netnsid a datagram came from (NETLINK_LISTEN_ALL_NSID), None for our own."""
+    for level, kind, data in ancillary:
+        if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(data) >= 4:
+            return struct.unpack("=i", data[:4])[0]
+    return None
 
 
 class NetlinkWatcher:
     """Reads rtnetlink events in a thread and hands them to `post`.
 
-    post(("netlink", [msgs])) for events, post(("resync", reason)) when
-    events were lost and the caller must dump again.  Events come from a
-    plain socket decoded with pyroute2's marshal (pyroute2's own sockets are
-    bound to the asyncio loop of the thread that made them); requests and
-    dumps go through an IPRoute used only by the main thread.
+    post(("netlink", (gen, [msgs]))) for events, post(("resync", gen)) when
+    events were lost and the caller must dump again; on_lost() is called
+    at once (from the reader thread) so the fast path can stop before the
+    re-dump.  `gen` numbers the dumps: events tagged with an older one were
+    queued before the last dump and must be dropped, never replayed over it
+    (route messages are not upserts: append/prepend/delete-first depend on
+    what is already there).  Events come from a plain socket decoded with
+    pyroute2's marshal; requests and dumps go through an IPRoute used only
+    by the main thread.
     """
 
-    def __init__(self, post):
+    def __init__(self, post, on_lost=lambda: None):
         self.post = post
+        self.on_lost = on_lost
         self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         except OSError:
             self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        # Link events of the namespaces our veth peers live in (MAC, XDP
+        # changes there), each datagram tagged with the netnsid.
+        self.events.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
         self.events.bind((0, GROUPS))
         self.marshal = MarshalRtnl()
         self.requests = IPRoute()
+        # Held while reading the event socket, so a dump can tell exactly
+        # which events came before it.
+        self.lock = threading.Lock()
+        self.gen = 0  # changed by the main thread only (fresh_dump)
+        self.lost_gen = -1  # the last generation in which events were lost
+        # Since the current generation began: prefixes of route events, and
+        # whether events were lost (or changed a covering local prefix).
+        self._window, self._window_lost = set(), False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="netlink", daemon=True)
 
+    def fresh_dump(self) -> m.KernelState:
+        """A dump no queued event may be replayed over.  Everything queued
+        so far is dropped and a new generation begins; events that arrive
+        during the dump are handed on with it (upserts of links, neighbours
+        ... converge when replayed), but if a route event is among them the
+        dump may already contain it or not: dump again.  Routes that never
+        stop changing would make that endless, so after a few tries the dump
+        is taken with the prefixes changed meanwhile marked uncertain (they
+        punt until a later dump is clean).  Lost events always mean again."""
+        attempt = 0
+        while True:
+            attempt += 1
+            strict = attempt <= STRICT_DUMP_TRIES
+            with self.lock:
+                self._discard_queued()
+                self.gen += 1
+                self._window, self._window_lost = set(), False
+            try:
+                state = dump(self.requests, abort=lambda: self._news(strict)[0])
+            except DumpInterrupted:
+                continue
+            spoilt, changed = self._news(strict)
+            if not spoilt:
+                state.uncertain = changed
+                return state
+
+    def _news(self, strict=True):
+        """(whether the dump under way is no good: events were lost, or,
+        strict, routes changed since it began; the prefixes that changed)."""
+        with self.lock:
+            self._pump()
+            return self._window_lost or (strict and bool(self._window)), set(self._window)
+
     def dump(self) -> m.KernelState:
-        return dump(self.requests)
+        return self.fresh_dump()
 
     def start(self):
         self._thread.start()
@@ -464,35 +692,68 @@ class NetlinkWatcher:
     def _run(self):
         while not self._stopping:
             try:
-                datagrams = self._receive()
+                readable = select.select([self.events], [], [], 0.5)[0]
+            except (OSError, ValueError):
+                if self._stopping:
+                    return
+                raise
+            if readable:
+                with self.lock:
+                    self._pump()
+
+    def _pump(self, most=512):
+        """Read what is queued on the event socket (the caller holds the
+        lock) and post it tagged with the current generation: one hand-off
+        per burst, not per message."""
+        datagrams, lost = [], None
+        while len(datagrams) < most:
+            try:
+                data, ancillary, _, _ = self.events.recvmsg(RECV_BYTES, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT)
+                datagrams.append((data, _netnsid(ancillary)))
+            except BlockingIOError:
+                break
             except OSError as e:
                 if self._stopping:
                     return
-                reason = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
-                log.warning("netlink events lost (%s): full resync", reason)
-                self.post(("resync", reason))
-                continue
-            try:
-                msgs = [msg for data in datagrams for msg in self.marshal.parse(data)]
-                for msg in msgs:
-                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
-            except Exception as e:  # undecodable: do not guess, re-dump
-                log.warning("netlink decode error (%s): full resync", e)
-                self.post(("resync", "decode error"))
-                continue
-            if msgs:
-                self.post(("netlink", msgs))
-
-    def _receive(self, most=512):
-        """Block for one datagram, then take what else is already queued:
-        one hand-off per burst, not per message."""
-        datagrams = [self.events.recv(RECV_BYTES)]
-        while len(datagrams) < most:
-            try:
-                datagrams.append(self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT))
-            except BlockingIOError:
+                lost = "ENOBUFS" if e.errno == errno.ENOBUFS else str(e)
                 break
-        return datagrams
+        try:
+            msgs = []
+            for data, nsid in datagrams:
+                for msg in self.marshal.parse(data):
+                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+                    if nsid is None:
+                        msgs.append(msg)
+                    elif msg["event"] in ("RTM_NEWLINK", "RTM_DELLINK"):
+                        msg["nsid"] = nsid  # another namespace's link: maybe a veth peer
+                        msgs.append(msg)
+        except Exception as e:  # undecodable: do not guess, re-dump
+            msgs, lost = [], f"decode error {e}"
+        for msg in msgs:
+            if msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET and "nsid" not in msg:
+                route = parse_route(msg)
+                self._window.add((route.dst, route.dst_len))
+                if route.table == m.TABLE_LOCAL and route.dst_len < 32:
+                    self._window_lost = True  # it covers other prefixes: no partial trust
+        if msgs:
+            self.post(("netlink", (self.gen, msgs)))
+        if lost:
+            log.warning("netlink events lost (%s): full resync", lost)
+            self._window_lost = True
+            self.lost_gen = self.gen
+            self.on_lost()
+            self.post(("resync", self.gen))
+
+    def _discard_queued(self, most=1 << 20):
+        """Drop what the socket holds (older than the coming dump) and
+        clear a pending overrun error."""
+        for _ in range(most):
+            try:
+                self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # ENOBUFS: cleared by reporting it
 
     def neighbor_use(self, ifindex: int, dst: str):
         """Tell the kernel the neighbour is in use (NTF_USE), as its own
@@ -507,12 +768,9 @@ class NetlinkWatcher:
 
     def close(self):
         self._stopping = True
-        try:
-            self.events.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        for sock in (self.events, self.requests):
-            try:
-                sock.close()
-            except Exception:
-                pass
+        with self.lock:
+            for sock in (self.events, self.requests):
+                try:
+                    sock.close()
+                except Exception:
+                    pass

@@ -80,11 +80,15 @@ class Codec:
     def link_leaf(self, e: LinkEntry):
         leaf = self.t["links"].Leaf()
         ctypes.memmove(leaf.mac, mac_to_bytes(e.mac), 6)
+        if e.peer_mac:
+            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
         leaf.flags, leaf.mtu = e.flags, e.mtu
         return leaf
 
     def decode_link(self, k, v):
-        return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu)
+        peer_mac = bytes_to_mac(v.peer_mac)
+        return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu,
+                                  None if peer_mac == "00:00:00:00:00:00" else peer_mac)
 
     # ports: ifindex <-> u32, PortEntry <-> lm_port
     def port_key(self, ifindex):
@@ -160,6 +164,9 @@ class Reconciler:
         # True while an nftables change message is not handled yet: the kernel-side
         # switch (mirror/nfswitch.py) may have set the hold for it (set by the agent).
         self.hint_pending = lambda: False
+        # A punt-everything reason set from any thread when kernel events
+        # were lost (RESYNC), until the re-dump is in the maps.
+        self.held = 0
         self.resyncs = 0
         self._write_config()
 
@@ -275,19 +282,33 @@ class Reconciler:
                                           **asdict(self._nf))
         self.tables["config"][ctypes.c_int(0)] = leaf
 
+    def hold_punt(self, reason: int):
+        """Punt all forwarded traffic now, whatever the maps say, until
+        release_punt() (one map write; safe from any thread)."""
+        with self._config_lock:
+            self.held = reason
+            self._write_effective(self._nf)
+
+    def release_punt(self):
+        with self._config_lock:
+            if self.held:
+                self.held = 0
+                self._write_effective(self._nf)
+
     def _set_config(self, reason: int, nf: NfConfig) -> int:
         with self._config_lock:
             self._wanted_reason = reason
             return self._write_effective(nf)
 
     def _write_effective(self, nf: NfConfig) -> int:
-        """Write the effective config: the translator's, with NETFILTER_CHANGING
-        as the punt reason while a netfilter change hint is not yet answered
+        """Write the effective config: the translator's, with RESYNC while lost
+        events are being re-read (hold_punt), and NETFILTER_CHANGING as the
+        punt reason while a netfilter change hint is not yet answered
         by a re-read (or not even handled yet: the kernel switch may have set
         it for that change)."""
         changing = BY_NAME["NETFILTER_CHANGING"]
         held = self._hold_seq > self._released_seq or self.hint_pending()
-        reason = self._wanted_reason or (changing if held else 0)
+        reason = self._wanted_reason or self.held or (changing if held else 0)
         if (reason, nf) == (self._punt_forward_reason, self._nf):
             return 0
         self._punt_forward_reason, self._nf = reason, nf

@@ -81,17 +81,17 @@ class TcAttacher:
         cleanup_leftovers(self.ipr)
 
 
+def is_ours(f) -> bool:
+    opts = f.get_attr("TCA_OPTIONS")
+    return bool(f.get_attr("TCA_KIND") == "bpf" and opts and (opts.get_attr("TCA_BPF_NAME") or "").startswith(FILTER_NAME))
+
+
 def _our_filters(ipr, ifindex):
     try:
         filters = ipr.get_filters(index=ifindex, parent=INGRESS_PARENT)
     except NetlinkError:
         return []
-    out = []
-    for f in filters:
-        opts = f.get_attr("TCA_OPTIONS")
-        if f.get_attr("TCA_KIND") == "bpf" and opts and (opts.get_attr("TCA_BPF_NAME") or "").startswith(FILTER_NAME):
-            out.append(f)
-    return out
+    return [f for f in filters if is_ours(f)]
 
 
 def remove_filter(ipr, ifindex, created_clsact):

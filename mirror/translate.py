@@ -50,6 +50,9 @@ class LinkEntry:
     mac: str
     flags: int
     mtu: int
+    # A veth peer's own MAC: only frames to it may skip the peer's receive
+    # classification (redirect_peer); others take veth_xmit (bpf_redirect).
+    peer_mac: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,12 @@ class Selection:
         return not (self.exclude and re.fullmatch(self.exclude, name))
 
 
-def eligible(link: m.Link, selection: Selection) -> bool:
+def eligible(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_after=frozenset()) -> bool:
     """An Ethernet device of a kind the fast path handles, not enslaved."""
-    return skip_reason(link, selection) is None
+    return skip_reason(link, selection, stacked_on, tc_after) is None
 
 
-def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
+def skip_reason(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_after=frozenset()) -> Optional[str]:
     """Why the device is not eligible (None: it is).  Ports of managed
     bridges are managed all the same (managed())."""
     if link.name == "lo" or link.link_type != m.ARPHRD_ETHER:
@@ -126,6 +129,15 @@ def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
         return f"{link.kind} interfaces are not handled yet"
     if link.master:
         return "enslaved to a bond or to a bridge the agent does not manage"
+    # A macvlan/ipvlan on it (here, or moved elsewhere: it adds its MAC,
+    # which makes a veth promiscuous; so do passthru and tcpdump) takes
+    # frames before IP does; a tc filter after ours would be skipped.
+    if link.index in stacked_on:
+        return "a macvlan/ipvlan is stacked on it"
+    if link.promiscuity:
+        return "promiscuous (a macvlan elsewhere, passthru or a capture wants frames for other MACs)"
+    if link.index in tc_after:
+        return "a tc ingress filter runs after the agent's"
     if not link.mac:
         return "no MAC address"
     if not selection.allows(link.name):
@@ -133,26 +145,48 @@ def skip_reason(link: m.Link, selection: Selection) -> Optional[str]:
     return None
 
 
-def managed(state: m.KernelState, link: m.Link, selection: Selection) -> bool:
+def _device_facts(state: m.KernelState):
+    """(devices something is stacked on, devices with tc filters after ours)."""
+    stacked_on = {l.link for l in state.links.values() if l.kind in m.STACKED_KINDS and l.link_netnsid is None}
+    return stacked_on, set(state.ingress_tc_after)
+
+
+def managed_in(state: m.KernelState, selection: Selection):
+    """managed() for links of this state, as a predicate (the stacked and
+    tc facts are gathered once)."""
+    stacked_on, tc_after = _device_facts(state)
+
+    def ok(link: m.Link) -> bool:
+        return managed(state, link, lambda l: eligible(l, selection, stacked_on, tc_after))
+    return ok
+
+
+def device_skip_reason(state: m.KernelState, link: m.Link, selection: Selection) -> Optional[str]:
+    """skip_reason() with this state's stacked devices and tc filters."""
+    return skip_reason(link, selection, *_device_facts(state))
+
+
+def managed(state: m.KernelState, link: m.Link, eligible_fn) -> bool:
     """In the links map: eligible devices and bridges, and the ports of
-    managed bridges (bond ports and the like stay the kernel's)."""
+    managed bridges (bond ports and the like stay the kernel's).  A port is
+    promiscuous because of its bridge: that is no reason to skip it."""
     if not link.master:
-        return eligible(link, selection)
+        return eligible_fn(link)
     bridge = state.links.get(link.master)
     return (link.port is not None and bridge is not None and bridge.kind == "bridge"
-            and eligible(bridge, selection) and eligible(replace(link, master=0), selection)
+            and eligible_fn(bridge) and eligible_fn(replace(link, master=0, promiscuity=0))
             and link.kind != "bridge")
 
 
-def attachable(state: m.KernelState, link: m.Link, selection: Selection) -> bool:
+def attachable(link: m.Link, ok) -> bool:
     """Where the TC program goes: every managed device but bridges (frames
     for a bridge arrive on its ports, where l2.h hands them on)."""
-    return link.kind != "bridge" and managed(state, link, selection)
+    return link.kind != "bridge" and ok(link)
 
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
     """Every map entry the state calls for."""
-    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses},
+    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses} | state.uncertain,
                         links=set(state.links), neighbors=set(state.neighbors), fdb=set(state.fdb))
     full = translate_changes(state, changes, selection)
     for table in MAP_TABLES:
@@ -166,15 +200,16 @@ MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb")
 def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selection = Selection()) -> Desired:
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
+    ok = managed_in(state, selection)
     out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state),
                   nf=nf_config(state))
     # Bridges and ports are few and depend on global inputs (netfilter,
     # br_netfilter sysctls, the bridge's state): always redone.
     bridged = {i for i, l in state.links.items() if l.kind == "bridge" or l.port is not None}
-    out.links = {i: link_entry(state, i, selection) for i in changes.links | bridged}
-    out.ports = {i: port_entry(state, i, selection) for i in changes.links | bridged}
-    out.fdb = {(b, mac): fdb_entry(state, (b, mac, 0), selection) for b, mac, _ in changes.fdb}
-    out.neighbors = {k: neighbor_entry(state, k, selection) for k in changes.neighbors}
+    out.links = {i: link_entry(state, i, ok) for i in changes.links | bridged}
+    out.ports = {i: port_entry(state, i, ok) for i in changes.links | bridged}
+    out.fdb = {(b, mac): fdb_entry(state, (b, mac, 0), ok) for b, mac, _ in changes.fdb}
+    out.neighbors = {k: neighbor_entry(state, k, ok) for k in changes.neighbors}
     prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
     local_ips = {a.address for a in state.addresses}
     covering = _covering_local_prefixes(state)
@@ -183,14 +218,16 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
 
 
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
-    return {i: l.name for i, l in state.links.items() if attachable(state, l, selection)}
+    ok = managed_in(state, selection)
+    return {i: l.name for i, l in state.links.items() if attachable(l, ok)}
 
 
-def link_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[LinkEntry]:
+def link_entry(state: m.KernelState, index: int, ok) -> Optional[LinkEntry]:
     link = state.links.get(index)
-    if link is None or not managed(state, link, selection):
+    if link is None or not ok(link):
         return None
-    entry = _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc)
+    peer = state.peers.get(link.peer_key) if link.peer_key else None
+    entry = _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc, peer)
     if link.kind != "bridge":
         return entry
     flags = entry.flags | LINK_BRIDGE
@@ -211,10 +248,10 @@ def bridge_egress_punt(state: m.KernelState, bridge: m.Link) -> Optional[str]:
     return None
 
 
-def port_entry(state: m.KernelState, index: int, selection: Selection) -> Optional[PortEntry]:
+def port_entry(state: m.KernelState, index: int, ok) -> Optional[PortEntry]:
     """What the datapath may do with frames arriving on a bridge port."""
     link = state.links.get(index)
-    if link is None or link.port is None or not managed(state, link, selection):
+    if link is None or link.port is None or not ok(link):
         return None
     bridge, port = state.links[link.master], link.port
     flags = PORT_FORWARDING if port.state == m.BR_STATE_FORWARDING else 0
@@ -240,39 +277,43 @@ def _port_punt(state: m.KernelState, bridge: m.Link, info: m.BridgeInfo, port: m
     return 0
 
 
-def fdb_entry(state: m.KernelState, key, selection: Selection) -> Optional[FdbTarget]:
+def fdb_entry(state: m.KernelState, key, ok) -> Optional[FdbTarget]:
     """The datapath's FDB entry for (bridge, MAC, VLAN 0): without
     vlan_filtering the bridge looks up VLAN 0 only."""
     entry = state.fdb.get(key)
     if entry is None:
         return None
     bridge = state.links.get(entry.bridge)
-    if bridge is None or bridge.kind != "bridge" or not managed(state, bridge, selection):
+    if bridge is None or bridge.kind != "bridge" or not ok(bridge):
         return None
     if entry.local:
         return FdbTarget(port=entry.port, local=True)
     port = state.links.get(entry.port)
-    if port is None or port.master != entry.bridge or not managed(state, port, selection):
+    if port is None or port.master != entry.bridge or not ok(port):
         return None  # behind a port the fast path does not manage: flood/punt
     return FdbTarget(port=entry.port)
 
 
-def neighbor_entry(state: m.KernelState, key, selection: Selection) -> Optional[str]:
+def neighbor_entry(state: m.KernelState, key, ok) -> Optional[str]:
     neigh = state.neighbors.get(key)
     link = state.links.get(key[0])
-    if neigh is None or link is None or not managed(state, link, selection):
+    if neigh is None or link is None or not ok(link):
         return None
     return neigh.mac if neigh.mac and neigh.state & m.NUD_VALID else None
 
 
-def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool) -> LinkEntry:
+def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool,
+                peer: Optional[m.Peer]) -> LinkEntry:
     flags = 0
     if link.oper_up:
         flags |= LINK_UP
-    # bpf_redirect_peer skips this device's egress qdisc and filters (and
-    # drops unless the peer lives in another netns): only where there is
-    # nothing to skip.  Elsewhere bpf_redirect takes the kernel's egress path.
-    if link.kind == "veth" and link.peer_in_other_netns and not egress_busy:
+    # bpf_redirect_peer skips this device's egress (qdisc, clsact and tcx
+    # programs) and, on the peer, the XDP program and eth_type_trans() that
+    # veth_xmit() would run (and it drops unless the peer lives in another
+    # netns): only where none of that matters.  Elsewhere bpf_redirect takes
+    # the kernel's own path through veth_xmit().
+    peer_mac = peer.mac if peer is not None and not peer.xdp else None
+    if link.kind == "veth" and link.peer_in_other_netns and not egress_busy and peer_mac:
         flags |= LINK_REDIRECT_PEER
     if sysctls is not None:  # unknown sysctls: no FORWARDING flag, so punt
         if sysctls.forwarding:
@@ -281,7 +322,8 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
             flags |= LINK_RPF_STRICT
         elif sysctls.rp_filter >= 2:
             flags |= LINK_RPF_LOOSE
-    return LinkEntry(mac=link.mac, flags=flags, mtu=link.mtu)
+    return LinkEntry(mac=link.mac, flags=flags, mtu=link.mtu,
+                     peer_mac=peer_mac if flags & LINK_REDIRECT_PEER else None)
 
 
 def _punt_forward_reason(state: m.KernelState) -> int:
@@ -291,6 +333,8 @@ def _punt_forward_reason(state: m.KernelState) -> int:
         return R["IPSEC"]
     if state.fwd_use_pmtu:
         return R["ROUTE_UNSUPPORTED"]  # learned PMTU exceptions decide the MTU
+    if not state.fwd_update_priority:
+        return R["ROUTE_UNSUPPORTED"]  # skb->priority kept, not set from the TOS
     if custom_rules(state):
         return R["POLICY_ROUTING"]
     return 0
@@ -323,19 +367,24 @@ def nf_config(state: m.KernelState) -> NfConfig:
 
 
 def custom_rules(state: m.KernelState):
-    """Rules beyond local/main/default: the main table alone no longer
-    decides, so forwarded traffic punts until policy routing is mirrored."""
-    return sorted(
-        (r for r in state.rules if r.selectors or (r.priority, r.table) not in m.DEFAULT_RULES),
-        key=lambda r: r.priority,
-    )
+    """How the rules differ from local/main/default: extra rules, and
+    default rules that are missing (without `pref 32766 table main` the
+    kernel stops forwarding by the main table).  Non-empty: forwarded
+    traffic punts until policy routing is mirrored."""
+    extra = sorted((r for r in state.rules if r.selectors or (r.priority, r.table) not in m.DEFAULT_RULES),
+                   key=lambda r: r.priority)
+    present = {(r.priority, r.table) for r in state.rules if not r.selectors}
+    missing = [m.Rule(prio, table) for prio, table in sorted(m.DEFAULT_RULES - present)]
+    return [("extra", r) for r in extra] + [("missing", r) for r in missing]
 
 
 def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
     """The entry for one prefix: the kernel consults the local table before
     main, so a local-table route (or an address, even before its local route
     arrives) wins, and so does a shorter local-table prefix covering it."""
-    routes = state.by_prefix.get(prefix, {}).values()
+    routes = _routes_of(state, prefix)
+    if prefix in state.uncertain:
+        return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
     if local:
@@ -354,11 +403,17 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
     return entry
 
 
+def _routes_of(state: m.KernelState, prefix):
+    """Every route for the prefix, those sharing a key in the kernel's order
+    (so min() by priority picks the first of a key, as fib_table_lookup())."""
+    return [r for aliases in state.by_prefix.get(prefix, {}).values() for r in aliases]
+
+
 def _covering_local_prefixes(state: m.KernelState):
     """Local-table routes shorter than /32 (127/8, AnyIP ...) as (net, len, entry)."""
     out = []
     for dst, plen in state.local_short:
-        local = [r for r in state.by_prefix[(dst, plen)].values() if r.table == m.TABLE_LOCAL]
+        local = [r for r in _routes_of(state, (dst, plen)) if r.table == m.TABLE_LOCAL]
         entry = RouteEntry(_local_action(min(local, key=lambda r: r.priority).type))
         out.append((_ip_int(dst) >> (32 - plen), plen, entry))
     return out
@@ -377,7 +432,9 @@ def _local_action(rtype: int) -> int:
 
 
 def _main_entry(routes, links) -> RouteEntry:
-    """The route the kernel would pick among same-prefix routes, as an entry."""
+    """The route the kernel would pick among same-prefix routes, as an entry:
+    the lowest metric, and of routes sharing that key the first.  If that
+    one cannot be used (dead next hop ...) the kernel tries the next: punt."""
     if any(r.tos for r in routes):
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
     route = min(routes, key=lambda r: r.priority)

@@ -244,8 +244,9 @@ class Maps:
     def get_neigh(self, ifindex: int, addr: str):
         return self.neighbors[self.neighbors.Key(ifindex=ifindex, addr=ip4(addr))]
 
-    def link(self, ifindex: int, m, flags: int, mtu: int = 1500):
-        self.links[self.links.Key(ifindex)] = self.links.Leaf(mac=_mac_arr(m), flags=flags, mtu=mtu)
+    def link(self, ifindex: int, m, flags: int, mtu: int = 1500, peer_mac="00:00:00:00:00:00"):
+        self.links[self.links.Key(ifindex)] = self.links.Leaf(mac=_mac_arr(m), flags=flags, mtu=mtu,
+                                                              peer_mac=_mac_arr(peer_mac))
 
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]

@@ -48,7 +48,7 @@ def base_state(m, t):
     m.set_config(60)
     m.link(t.in0, t.in0_mac, UP | FWD)
     m.link(t.out0, t.out0_mac, UP | FWD)
-    m.link(t.out1, t.out1_mac, UP | FWD | PEER)
+    m.link(t.out1, t.out1_mac, UP | FWD | PEER, peer_mac=P2_MAC)
     m.route("10.0.0.0/24", oif=t.in0)
     m.route("10.0.0.1/32", action=R["LOCAL"])
     m.route("10.1.0.0/24", oif=t.out0)
@@ -149,6 +149,12 @@ def check_priority(prio):
     return f
 
 
+def check_ctx(**want):
+    def f(m, t, res):
+        assert {k: getattr(res.ctx, k) for k in want} == want
+    return f
+
+
 def check_used(updated):
     def f(m, t, res):
         used = m.get_neigh(t.out0, "10.1.0.7").used
@@ -174,9 +180,14 @@ CASES = [
     # --- forwarding --------------------------------------------------------
     fwd_case("forward on-link", udp(), OUT0_MAC, H7_MAC, check=check_used(True)),
     fwd_case("forward via gateway", udp(dst="10.2.3.4"), OUT0_MAC, GW_MAC),
-    Case("forward to veth peer: redirect_peer", lambda t: udp(dst="10.3.0.2"), "FORWARDED", TC_ACT_REDIRECT,
-         out=lambda t: forwarded(udp(dst="10.3.0.2"), OUT1_MAC, P2_MAC),
-         ctx={"priority": 5}, check=check_priority(0)),
+    Case("forward to veth peer: redirect_peer, scrubbed as across namespaces", lambda t: udp(dst="10.3.0.2"),
+         "FORWARDED", TC_ACT_REDIRECT, out=lambda t: forwarded(udp(dst="10.3.0.2"), OUT1_MAC, P2_MAC),
+         ctx={"priority": 5, "mark": 7, "tstamp": 12345}, check=check_ctx(priority=0, mark=0, tstamp=0)),
+    Case("neighbour MAC is not the peer's: bpf_redirect through veth_xmit (mark kept for it to scrub)",
+         lambda t: udp(dst="10.3.0.3"), "FORWARDED", TC_ACT_REDIRECT,
+         out=lambda t: forwarded(udp(dst="10.3.0.3"), OUT1_MAC, H7_MAC),
+         setup=lambda m, t: m.neigh(t.out1, "10.3.0.3", H7_MAC),
+         ctx={"mark": 7, "tstamp": 12345}, check=check_ctx(mark=7, tstamp=0)),
     fwd_case("forward TCP", tcp(), OUT0_MAC, H7_MAC),
     fwd_case("forward ICMP with DF", Ether(src=CLIENT_MAC, dst=IN0_MAC) / IP(src="10.0.0.5", dst="10.1.0.7", flags="DF")
              / ICMP() / b"ping", OUT0_MAC, H7_MAC),
@@ -263,7 +274,11 @@ CASES = [
          setup=lambda m, t: m.set_config(60, R["POLICY_ROUTING"])),
     punt("ipsec policies present", udp(), "IPSEC",
          setup=lambda m, t: m.set_config(60, R["IPSEC"])),
+    punt("kernel events lost, agent re-dumping", udp(), "RESYNC",
+         setup=lambda m, t: m.set_config(60, R["RESYNC"])),
     punt("source is one of our addresses", udp(src="10.1.0.1"), "MARTIAN"),
+    punt("rp_filter off, source's route not unicast (custom local routes make the kernel check)",
+         udp(src="10.9.1.1"), "RP_FILTER"),
     punt("rp_filter strict, source routed via another link", udp(src="10.2.9.9"), "RP_FILTER",
          setup=set_link("in0", UP | FWD | RPF_STRICT)),
     punt("rp_filter strict, no route to the source", udp(src="192.168.50.1"), "RP_FILTER",

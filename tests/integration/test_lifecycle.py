@@ -233,3 +233,15 @@ def test_forward_use_pmtu_makes_forwarding_punt(routed_topology, agent):
     arrived, d = send_one(topo, a)  # the kernel forwards it
     assert arrived == 1
     assert d.get("ROUTE_UNSUPPORTED") == 1 and "FORWARDED" not in d, d
+
+
+def test_agent_exits_when_its_namespace_is_deleted(routed_topology, agent):
+    """`ip netns del` leaves the agent as the namespace's last user: it must
+    notice and exit cleanly instead of running on as an orphan."""
+    topo = routed_topology
+    a = agent(topo)
+    subprocess.run(["ip", "netns", "del", topo.nsname("node")], check=True)
+    t0 = time.monotonic()
+    assert a.proc.wait(timeout=10) == 0
+    print(f"agent exited {time.monotonic() - t0:.1f} s after the namespace was deleted")
+    assert "namespace was deleted" in a.log_tail(50)

@@ -7,8 +7,9 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from mirror import model as m
 
 
-def wire(cls, event, fields, attrs):
+def wire(cls, event, fields, attrs, nlmsg_flags=0):
     msg = cls()
+    msg["header"]["flags"] = nlmsg_flags
     for key, value in fields.items():
         msg[key] = value
     msg["attrs"] = attrs
@@ -37,7 +38,7 @@ def address(index, ip, prefixlen, event="RTM_NEWADDR"):
 
 
 def route(dst, dst_len, oif=None, gateway=None, table=254, rtype=1, priority=None, tos=0, mtu=None,
-          multipath=None, extra=(), event="RTM_NEWROUTE"):
+          multipath=None, extra=(), event="RTM_NEWROUTE", nlmsg_flags=0x600):
     attrs = [("RTA_TABLE", table)]
     if dst_len:
         attrs.append(("RTA_DST", dst))
@@ -53,7 +54,7 @@ def route(dst, dst_len, oif=None, gateway=None, table=254, rtype=1, priority=Non
         attrs.append(("RTA_MULTIPATH", [{"oif": o, "attrs": [("RTA_GATEWAY", g)]} for o, g in multipath]))
     attrs.extend(extra)
     return wire(rtmsg.rtmsg, event, dict(family=2, dst_len=dst_len, table=min(table, 255), type=rtype, tos=tos),
-                attrs)
+                attrs, nlmsg_flags)
 
 
 def neighbor(ifindex, ip, mac, state=m.NUD_REACHABLE, event="RTM_NEWNEIGH"):
@@ -91,7 +92,7 @@ def port_link(index, name, master, state=m.BR_STATE_FORWARDING, learning=1, isol
     info = [("IFLA_INFO_KIND", kind), ("IFLA_INFO_SLAVE_KIND", "bridge"),
             ("IFLA_INFO_SLAVE_DATA", {"attrs": _brport(state, learning, isolated, locked)})]
     attrs = [("IFLA_IFNAME", name), ("IFLA_ADDRESS", mac), ("IFLA_MTU", 1500), ("IFLA_MASTER", master),
-             ("IFLA_LINK_NETNSID", 0), ("IFLA_LINKINFO", {"attrs": info})]
+             ("IFLA_LINK_NETNSID", 0), ("IFLA_LINK", index + 100), ("IFLA_LINKINFO", {"attrs": info})]
     return wire(ifinfmsg.ifinfmsg, "RTM_NEWLINK",
                 dict(family=0, index=index, flags=m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP, ifi_type=1), attrs)
 

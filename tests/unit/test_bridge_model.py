@@ -32,6 +32,9 @@ def bridged(**over):
           fdb(V1, "02:00:00:00:00:01", master=BR, state=m.NUD_PERMANENT),
           fdb(V1, "33:33:00:00:00:01", flags=netlink.NTF_SELF, state=m.NUD_PERMANENT))  # own list: ignored
     st.set_sysctls({"br0": m.LinkSysctls(True, 0), "v1": m.LinkSysctls(False, 0), "v2": m.LinkSysctls(False, 0)})
+    # The pods' ends of the port veths (netnsid 0, ifindex port + 100, as port_link() says).
+    st.set_peer((0, V1 + 100), m.Peer(POD1, xdp=False))
+    st.set_peer((0, V2 + 100), m.Peer(POD2, xdp=False))
     for k, v in over.items():
         setattr(st, k, v)
     return st

@@ -50,7 +50,7 @@ def random_step(rng, st):
         st.set_route(m.Route(m.TABLE_MAIN, net, plen, type=rng.choice([1, 1, 1, 6]), priority=rng.choice([0, 100]),
                              nexthops=hops, mtu=rng.choice([0, 1300])))
     elif kind == 5 and st.routes:
-        st.del_route(rng.choice(list(st.routes.values())))
+        st.del_route(rng.choice([r for aliases in st.routes.values() for r in aliases]))
     elif kind == 6:
         st.set_route(m.Route(m.TABLE_LOCAL, rng.choice(["10.2.0.1", "10.2.0.0", "127.0.0.0"]),
                              rng.choice([32, 24, 8]), type=m.RTN_LOCAL, nexthops=(m.Nexthop(idx),)))

@@ -88,7 +88,42 @@ def test_link_down_flushes_what_the_kernel_flushes_silently():
     assert len(st.routes) == 3 and set(st.neighbors) == {(4, "10.2.0.3")}
     # admin down: IPv4 routes through it and all its neighbours go
     netlink.apply(st, link(4, "v2", flags=0))
-    assert [r.dst for r in st.routes.values()] == ["10.1.0.0"] and not st.neighbors
+    assert [r.dst for aliases in st.routes.values() for r in aliases] == ["10.1.0.0"] and not st.neighbors
+
+
+def _aliases(st, dst, plen):
+    return [(r.type, r.nexthops[0].gateway if r.nexthops else None)
+            for r in st.routes[(254, dst, plen, 0, 0)]]
+
+
+def test_routes_sharing_a_key_keep_the_kernels_order():
+    """The flags fib_table_insert() puts on RTM_NEWROUTE say where the route
+    went; RTM_DELROUTE removes the first one that matches (kernel order as
+    measured with `ip route add/append/prepend/replace/del` here)."""
+    st = m.KernelState()
+    netlink.apply(st, link(3, "v1"))
+    for msg in (route("10.9.0.0", 16, rtype=6, nlmsg_flags=0x600),  # ip route add blackhole
+                route("10.9.0.0", 16, oif=3, nlmsg_flags=0xc00),  # ip route append ... dev v1
+                route("10.9.0.0", 16, rtype=7, nlmsg_flags=0x400)):  # ip route prepend unreachable
+        netlink.apply(st, msg)
+    assert _aliases(st, "10.9.0.0", 16) == [(7, None), (6, None), (1, None)]
+    netlink.apply(st, route("10.9.0.0", 16, oif=3, gateway="10.5.0.3", nlmsg_flags=0x100))  # replace: the first
+    assert _aliases(st, "10.9.0.0", 16) == [(1, "10.5.0.3"), (6, None), (1, None)]
+    netlink.apply(st, route("10.9.0.0", 16, oif=3, gateway="10.5.0.3", event="RTM_DELROUTE", nlmsg_flags=0))
+    assert _aliases(st, "10.9.0.0", 16) == [(6, None), (1, None)]
+    # admin down flushes the unicast one (its only next hop), not the blackhole
+    netlink.apply(st, link(3, "v1", flags=0))
+    assert _aliases(st, "10.9.0.0", 16) == [(6, None)]
+    netlink.apply(st, route("10.9.0.0", 16, rtype=6, event="RTM_DELROUTE", nlmsg_flags=0))
+    assert not st.routes and not st.by_prefix and not st.by_oif
+
+
+def test_delete_of_an_unknown_route_makes_the_key_punt():
+    st = m.KernelState()
+    netlink.apply(st, route("10.9.0.0", 16, oif=3, gateway="10.5.0.3"))
+    netlink.apply(st, route("10.9.0.0", 16, oif=3, gateway="10.5.0.9", event="RTM_DELROUTE", nlmsg_flags=0))
+    [only] = st.routes[(254, "10.9.0.0", 16, 0, 0)]
+    assert only.unsupported and not only.nexthops
 
 
 def test_route_with_locked_mtu_is_unsupported():

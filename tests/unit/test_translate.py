@@ -6,7 +6,7 @@ from mirror import model as m
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                               CT_FLAG_ACCT, CT_FLAG_TSTAMP, NF_OFF, NF_STATEFUL, NfConfig, RouteEntry, Selection,
-                              translate)
+                              translate, translate_changes)
 
 UP = m.IFF_UP | m.IFF_RUNNING | m.IFF_LOWER_UP
 
@@ -15,8 +15,12 @@ def node(**over):
     """A node routing between two pods: v1 (10.1.0.1/24), v2 (10.2.0.1/24)."""
     st = m.KernelState(netfilter_impact=None, xfrm_impact=None)
     st.set_link(m.Link(1, "lo", "", "00:00:00:00:00:00", 65536, UP, link_type=772))
-    st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True))
-    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True))
+    st.set_link(m.Link(3, "v1", "veth", "02:00:00:00:01:01", 1500, UP, peer_in_other_netns=True, link=2,
+                       link_netnsid=0))
+    st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True, link=2,
+                       link_netnsid=1))
+    st.set_peer((0, 2), m.Peer("02:00:00:00:01:02", xdp=False))  # the pods' own MACs
+    st.set_peer((1, 2), m.Peer("02:00:00:00:02:02", xdp=False))
     st.add_address(m.Address(3, "10.1.0.1", 24))
     st.add_address(m.Address(4, "10.2.0.1", 24))
     for idx, net, addr in ((3, "10.1.0.0", "10.1.0.1"), (4, "10.2.0.0", "10.2.0.1")):
@@ -71,6 +75,22 @@ def test_routes_the_fast_path_does_not_handle_punt(route, reason):
     assert translate(st).routes[("10.9.0.0", 16)] == RouteEntry(R[reason])
 
 
+@pytest.mark.parametrize("aliases, reason", [
+    ([(6, None), (1, "10.2.0.2")], "ROUTE_UNSUPPORTED"),  # blackhole first: the kernel drops
+    ([(1, "10.2.0.2"), (6, None)], "FORWARDED"),
+    ([(1, "10.1.0.2"), (1, "10.2.0.2")], "FORWARDED"),  # the first gateway, not the last
+])
+def test_routes_sharing_a_key_first_one_wins(aliases, reason):
+    st = node()
+    for rtype, gw in aliases:
+        hops = (m.Nexthop(3 if gw == "10.1.0.2" else 4, gw),) if gw else ()
+        st.set_route(m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=rtype, nexthops=hops), m.APPEND)
+    entry = translate(st).routes[("10.9.0.0", 16)]
+    assert entry.action == R[reason]
+    if reason == "FORWARDED":
+        assert entry.gateway == aliases[0][1]
+
+
 def test_local_table_prefix_wins_over_main_inside_it():
     st = node()
     st.set_route(m.Route(m.TABLE_LOCAL, "10.2.0.0", 24, type=m.RTN_LOCAL, nexthops=(m.Nexthop(1),)))  # AnyIP
@@ -82,7 +102,7 @@ def test_local_table_prefix_wins_over_main_inside_it():
 
 def test_addresses_are_local_even_without_local_table_routes():
     st = node()
-    for route in [r for r in st.routes.values() if r.table == m.TABLE_LOCAL]:
+    for route in [r for aliases in st.routes.values() for r in aliases if r.table == m.TABLE_LOCAL]:
         st.del_route(route)
     assert translate(st).routes[("10.2.0.1", 32)].action == R["LOCAL"]
 
@@ -98,15 +118,17 @@ def test_netfilter_and_policy_rules_punt_forwarding():
     assert translate(node(netfilter_impact="netfilter state not read yet")).punt_forward_reason == R["NETFILTER"]
     assert translate(node(xfrm_impact="1 xfrm policy")).punt_forward_reason == R["IPSEC"]
     assert translate(node(fwd_use_pmtu=True)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
+    assert translate(node(fwd_update_priority=False)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
     st = node()
     st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4")})))
     assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
     st = node()
     st.rules.add(m.Rule(32766, 254, frozenset({("FRA_FWMARK", "1")})))
     assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
-    st = node()
-    st.rules.discard(m.Rule(32767, 253))  # deleting a default rule is fine
-    assert translate(st).punt_forward_reason == 0
+    for prio, table in m.DEFAULT_RULES:  # a missing default rule counts too
+        st = node()
+        st.rules.discard(m.Rule(prio, table))
+        assert translate(st).punt_forward_reason == R["POLICY_ROUTING"], prio
 
 
 def test_neighbors_only_valid_states_on_managed_links():
@@ -178,3 +200,42 @@ def test_every_ruleset_change_is_a_new_generation():
         gens.append(st.nf_gen)
     assert gens[1] != gens[0] and gens[2] == gens[1] and len(set(gens)) == 4 and 0 not in gens
 
+
+
+def test_redirect_peer_only_to_a_known_peer_without_xdp():
+    """The peer's own MAC goes with the flag (the datapath compares the
+    neighbour's MAC with it); an XDP program on the peer, or a peer we
+    cannot see, means bpf_redirect through veth_xmit(), which runs it."""
+    d = translate(node())
+    assert d.links[4].flags & LINK_REDIRECT_PEER and d.links[4].peer_mac == "02:00:00:00:02:02"
+    st = node()
+    st.take_changes()
+    st.set_peer((1, 2), m.Peer("02:00:00:00:02:02", xdp=True))
+    delta = translate_changes(st, st.take_changes())
+    assert not delta.links[4].flags & LINK_REDIRECT_PEER and delta.links[4].peer_mac is None
+    assert 3 not in delta.links  # only the veth whose peer changed
+    st.set_peer((1, 2), None)
+    assert not translate(st).links[4].flags & LINK_REDIRECT_PEER
+
+
+@pytest.mark.parametrize("change", ["macvlan here", "promiscuous", "tc filter after ours"])
+def test_links_with_something_beside_us_are_not_managed(change):
+    st = node()
+    if change == "macvlan here":
+        st.set_link(m.Link(9, "mv0", "macvlan", "02:00:00:00:09:09", 1500, UP, link=4))
+    elif change == "promiscuous":
+        st.set_link(m.Link(4, "v2", "veth", "02:00:00:00:02:01", 1500, UP, peer_in_other_netns=True, link=2,
+                           link_netnsid=1, promiscuity=1))
+    else:
+        st.set_ingress_tc_after(4, "1 ingress filter(s) after ours")
+    d = translate(st)
+    assert 4 not in d.attach and 4 not in d.links and not any(k[0] == 4 for k in d.neighbors)
+    assert 3 in d.attach
+
+
+def test_prefixes_uncertain_after_a_dump_punt():
+    st = node()
+    st.uncertain = {("10.2.0.0", 24), ("10.9.0.0", 16)}  # the second has no route now
+    d = translate(st)
+    assert d.routes[("10.2.0.0", 24)] == RouteEntry(R["RESYNC"]) == d.routes[("10.9.0.0", 16)]
+    assert d.routes[("10.1.0.0", 24)].action == R["FORWARDED"]

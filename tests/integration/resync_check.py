@@ -1,0 +1,64 @@
+"""Run a route storm, then compare the agent's route map with a fresh
+translation of the kernel's state, key by key, until they are equal.
+
+Run inside the agent's namespace:
+    resync_check.py BATCH_FILE TIMEOUT
+
+Runs `ip -batch BATCH_FILE` (the storm), translates a fresh netlink dump of
+the kernel (mirror.netlink.dump + mirror.translate, no agent involved) and
+repeatedly reads the route map from the running agent (control socket
+`dump`, i.e. the real BPF map) until the two are equal (and a second fresh
+translation confirms the kernel did not change meanwhile).  Prints {"ms":
+time from the storm's end until they were equal, or null, "diff": the
+differing keys last seen}.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+from pyroute2 import IPRoute
+
+from mirror import control, netlink
+from mirror.reasons import FORWARDED, REASONS
+from mirror.translate import translate
+
+
+def agent_routes():
+    rows = control.request({"cmd": "dump", "table": "routes"})["entries"]
+    return {r["prefix"]: (r["action"], r["oif"], r["gateway"], r["mtu"]) for r in rows}
+
+
+def fresh_routes(ipr):
+    state = netlink.dump(ipr)
+    names = {i: link.name for i, link in state.links.items()}
+    out = {}
+    for (dst, plen), e in translate(state).routes.items():
+        action = "forward" if e.action == FORWARDED else f"punt:{REASONS[e.action].name}"
+        out[f"{dst}/{plen}"] = (action, names.get(e.oif, e.oif) if e.oif else None, e.gateway, e.mtu or None)
+    return out
+
+
+def main(batch, timeout):
+    ipr = IPRoute()
+    subprocess.run(["ip", "-batch", batch], check=True, stdout=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    # The kernel's state is final now: translate it once, poll the agent's
+    # map against it, and check it is still what the kernel says at the end.
+    want, diff = fresh_routes(ipr), None
+    while time.monotonic() - t0 < timeout:
+        have = agent_routes()
+        if have == want:
+            ms = (time.monotonic() - t0) * 1000
+            if fresh_routes(ipr) == want:
+                print(json.dumps({"ms": ms, "routes": len(have)}))
+                return
+            want = fresh_routes(ipr)
+        diff = {k: [have.get(k), want.get(k)] for k in set(have) | set(want) if have.get(k) != want.get(k)}
+        time.sleep(0.005)
+    print(json.dumps({"ms": None, "diff_count": len(diff), "diff": dict(list(diff.items())[:20])}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]))
