@@ -621,7 +621,10 @@ class Agent:
         st = self.nf_state
         if st is None:
             return []
-        rows = [r.as_dict() for r in nfverdict.classify(st.rulesets)]
+        fast = self.offloader.rule_use(self.state.nf_gen)
+        rows = [dict(r.as_dict(), fast_path_packets=fast.get(r.name, (0, 0))[0],
+                     fast_path_bytes=fast.get(r.name, (0, 0))[1])
+                for r in nfverdict.classify(st.rulesets)]
         if st.unsupported:
             rows.append({"backend": "*", "table": "", "chain": "", "index": 0, "rule": "",
                          "status": "punt", "reason": f"all forwarded traffic: {st.unsupported}"})

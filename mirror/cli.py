@@ -258,7 +258,9 @@ def _row_text(table, row):
     if table == "rules":
         why = f" ({row['reason']})" if row["reason"] else ""
         if row["index"]:
-            return (f"{row['backend']} {row['table']} {row['chain']} #{row['index']}: {row['status']}{why}\n"
+            counts = (f" [kernel {row['kernel_packets']} pkts, fast path {row['fast_path_packets']} pkts]"
+                      if row.get("kernel_packets") is not None else "")
+            return (f"{row['backend']} {row['table']} {row['chain']} #{row['index']}: {row['status']}{why}{counts}\n"
                     f"    -A {row['chain']} {row['rule']}")
         return f"{row['backend']}: {row['status']}{why}" + (f"\n    {row['rule']}" if row["rule"] else "")
     text = f"{row['ifindex']}: {row['name']} {row['mac']} mtu {row['mtu']} <{','.join(row['flags'])}>"

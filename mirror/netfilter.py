@@ -65,9 +65,11 @@ from mirror.iptables import (
 log = logging.getLogger(__name__)
 
 BACKENDS: Tuple[str, ...] = ("iptables-nft", "iptables-legacy")
+# -c: with each rule's packet/byte counters (dump rules shows them beside the
+# fast path's; they are not part of a ruleset's content).
 SAVE_COMMANDS: Dict[str, Tuple[str, ...]] = {
-    "iptables-nft": ("iptables-nft-save",),
-    "iptables-legacy": ("iptables-legacy-save",),
+    "iptables-nft": ("iptables-nft-save", "-c"),
+    "iptables-legacy": ("iptables-legacy-save", "-c"),
 }
 NFT_COMMAND: Tuple[str, ...] = ("nft", "-j", "list", "ruleset")
 COMMAND_TIMEOUT = 10.0

@@ -144,6 +144,19 @@ class Offloader:
             self.decided.popitem(last=False)
 
 
+    def rule_use(self, nf_gen: int):
+        """{rule name: (packets, bytes)} the fast path carried for flows of the
+        current ruleset generation, by the rule that decided each flow (the
+        kernel's own counters never see these packets)."""
+        out = {}
+        for key, verdict in list(self.decided.items()):
+            current = self.sync.read_flow(key)
+            if verdict.rule is None or current is None or current[0].gen != nf_gen:
+                continue
+            packets, nbytes = out.get(verdict.rule, (0, 0))
+            out[verdict.rule] = (packets + current[1], nbytes + current[2])
+        return out
+
     def dump(self, state: m.KernelState):
         """The flows with a verdict of the current generation in the map
         (forwarded, dropped or left to the kernel), each with the kernel's

@@ -50,3 +50,26 @@ def test_dump_rules_reports_native_nft_tables(routed_topology, agent):
     rows = wait_for(lambda: [r for r in dump_rules(topo, "--json") if r["backend"] == "*"] or None, 10,
                     "the native table in dump rules")
     assert rows[0]["status"] == "punt" and "nft inet lmt fw1" in rows[0]["reason"]
+
+
+def test_dump_rules_shows_fast_path_packets_beside_the_kernels(routed_topology, agent):
+    """The kernel's rule counters only see what the kernel forwarded; dump
+    rules puts the fast path's packets (per deciding rule) beside them."""
+    from test_stateful import iperf
+
+    topo = routed_topology
+    topo.run("node", ["iptables-nft", "-P", "FORWARD", "DROP"])
+    topo.run("node", ["iptables-nft", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+                      "-j", "ACCEPT"])
+    topo.run("node", ["iptables-nft", "-A", "FORWARD", "-s", topo.pod1_ip, "-d", topo.pod2_ip, "-j", "ACCEPT"])
+    agent(topo)
+    assert iperf(topo, topo.pod2_ip, 5201, seconds=2) > 0
+
+    def established_rule():
+        rows = dump_rules(topo, "--json")
+        row = next((r for r in rows if (r["table"], r["chain"], r["index"]) == ("filter", "FORWARD", 1)), None)
+        return row if row and row["fast_path_packets"] > 1000 else None
+    row = wait_for(established_rule, 10, "fast-path packets counted for the ESTABLISHED rule")
+    # The kernel counted the packets it forwarded itself (before the takeover), far fewer.
+    assert row["kernel_packets"] is not None and row["kernel_packets"] < row["fast_path_packets"]
+    assert "fast path" in dump_rules(topo)
