@@ -28,8 +28,15 @@ def held_by_others(inode: int, proc="/proc") -> bool:
         if not pid.isdigit() or pid == me:
             continue
         try:
-            if os.stat(os.path.join(proc, pid, "ns", "net")).st_ino == inode:
+            if os.stat(os.path.join(proc, pid, "ns", "net")).st_ino == inode and _parent(proc, pid) != me:
                 return True
         except OSError:  # gone meanwhile, or a kernel thread
             continue
     return False
+
+
+def _parent(proc: str, pid: str) -> str:
+    """The parent pid: the agent's own helpers (the iptables-legacy hint
+    process) live in its namespace but do not keep it in use."""
+    with open(os.path.join(proc, pid, "stat")) as f:
+        return f.read().rsplit(")", 1)[1].split()[1]

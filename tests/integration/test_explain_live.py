@@ -82,9 +82,11 @@ def test_explain_names_the_culprit(routed_topology, agent):
     [nb] = explain(topo, "--src", topo.pod1_ip, "--dst", "10.2.0.99")
     assert nb["verdict"] == "NO_NEIGHBOR" and nb["steps"][-1]["note"].startswith(f"10.2.0.99 dev {topo.node_if2}: ")
 
-    topo.run("node", ["iptables", "-A", "FORWARD", "-p", "udp", "--dport", "9", "-m", "recent", "--rcheck",
-                      "-j", "DROP"])
-    wait_for(lambda: a.status().get("forwarding_punted_because"), 5, "agent did not see the FORWARD rule")
+    # A native nftables forward chain: the agent cannot evaluate it, so all
+    # forwarded traffic punts (iptables rules would only make flows stateful).
+    topo.run("node", ["nft", "add table inet lmx; add chain inet lmx fw { type filter hook forward priority 0; }; "
+                             "add rule inet lmx fw udp dport 9 drop"])
+    wait_for(lambda: a.status().get("forwarding_punted_because"), 5, "agent did not see the nft forward chain")
     [nf] = explain(topo, "--src", topo.pod1_ip, "--dst", topo.pod2_ip)
     assert nf["verdict"] == "NETFILTER"
     assert nf["steps"][-1]["note"] == a.status()["forwarding_punted_because"]
