@@ -1,0 +1,237 @@
+"""The twin network for tools/fuzz: two identical copies of the node and its
+pods, A (the kernel alone, never an agent) and B (loxi-mirror running in its
+node), configured with the same commands and sent the same frames; what
+arrives where is captured and compared per packet.
+
+Each copy: <prefix>-{a,b}-node with veth1..vethN, <prefix>-{a,b}-podI with
+eth0.  One agent runs in B's node for the whole run and follows every case's
+reconfiguration (a case is applied, then a sentinel route marks when the
+agent has seen all of it).  Frames are sent and captured through AF_PACKET
+sockets that this process opens once inside the pods' namespaces.
+"""
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from topology import Agent, Netns, in_netns
+
+import fuzz_gen as g
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+COPIES = ("a", "b")
+SETTLE = 0.06    # s after the last frame: neighbour resolution/failure (10 ms retrans) ends within it
+QUIET = 0.015    # s without a frame before a capture counts as finished
+
+
+class Twin(Netns):
+    ROLES = tuple(f"{c}-{r}" for c in COPIES for r in ["node"] + [f"pod{i}" for i in range(1, g.PODS + 1)])
+
+    def __init__(self, prefix="lmf"):
+        super().__init__(prefix, ipv6=False)
+        self.socks: Dict[Tuple[str, int], socket.socket] = {}
+        self.agent = None
+        self.cases_applied = 0
+
+    def _build(self):
+        for c in COPIES:
+            for i in range(1, g.PODS + 1):
+                self._veth(f"{c}-node", f"veth{i}", g.node_mac(i), f"{c}-pod{i}", "eth0", g.pod_mac(i))
+                self.run(f"{c}-pod{i}", ["ip", "link", "set", "eth0", "mtu", str(g.POD_MTU), "up"])
+                # Pods only capture: their own stack must not answer (no
+                # RSTs, echo replies or ICMP errors of their own); ARP stays.
+                self.run(f"{c}-pod{i}", ["iptables", "-A", "INPUT", "-j", "DROP"])
+            write_sysctls(self.nsname(f"{c}-node"), g.NODE_FIXED_SYSCTLS)
+        for c in COPIES:
+            for i in range(1, g.PODS + 1):
+                with in_netns(self.nsname(f"{c}-pod{i}")):
+                    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                    s.bind(("eth0", 0))
+                    s.setblocking(False)
+                self.socks[(c, i)] = s
+
+    def down(self):
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+        super().down()
+
+    def start_agent(self, timeout=60.0):
+        # This checkout's agent (the venv's), whatever /usr/local/bin points at.
+        exe = os.path.join(os.path.dirname(sys.executable), "loxi-mirror")
+        self.agent = Agent(self, ns="b-node", exe=exe if os.path.exists(exe) else "loxi-mirror")
+        self.agent.start(timeout=timeout)
+        return self.agent
+
+    # ---- one case ------------------------------------------------------
+    def apply(self, t: g.Topology, timeout=10.0):
+        """Configure both copies for topology t; return once B's agent has
+        caught up (it shows this case's sentinel route)."""
+        self.cases_applied += 1
+        n = self.cases_applied
+        sentinel = f"198.{18 + (n >> 16) % 2}.{(n >> 8) & 255}.{n & 255}"
+        procs = []
+        for c in COPIES:
+            write_sysctls(self.nsname(f"{c}-node"), g.node_sysctls(t))
+            procs.append(self._batch(f"{c}-node", g.node_commands(t, sentinel)))
+            for i in range(1, g.PODS + 1):
+                procs.append(self._batch(f"{c}-pod{i}", g.pod_commands(t, i)))
+        for p in procs:
+            p.wait(timeout=30)
+        if self.agent is not None:
+            self._wait_agent_route(f"{sentinel}/32", timeout)
+
+    def _batch(self, role, lines):
+        p = subprocess.Popen(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        p.stdin.write("\n".join(lines) + "\n")
+        p.stdin.close()
+        return p
+
+    def _wait_agent_route(self, prefix, timeout):
+        from mirror import control
+        deadline = time.monotonic() + timeout
+        while True:
+            with in_netns(self.nsname("b-node")):
+                reply = control.request({"cmd": "dump", "table": "routes", "match": {"prefix": prefix}})
+            if reply.get("entries"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not mirror the case within {timeout} s "
+                                   f"(reply {reply}); log:\n{self.agent.log_tail()}")
+            time.sleep(0.002)
+
+    def exchange(self, frames: List[bytes], senders: List[int]) -> Dict[str, List[Tuple[int, bytes]]]:
+        """Send the frames from their pods in both copies; {copy: [(pod, frame), ...]}
+        of everything the pods received afterwards, in arrival order per pod."""
+        for s in self.socks.values():
+            _drain(s)
+        for f, sender in zip(frames, senders):
+            for c in COPIES:
+                try:
+                    self.socks[(c, sender)].send(f)
+                except OSError:
+                    pass  # too short/long for AF_PACKET: the same in both copies
+        time.sleep(SETTLE)
+        got = {c: [] for c in COPIES}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < QUIET:
+            ready, _, _ = select.select(list(self.socks.values()), [], [], QUIET)
+            for (c, i), s in self.socks.items():
+                if s in ready:
+                    frames_in = _drain(s)
+                    if frames_in:
+                        quiet_since = time.monotonic()
+                    got[c] += [(i, f) for f in frames_in]
+        return got
+
+
+def _drain(s) -> List[bytes]:
+    out = []
+    while True:
+        try:
+            data, addr = s.recvfrom(65535)
+        except BlockingIOError:
+            return out
+        if addr[2] != PACKET_OUTGOING:
+            out.append(data)
+
+
+def write_sysctls(ns, pairs):
+    with in_netns(ns):
+        for key, value in pairs:
+            path = "/proc/sys/" + key.replace(".", "/")
+            try:
+                with open(path, "w") as f:
+                    f.write(f"{value}\n")
+            except OSError:
+                pass  # a key this kernel lacks: the same in both copies
+
+
+# ---- comparison -----------------------------------------------------------
+
+ICMP_ERRORS = {3, 4, 5, 11, 12}
+
+
+@dataclass
+class Outcome:
+    """Per packet index: sorted [(pod, normalized hex)]; frames no packet
+    owns (the node's own replies, ARP answers) as a sorted list too."""
+    per_packet: Dict[int, List[Tuple[int, str]]] = field(default_factory=dict)
+    other: List[Tuple[int, str]] = field(default_factory=list)
+
+
+def outcome(captured: List[Tuple[int, bytes]], node_ips: List[str], n_packets: int) -> Outcome:
+    out = Outcome()
+    own = {socket.inet_aton(ip) for ip in node_ips}
+    for pod, f in captured:
+        if _is_node_arp_request(f):
+            continue  # its count depends on neighbour timers, not on the packets
+        f = _normalize(f, own)
+        owner = _owner(f, own, n_packets)
+        if owner is None:
+            out.other.append((pod, f.hex()))
+        else:
+            out.per_packet.setdefault(owner, []).append((pod, f.hex()))
+    for v in out.per_packet.values():
+        v.sort()
+    out.other.sort()
+    return out
+
+
+def _is_node_arp_request(f: bytes) -> bool:
+    return len(f) >= 22 and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"
+
+
+def _ipv4(f: bytes) -> bool:
+    return len(f) >= 34 and f[12:14] == b"\x08\x00"
+
+
+def _normalize(f: bytes, own) -> bytes:
+    """Frames the node itself sends (ICMP errors, echo replies, RSTs) get an
+    IP id from a randomised generator: blank it and the header checksum."""
+    if _ipv4(f) and f[26:30] in own:
+        b = bytearray(f)
+        b[18:20] = b"\0\0"
+        b[24:26] = b"\0\0"
+        return bytes(b)
+    return f
+
+
+def _owner(f: bytes, own, n_packets: int):
+    if not _ipv4(f):
+        return None
+    ident = int.from_bytes(f[18:20], "big")
+    if f[26:30] in own:
+        ihl = (f[14] & 0xF) * 4
+        icmp = 14 + ihl
+        if f[23] != 1 or len(f) < icmp + 8 + 20 or f[icmp] not in ICMP_ERRORS:
+            return None
+        ident = int.from_bytes(f[icmp + 8 + 4:icmp + 8 + 6], "big")  # the quoted header's id
+    i = ident - g.ident_of(0)
+    return i if 0 <= i < n_packets else None
+
+
+def compare(a: Outcome, b: Outcome, n_packets: int) -> List[str]:
+    """Human-readable differences; [] when B did exactly what A did."""
+    diffs = []
+    for i in range(n_packets):
+        pa, pb = a.per_packet.get(i, []), b.per_packet.get(i, [])
+        if pa != pb:
+            diffs.append(f"packet {i}: kernel {_where(pa)} / loxi-mirror {_where(pb)}")
+    if a.other != b.other:
+        diffs.append(f"other frames: kernel {_where(a.other)} / loxi-mirror {_where(b.other)}")
+    return diffs
+
+
+def _where(frames):
+    if not frames:
+        return "dropped"
+    return "; ".join(f"pod{pod} {h}" for pod, h in frames)
