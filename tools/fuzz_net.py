@@ -262,3 +262,19 @@ def _where(frames):
     if not frames:
         return "dropped"
     return "; ".join(f"pod{pod} {h}" for pod, h in frames)
+
+
+def differences(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
+    """Apply the case's topology to both copies, send its frames, compare."""
+    twin.apply(case.topology)
+    return exchange_and_compare(twin, case, tolerated)
+
+
+def exchange_and_compare(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
+    """Send the case's frames in both copies as they are configured now; compare."""
+    frames = case.frames()
+    got = twin.exchange(frames, [p.sender for p in case.packets])
+    ips = case.topology.node_ips()
+    a = outcome(got["a"], ips, len(frames))
+    b = outcome(got["b"], ips, len(frames))
+    return compare(a, b, len(frames), tolerated)
