@@ -14,9 +14,10 @@ case; "routed" is the base.  Bridges, iptables filter/NAT ... become further
 Feature entries in FEATURES as the fast path learns them.
 """
 
+import dataclasses
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 from hypothesis import strategies as st
 
@@ -87,6 +88,8 @@ class Topology:
     ip_forward: int
     all_rp_filter: int
     features: Tuple[str, ...] = ("routed",)
+    forward_policy: str = "ACCEPT"      # feature "filter": the FORWARD chain
+    forward_rules: Tuple[str, ...] = ()  # iptables -A FORWARD arguments
 
     def link(self, i: int) -> Link:
         return self.links[i - 1]
@@ -138,6 +141,17 @@ def node_sysctls(t: Topology) -> List[Tuple[str, int]]:
         out += [(f"net.ipv4.conf.veth{l.index}.forwarding", l.forwarding),
                 (f"net.ipv4.conf.veth{l.index}.rp_filter", l.rp_filter)]
     return out
+
+
+def iptables_restore(t: Topology) -> str:
+    """The node's whole filter table for `iptables-restore` (replaces the last case's)."""
+    rules = "".join(f"-A FORWARD {r}\n" for r in t.forward_rules)
+    return (f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD {t.forward_policy} [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            f"{rules}COMMIT\n")
+
+
+def affects_forwarding(t: Topology) -> bool:
+    return bool(t.forward_rules) or t.forward_policy != "ACCEPT"
 
 
 def pod_commands(t: Topology, i: int) -> List[str]:
@@ -356,10 +370,31 @@ def topologies(draw, features=("routed",), known=()):
     ls = draw(links())
     used = [l.index for l in ls if l.used]
     connected = [(str(l.net), 0) for l in ls if l.used]
-    return Topology(links=ls, routes=draw(routes(used, connected, known)),
-                    ip_forward=draw(st.sampled_from([1] * 9 + [0])),
-                    all_rp_filter=draw(st.sampled_from([0, 0, 0, 1, 2])),
-                    features=tuple(features))
+    t = Topology(links=ls, routes=draw(routes(used, connected, known)),
+                 ip_forward=draw(st.sampled_from([1] * 9 + [0])),
+                 all_rp_filter=draw(st.sampled_from([0, 0, 0, 1, 2])),
+                 features=tuple(features))
+    for name in features:
+        if FEATURES[name].topology is not None:
+            t = draw(FEATURES[name].topology(t))
+    return t
+
+
+@st.composite
+def forward_filter(draw, t: Topology):
+    """FORWARD rules (stateless matches; DROP, REJECT, ACCEPT) and a policy;
+    half the cases have none, so both the punted and the fast path run."""
+    used = [l.index for l in t.used]
+    match = st.one_of(
+        st.just("-p udp --dport 9"), st.just("-p tcp --dport 80"), st.just("-p icmp"),
+        st.sampled_from(used).map(lambda i: f"-i veth{i}"), st.sampled_from(used).map(lambda i: f"-o veth{i}"),
+        st.sampled_from(used).map(lambda i: f"-s {t.link(i).net}"),
+        st.sampled_from(["172.16.0.0/12", "10.9.0.0/16"]).map(lambda n: f"-d {n}"),
+    )
+    rule = st.tuples(match, st.sampled_from(["DROP", "REJECT", "ACCEPT"])).map(lambda mt: f"{mt[0]} -j {mt[1]}")
+    rules = draw(st.one_of(st.just(()), st.lists(rule, min_size=1, max_size=4).map(tuple)))
+    policy = draw(st.sampled_from(["ACCEPT", "ACCEPT", "ACCEPT", "DROP"])) if rules else "ACCEPT"
+    return dataclasses.replace(t, forward_rules=rules, forward_policy=policy)
 
 
 def addresses(used: List[int]):
@@ -440,15 +475,18 @@ def ident_of(i: int) -> int:
 
 @dataclass
 class Feature:
-    """What a --feature adds to the base routed case (commands run in the
-    node after the routed ones).  Today only the base exists."""
+    """What a --feature adds to the base routed case: `topology(t)` returns a
+    strategy for t with the feature's part filled in (Topology fields that
+    fuzz_net applies and the reproducer prints).  Bridges, VXLAN and NAT
+    become entries here."""
     name: str
     doc: str
-    extra: Optional[object] = None  # strategy of extra node commands (future)
+    topology: Optional[Callable] = None
 
 
 FEATURES: Dict[str, Feature] = {
     "routed": Feature("routed", "veth pods around a routing node: routes, MTUs, sysctls, neighbours"),
+    "filter": Feature("filter", "iptables filter FORWARD rules and policy in the node", forward_filter),
 }
 
 

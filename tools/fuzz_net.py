@@ -83,10 +83,15 @@ class Twin(Netns):
             procs.append(self._batch(f"{c}-node", g.node_commands(t, sentinel)))
             for i in range(1, g.PODS + 1):
                 procs.append(self._batch(f"{c}-pod{i}", g.pod_commands(t, i)))
+        if "filter" in t.features:
+            for c in COPIES:
+                procs.append(self._restore(f"{c}-node", g.iptables_restore(t)))
         for p in procs:
             p.wait(timeout=30)
         if self.agent is not None:
             self._wait_agent_route(f"{sentinel}/32", timeout)
+            if "filter" in t.features:
+                self._wait_agent_netfilter(g.affects_forwarding(t), timeout)
 
     def _batch(self, role, lines):
         p = subprocess.Popen(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], stdin=subprocess.PIPE,
@@ -94,6 +99,27 @@ class Twin(Netns):
         p.stdin.write("\n".join(lines) + "\n")
         p.stdin.close()
         return p
+
+    def _restore(self, role, text):
+        p = subprocess.Popen(["ip", "netns", "exec", self.nsname(role), "iptables-restore"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        p.stdin.write(text)
+        p.stdin.close()
+        return p
+
+    def _wait_agent_netfilter(self, punting, timeout):
+        """The netfilter watcher is its own thread: wait until the agent's
+        view (forwarding punted because of netfilter, or not) is this case's."""
+        from mirror import control
+        deadline = time.monotonic() + timeout
+        while True:
+            with in_netns(self.nsname("b-node")):
+                why = control.request({"cmd": "status"}).get("forwarding_punted_because") or ""
+            if why.startswith("netfilter") == punting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent's netfilter view not updated within {timeout} s ({why!r})")
+            time.sleep(0.005)
 
     def _wait_agent_route(self, prefix, timeout):
         from mirror import control
