@@ -48,7 +48,8 @@ class Link:
     mtu: int                    # node side MTU
     forwarding: int
     rp_filter: int
-    neigh: str                  # node's entry for the pod: permanent|reachable|stale|none
+    neigh: str                  # node's entry for the pod: a NUD state, "foreign" (permanent, wrong MAC) or none
+    second_net: bool = False    # node also has 10.N.1.1/24 here: a subnet nobody answers in
 
     @property
     def net(self) -> ipaddress.IPv4Network:
@@ -99,7 +100,12 @@ class Topology:
         return [l for l in self.links if l.used]
 
     def node_ips(self) -> List[str]:
-        return [l.node_ip for l in self.used]
+        return [l.node_ip for l in self.used] + [f"10.{l.index}.1.1" for l in self.used if l.second_net]
+
+    def node_nets(self) -> List[ipaddress.IPv4Network]:
+        """Where the node's own packets come from: its addresses and local routes."""
+        return ([ipaddress.ip_network(f"{ip}/32") for ip in self.node_ips()]
+                + [ipaddress.ip_network(r.prefix) for r in self.routes if r.kind == "local"])
 
 
 def node_commands(t: Topology, sentinel: str) -> List[str]:
@@ -111,8 +117,12 @@ def node_commands(t: Topology, sentinel: str) -> List[str]:
                  f"link set veth{l.index} mtu {l.mtu} {'up' if l.used else 'down'}"]
     for l in t.used:
         cmds.append(f"addr add {l.node_ip}/{l.plen} dev veth{l.index}")
+        if l.second_net:
+            cmds.append(f"addr add 10.{l.index}.1.1/24 dev veth{l.index}")
     for l in t.used:
-        if l.neigh != "none":
+        if l.neigh == "foreign":
+            cmds.append(f"neigh replace {l.pod_ip} lladdr {FOREIGN_MAC} dev veth{l.index} nud permanent")
+        elif l.neigh != "none":
             cmds.append(f"neigh replace {l.pod_ip} lladdr {pod_mac(l.index)} dev veth{l.index} nud {l.neigh}")
     cmds += [route_command(t, r) for r in t.routes]
     cmds.append(f"route add blackhole {sentinel}/32")
@@ -124,6 +134,8 @@ def route_command(t: Topology, r: Route) -> str:
         f" mtu {'lock ' if r.lock else ''}{r.mtu}" if r.mtu else "")
     if r.kind in ("blackhole", "unreachable", "prohibit", "throw"):
         return f"route append {r.kind} {r.prefix}{tail}"
+    if r.kind == "local":  # AnyIP: the node answers for the whole prefix
+        return f"route append local {r.prefix} dev veth{r.pods[0]} table local"
     if r.kind == "dev":
         return f"route append {r.prefix} dev veth{r.pods[0]}{tail}"
     if r.kind == "onlink":  # a gateway no pod owns: ARP fails
@@ -327,7 +339,9 @@ def links(draw):
             mtu=draw(MTUS),
             forwarding=draw(st.sampled_from([1] * 9 + [0])),
             rp_filter=draw(st.sampled_from([0, 0, 0, 1, 2])),
-            neigh=draw(st.sampled_from(["permanent", "reachable", "reachable", "stale", "none"])),
+            neigh=draw(st.sampled_from(["permanent", "reachable", "reachable", "stale", "none", "noarp", "delay",
+                                        "probe", "incomplete", "failed", "foreign"])),
+            second_net=draw(st.sampled_from([False, False, False, True])),
         ))
     return tuple(out)
 
@@ -353,7 +367,7 @@ def routes(draw, used: List[int], taken=(), known=()):
                                      "10.3.0.2"]))
         prefix = str(ipaddress.ip_network(f"{base}/{plen}", strict=False))
         kind = draw(st.sampled_from(["via"] * 6 + ["dev", "dev", "onlink", "multipath",
-                                                    "blackhole", "unreachable", "prohibit", "throw"]))
+                                                    "blackhole", "unreachable", "prohibit", "throw", "local"]))
         pods = tuple(draw(st.lists(st.sampled_from(used), min_size=2 if kind == "multipath" else 1,
                                    max_size=2, unique=True)))
         mtu = draw(st.sampled_from([0, 0, 0, 1300, 1450]))

@@ -93,6 +93,19 @@ class Twin(Netns):
             if "filter" in t.features:
                 self._wait_agent_netfilter(g.affects_forwarding(t), timeout)
 
+    def snapshot(self) -> str:
+        """Both nodes' kernel state and B's agent tables, for a mismatch report."""
+        out = []
+        for c in COPIES:
+            for what in (["addr"], ["route", "show", "table", "all"], ["neigh", "show", "nud", "all"]):
+                cp = self.run(f"{c}-node", ["ip", "-o"] + what, check=False)
+                out.append(f"## {c}-node: ip {' '.join(what)}\n{cp.stdout.strip()}")
+        if self.agent is not None:
+            for table in ("routes", "neighbors", "links"):
+                cp = self.run("b-node", [self.agent.exe, "dump", table], check=False)
+                out.append(f"## b-node agent: dump {table}\n{cp.stdout.strip()}{cp.stderr.strip()}")
+        return "\n".join(out)
+
     def _batch(self, role, lines):
         p = subprocess.Popen(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], stdin=subprocess.PIPE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
@@ -194,9 +207,20 @@ class Outcome:
     other: List[Tuple[int, str]] = field(default_factory=list)
 
 
-def outcome(captured: List[Tuple[int, bytes]], node_ips: List[str], n_packets: int) -> Outcome:
+class _Own:
+    """Membership of a frame's source address in the node's networks."""
+
+    def __init__(self, nets):
+        self.nets = [(int(n.network_address), int(n.netmask)) for n in nets]
+
+    def __contains__(self, addr: bytes) -> bool:
+        a = int.from_bytes(addr, "big")
+        return any(a & mask == net for net, mask in self.nets)
+
+
+def outcome(captured: List[Tuple[int, bytes]], node_nets, n_packets: int) -> Outcome:
     out = Outcome()
-    own = {socket.inet_aton(ip) for ip in node_ips}
+    own = _Own(node_nets)
     for pod, f in captured:
         if _is_node_arp_request(f):
             continue  # its count depends on neighbour timers, not on the packets
@@ -300,7 +324,7 @@ def exchange_and_compare(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
     """Send the case's frames in both copies as they are configured now; compare."""
     frames = case.frames()
     got = twin.exchange(frames, [p.sender for p in case.packets])
-    ips = case.topology.node_ips()
-    a = outcome(got["a"], ips, len(frames))
-    b = outcome(got["b"], ips, len(frames))
+    nets = case.topology.node_nets()
+    a = outcome(got["a"], nets, len(frames))
+    b = outcome(got["b"], nets, len(frames))
     return compare(a, b, len(frames), tolerated)
