@@ -38,6 +38,7 @@ class Twin(Netns):
         self.socks: Dict[Tuple[str, int], socket.socket] = {}
         self.agent = None
         self.cases_applied = 0
+        self.diverged = []  # how the copies' configuration differed in the last apply
 
     def _build(self):
         for c in COPIES:
@@ -77,17 +78,19 @@ class Twin(Netns):
         self.cases_applied += 1
         n = self.cases_applied
         sentinel = f"198.{18 + (n >> 16) % 2}.{(n >> 8) & 255}.{n & 255}"
-        procs = []
+        procs = {}  # (copy, what) -> process
         for c in COPIES:
             write_sysctls(self.nsname(f"{c}-node"), g.node_sysctls(t))
-            procs.append(self._batch(f"{c}-node", g.node_commands(t, sentinel)))
+            procs[c, "node"] = self._batch(f"{c}-node", g.node_commands(t, sentinel))
             for i in range(1, g.PODS + 1):
-                procs.append(self._batch(f"{c}-pod{i}", g.pod_commands(t, i)))
-        if "filter" in t.features:
-            for c in COPIES:
-                procs.append(self._restore(f"{c}-node", g.iptables_restore(t)))
-        for p in procs:
-            p.wait(timeout=30)
+                procs[c, f"pod{i}"] = self._batch(f"{c}-pod{i}", g.pod_commands(t, i))
+            if "filter" in t.features:
+                procs[c, "iptables"] = self._restore(f"{c}-node", g.iptables_restore(t))
+        errors = {key: p.communicate(timeout=30)[1] for key, p in procs.items()}
+        # The oracle holds only if both copies ended up configured alike.
+        self.diverged = [f"configuring {what}: kernel copy said {errors['a', what]!r}, "
+                         f"loxi-mirror copy said {errors['b', what]!r}"
+                         for c, what in procs if c == "a" and errors["a", what] != errors["b", what]]
         if self.agent is not None:
             self._wait_agent_route(f"{sentinel}/32", timeout)
             if "filter" in t.features:
@@ -107,17 +110,19 @@ class Twin(Netns):
         return "\n".join(out)
 
     def _batch(self, role, lines):
-        p = subprocess.Popen(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-        p.stdin.write("\n".join(lines) + "\n")
-        p.stdin.close()
-        return p
+        return self._feed(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], "\n".join(lines) + "\n")
 
     def _restore(self, role, text):
-        p = subprocess.Popen(["ip", "netns", "exec", self.nsname(role), "iptables-restore"], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        return self._feed(["ip", "netns", "exec", self.nsname(role), "iptables-restore"], text)
+
+    @staticmethod
+    def _feed(argv, text):
+        """Start argv with `text` on stdin; stderr is kept (see apply)."""
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
         p.stdin.write(text)
         p.stdin.close()
+        p.stdin = None  # communicate() must not flush it again
         return p
 
     def _wait_agent_netfilter(self, punting, timeout):
@@ -317,7 +322,7 @@ def _where(frames):
 def differences(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
     """Apply the case's topology to both copies, send its frames, compare."""
     twin.apply(case.topology)
-    return exchange_and_compare(twin, case, tolerated)
+    return twin.diverged + exchange_and_compare(twin, case, tolerated)
 
 
 def exchange_and_compare(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
