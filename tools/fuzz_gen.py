@@ -249,7 +249,7 @@ def frame(t: Topology, p: Packet, ident: int) -> bytes:
         return bytes(Ether(src=src_mac, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(body or b"\0"))
     if p.kind == "ipv6":
         return bytes(Ether(src=src_mac, dst=dst_mac) / IPv6(src=f"fd00::{p.sender}", dst="fd00::99", hlim=p.ttl)
-                     / UDP(sport=1000 + ident, dport=9) / body)
+                     / UDP(sport=1024 + ident % 60000, dport=9) / body)
     options = {"none": [], "rr": [IPOption_RR(routers=["0.0.0.0"])], "ra": [IPOption_Router_Alert()],
                "nop": [IPOption_NOP()] * 4}[p.options]
     flags = ("DF" if p.df else 0)
@@ -260,8 +260,8 @@ def frame(t: Topology, p: Packet, ident: int) -> bytes:
         frag = 100
     ip = IP(src=src, dst=dst, ttl=p.ttl, tos=p.tos, id=ident, flags=flags, frag=frag, options=options)
     l4 = {
-        "udp": lambda: UDP(sport=1000 + ident, dport=9) / body,
-        "tcp": lambda: TCP(sport=1000 + ident, dport=80, flags="S", seq=ident) / body,
+        "udp": lambda: UDP(sport=1024 + ident % 60000, dport=9) / body,
+        "tcp": lambda: TCP(sport=1024 + ident % 60000, dport=80, flags="S", seq=ident) / body,
         "icmp": lambda: ICMP(type=8, id=ident, seq=1) / body,
         "gre": lambda: Raw(b"\x00\x00\x08\x00" + bytes(IP(src="192.0.2.1", dst="192.0.2.2") / body)),
         "ipip": lambda: IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=7, dport=7) / body,
