@@ -352,13 +352,16 @@ KNOWN = {
     "route-alias": "two main-table routes with the same prefix, metric and TOS (`ip route append`): "
                    "the kernel uses the first, loxi-mirror's model keeps only the last one notified "
                    "(routes are keyed by table/prefix/TOS/metric)",
+    "local-gateway": "a gateway the node itself owns through a local-table (AnyIP) route: the kernel answers "
+                     "ICMP host unreachable, loxi-mirror forwards to the gateway's neighbour entry",
 }
 
 
 @st.composite
-def routes(draw, used: List[int], taken=(), known=()):
+def routes(draw, used: List[int], taken=(), known=(), pod_ips=()):
     """Up to six routes; `taken` holds the (prefix, metric) pairs already in
-    the main table (connected subnets), which route-alias cases reuse."""
+    the main table (connected subnets), which route-alias cases reuse;
+    local routes covering a pod (a possible gateway) only for local-gateway."""
     out = []
     taken = set(taken)
     for _ in range(draw(st.integers(0, 6))):
@@ -374,6 +377,9 @@ def routes(draw, used: List[int], taken=(), known=()):
         metric = draw(st.sampled_from([0, 0, 10]))
         if (prefix, metric) in taken and "route-alias" not in known:
             continue
+        if kind == "local" and "local-gateway" not in known and any(
+                ipaddress.ip_address(ip) in ipaddress.ip_network(prefix) for ip in pod_ips):
+            continue
         taken.add((prefix, metric))
         out.append(Route(prefix, kind, pods, mtu=mtu, lock=bool(mtu) and draw(st.booleans()), metric=metric))
     return tuple(out)
@@ -384,7 +390,8 @@ def topologies(draw, features=("routed",), known=()):
     ls = draw(links())
     used = [l.index for l in ls if l.used]
     connected = [(str(l.net), 0) for l in ls if l.used]
-    t = Topology(links=ls, routes=draw(routes(used, connected, known)),
+    pod_ips = [l.pod_ip for l in ls if l.used]
+    t = Topology(links=ls, routes=draw(routes(used, connected, known, pod_ips)),
                  ip_forward=draw(st.sampled_from([1] * 9 + [0])),
                  all_rp_filter=draw(st.sampled_from([0, 0, 0, 1, 2])),
                  features=tuple(features))

@@ -74,3 +74,15 @@ def test_route_alias_same_as_the_kernel(twin):
                    all_rp_filter=0)
     case = g.Case(t, (g.Packet(sender=2, dst=("addr", "10.1.0.24")),))
     assert fuzz_net.differences(twin, case) == []
+
+
+@pytest.mark.xfail(strict=True, reason="known: a gateway the node owns through a local-table (AnyIP) route")
+def test_local_gateway_same_as_the_kernel(twin):
+    """10.1.0.0/25 via 10.3.0.2, and `local 10.3.0.2/32` in the local table:
+    the kernel answers ICMP host unreachable, loxi-mirror forwards to pod3."""
+    links = plain_links(1, 2, 3)
+    t = g.Topology(links, routes=(g.Route("10.3.0.2/32", "local", (3,)), g.Route("10.1.0.0/25", "via", (3,),
+                                                                                   metric=10)),
+                   ip_forward=1, all_rp_filter=0)
+    case = g.Case(t, (g.Packet(sender=2, dst=("pod", 1)),))
+    assert fuzz_net.differences(twin, case) == []
