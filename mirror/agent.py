@@ -622,9 +622,13 @@ class Agent:
         if st is None:
             return []
         fast = self.offloader.rule_use(self.state.nf_gen)
-        rows = [dict(r.as_dict(), fast_path_packets=fast.get(r.name, (0, 0))[0],
-                     fast_path_bytes=fast.get(r.name, (0, 0))[1])
-                for r in nfverdict.classify(st.rulesets)]
+        kernel = netfilter.read_rule_counters()
+        rows = []
+        for r in nfverdict.classify(st.rulesets):
+            packets, nbytes = kernel.get((r.backend, r.table, r.chain, r.rule), (None, None))
+            used = fast.get(r.name, (0, 0))
+            rows.append(dict(r.as_dict(), kernel_packets=packets, kernel_bytes=nbytes,
+                             fast_path_packets=used[0], fast_path_bytes=used[1]))
         if st.unsupported:
             rows.append({"backend": "*", "table": "", "chain": "", "index": 0, "rule": "",
                          "status": "punt", "reason": f"all forwarded traffic: {st.unsupported}"})

@@ -79,6 +79,8 @@ def stop(timeout):
     """Stop this namespace's agent; clean up after a killed one."""
     try:
         reply = control.request({"cmd": "stop"})
+        if "error" in reply:
+            _fail(reply["error"])
     except control.NotRunning:
         removed = tc.cleanup_leftovers()
         if removed:

@@ -532,8 +532,13 @@ class KernelState:
 
     def _route_changed(self, route: Route):
         self.changes.prefixes.add((route.dst, route.dst_len))
-        if route.table == TABLE_LOCAL and route.dst_len < 32:
+        if route.table != TABLE_LOCAL:
+            return
+        if route.dst_len < 32:
             self.changes.all_routes = True  # it covers main-table prefixes
+            self.changes.neighbors |= set(self.neighbors)  # and maybe next hops
+        else:  # a next hop the node now owns (or no longer does)
+            self.changes.neighbors |= {k for k in self.neighbors if k[1] == route.dst}
 
     def _flush_routes(self, index: int):
         """What fib_sync_down_dev() + fib_flush() do when the link goes

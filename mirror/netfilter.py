@@ -65,11 +65,9 @@ from mirror.iptables import (
 log = logging.getLogger(__name__)
 
 BACKENDS: Tuple[str, ...] = ("iptables-nft", "iptables-legacy")
-# -c: with each rule's packet/byte counters (dump rules shows them beside the
-# fast path's; they are not part of a ruleset's content).
 SAVE_COMMANDS: Dict[str, Tuple[str, ...]] = {
-    "iptables-nft": ("iptables-nft-save", "-c"),
-    "iptables-legacy": ("iptables-legacy-save", "-c"),
+    "iptables-nft": ("iptables-nft-save",),
+    "iptables-legacy": ("iptables-legacy-save",),
 }
 NFT_COMMAND: Tuple[str, ...] = ("nft", "-j", "list", "ruleset")
 COMMAND_TIMEOUT = 10.0
@@ -239,9 +237,13 @@ def _read_nft_absent() -> _Output:
     return None, None
 
 
-def read_outputs(keys: Sequence[str] = SOURCES, timeout: float = COMMAND_TIMEOUT) -> Dict[str, _Output]:
-    """Run the tools for ``keys`` (of SOURCES) in parallel; key -> (stdout, error)."""
-    commands: Dict[str, Sequence[str]] = {k: SAVE_COMMANDS[k] for k in keys if k in SAVE_COMMANDS}
+def read_outputs(keys: Sequence[str] = SOURCES, timeout: float = COMMAND_TIMEOUT,
+                 counters: bool = False) -> Dict[str, _Output]:
+    """Run the tools for ``keys`` (of SOURCES) in parallel; key -> (stdout, error).
+    counters: with each rule's packet/byte counters (``*-save -c``).  Not for
+    the watcher: counters change all the time, the content it compares does not."""
+    commands: Dict[str, Sequence[str]] = {k: SAVE_COMMANDS[k] + (("-c",) if counters else ())
+                                          for k in keys if k in SAVE_COMMANDS}
     result: Dict[str, _Output] = {}
     if "nft" in keys:
         if _which(NFT_COMMAND[0]) is not None:
@@ -257,6 +259,19 @@ def read_outputs(keys: Sequence[str] = SOURCES, timeout: float = COMMAND_TIMEOUT
     for key, proc in procs.items():
         result[key] = _finish(commands[key][0], proc, timeout)
     return result
+
+
+def read_rule_counters(timeout: float = COMMAND_TIMEOUT) -> Dict[Tuple[str, str, str, str], Tuple[int, int]]:
+    """{(backend, table, chain, rule text): (packets, bytes)} from ``*-save -c``
+    (for ``dump rules``; the text makes a rule changed meanwhile show none)."""
+    out: Dict[Tuple[str, str, str, str], Tuple[int, int]] = {}
+    for backend, (text, _err) in read_outputs(BACKENDS, timeout, counters=True).items():
+        if text is None:
+            continue
+        for rule in parse_save(text).rules():
+            if rule.counters is not None:
+                out[(backend, rule.table, rule.chain, rule.raw)] = rule.counters
+    return out
 
 
 def build_state(outputs: Dict[str, _Output]) -> NetfilterState:

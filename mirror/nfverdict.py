@@ -323,7 +323,6 @@ class RuleClass:
     rule: str                  # the rule text after "-A CHAIN"
     status: str                # "compiled" | "punt" | "unused"
     reason: Optional[str]      # for punt: what is not understood; for unused: why it is never reached
-    counters: Optional[Tuple[int, int]] = None  # the kernel's (packets, bytes), from *-save -c
 
     @property
     def name(self) -> str:
@@ -331,10 +330,8 @@ class RuleClass:
         return _rule_label(self.backend, self.table, self.chain, self.index)
 
     def as_dict(self) -> Dict[str, object]:
-        packets, nbytes = self.counters if self.counters is not None else (None, None)
         return {"backend": self.backend, "table": self.table, "chain": self.chain, "index": self.index,
-                "rule": self.rule, "status": self.status, "reason": self.reason,
-                "kernel_packets": packets, "kernel_bytes": nbytes}
+                "rule": self.rule, "status": self.status, "reason": self.reason}
 
 
 def _reachable(prog: _Program) -> Dict[Tuple[str, str], str]:
@@ -381,8 +378,8 @@ def _classify_rule(backend: str, table: str, chain: str, index: int, cr: Compile
             why = f"{table} {chain}: not on the forward path"
         else:
             why = "chain not reached from the forward path"
-        return RuleClass(*args, "unused", why, cr.rule.counters)
+        return RuleClass(*args, "unused", why)
     if cr.problem:
-        return RuleClass(*args, "punt", cr.problem, cr.rule.counters)
-    return RuleClass(*args, "compiled", None, cr.rule.counters)
+        return RuleClass(*args, "punt", cr.problem)
+    return RuleClass(*args, "compiled", None)
 

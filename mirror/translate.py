@@ -299,7 +299,22 @@ def neighbor_entry(state: m.KernelState, key, ok) -> Optional[str]:
     link = state.links.get(key[0])
     if neigh is None or link is None or not ok(link):
         return None
+    # A next hop the node owns itself (a local-table route, e.g. AnyIP): the
+    # kernel does not transmit to it as to a neighbour (found by tools/fuzz:
+    # it answers host unreachable); leave such packets to it (NO_NEIGHBOR).
+    if _is_local(state, key[1]):
+        return None
     return neigh.mac if neigh.mac and neigh.state & m.NUD_VALID else None
+
+
+def _is_local(state: m.KernelState, ip: str) -> bool:
+    """Covered by a local-table route (the kernel's own addresses)."""
+    if any(r.table == m.TABLE_LOCAL for r in _routes_of(state, (ip, 32))):
+        return True
+    n = _ip_int(ip)
+    return any(n >> (32 - plen) == _ip_int(dst) >> (32 - plen) and
+               any(r.table == m.TABLE_LOCAL for r in _routes_of(state, (dst, plen)))
+               for dst, plen in state.local_short)
 
 
 def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: bool,

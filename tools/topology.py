@@ -29,6 +29,8 @@ CLI (manual debugging):
 """
 
 import atexit
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -44,7 +46,7 @@ import time
 __all__ = [
     "CommandError", "Netns", "RoutedTopology", "DirectPair", "BridgedTopology", "Agent", "AgentError",
     "unique_prefix", "netns_exists", "agent_available", "have_root_and_netns",
-    "fast_path_fraction",
+    "fast_path_fraction", "in_netns",
 ]
 
 POD1_IP, POD2_IP = "10.1.0.2", "10.2.0.2"
@@ -99,6 +101,35 @@ def _list_netns():
         return os.listdir("/run/netns")
     except FileNotFoundError:
         return []
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd):
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(name):
+    """Run the block with this thread in namespace `name` (sockets created
+    there stay there; /proc/sys/net is that namespace's), then return."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(os.path.join("/run/netns", name), os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
 
 
 def have_root_and_netns():

@@ -1,0 +1,368 @@
+"""The twin network for tools/fuzz: two identical copies of the node and its
+pods, A (the kernel alone, never an agent) and B (loxi-mirror running in its
+node), configured with the same commands and sent the same frames; what
+arrives where is captured and compared per packet.
+
+Each copy: <prefix>-{a,b}-node with veth1..vethN, <prefix>-{a,b}-podI with
+eth0.  One agent runs in B's node for the whole run and follows every case's
+reconfiguration (a case is applied, then a sentinel route marks when the
+agent has seen all of it).  Frames are sent and captured through AF_PACKET
+sockets that this process opens once inside the pods' namespaces.
+"""
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from topology import Agent, Netns, in_netns
+
+import fuzz_gen as g
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+COPIES = ("a", "b")
+SETTLE = 0.08    # s after the last frame: neighbour resolution/failure (30 ms retrans) ends within it
+QUIET = 0.02     # s without a frame before a capture counts as finished
+SECOND_LOOK = 0.4  # s more to wait for stragglers before a difference counts (a loaded machine)
+
+
+class Twin(Netns):
+    ROLES = tuple(f"{c}-{r}" for c in COPIES for r in ["node"] + [f"pod{i}" for i in range(1, g.PODS + 1)])
+
+    def __init__(self, prefix="lmf"):
+        super().__init__(prefix, ipv6=False)
+        self.socks: Dict[Tuple[str, int], socket.socket] = {}
+        self.agent = None
+        self.cases_applied = 0
+        self.diverged = []  # how the copies' configuration differed in the last apply
+
+    def _build(self):
+        for c in COPIES:
+            for i in range(1, g.PODS + 1):
+                self._veth(f"{c}-node", f"veth{i}", g.node_mac(i), f"{c}-pod{i}", "eth0", g.pod_mac(i))
+                self.run(f"{c}-pod{i}", ["ip", "link", "set", "eth0", "mtu", str(g.POD_MTU), "up"])
+                # Pods only capture: their own stack must not answer (no
+                # RSTs, echo replies or ICMP errors of their own); ARP stays.
+                self.run(f"{c}-pod{i}", ["iptables", "-A", "INPUT", "-j", "DROP"])
+            write_sysctls(self.nsname(f"{c}-node"), g.NODE_FIXED_SYSCTLS)
+        for c in COPIES:
+            for i in range(1, g.PODS + 1):
+                with in_netns(self.nsname(f"{c}-pod{i}")):
+                    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                    s.bind(("eth0", 0))
+                    s.setblocking(False)
+                self.socks[(c, i)] = s
+
+    def down(self):
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+        super().down()
+
+    def start_agent(self, timeout=60.0):
+        # This checkout's agent (the venv's), whatever /usr/local/bin points at.
+        exe = os.path.join(os.path.dirname(sys.executable), "loxi-mirror")
+        self.agent = Agent(self, ns="b-node", exe=exe if os.path.exists(exe) else "loxi-mirror")
+        self.agent.start(timeout=timeout)
+        return self.agent
+
+    # ---- one case ------------------------------------------------------
+    def apply(self, t: g.Topology, timeout=10.0):
+        """Configure both copies for topology t; return once B's agent has
+        caught up (it shows this case's sentinel route)."""
+        self.cases_applied += 1
+        n = self.cases_applied
+        sentinel = f"198.{18 + (n >> 16) % 2}.{(n >> 8) & 255}.{n & 255}"
+        procs = {}  # (copy, what) -> process
+        for c in COPIES:
+            write_sysctls(self.nsname(f"{c}-node"), g.node_sysctls(t))
+            procs[c, "node"] = self._batch(f"{c}-node", g.node_commands(t, sentinel))
+            for i in range(1, g.PODS + 1):
+                procs[c, f"pod{i}"] = self._batch(f"{c}-pod{i}", g.pod_commands(t, i))
+            if "filter" in t.features:
+                procs[c, "iptables"] = self._restore(f"{c}-node", g.iptables_restore(t))
+        errors = {key: p.communicate(timeout=30)[1] for key, p in procs.items()}
+        # The oracle holds only if both copies ended up configured alike.
+        self.diverged = [f"configuring {what}: kernel copy said {errors['a', what]!r}, "
+                         f"loxi-mirror copy said {errors['b', what]!r}"
+                         for c, what in procs if c == "a" and errors["a", what] != errors["b", what]]
+        if self.agent is not None:
+            self._wait_agent_route(f"{sentinel}/32", timeout)
+            if "filter" in t.features:
+                self._wait_agent_netfilter(g.affects_forwarding(t), timeout)
+
+    def snapshot(self) -> str:
+        """Both nodes' kernel state and B's agent tables, for a mismatch report."""
+        out = []
+        for c in COPIES:
+            for what in (["addr"], ["route", "show", "table", "all"], ["neigh", "show", "nud", "all"]):
+                cp = self.run(f"{c}-node", ["ip", "-o"] + what, check=False)
+                out.append(f"## {c}-node: ip {' '.join(what)}\n{cp.stdout.strip()}")
+        if self.agent is not None:
+            for table in ("routes", "neighbors", "links"):
+                cp = self.run("b-node", [self.agent.exe, "dump", table], check=False)
+                out.append(f"## b-node agent: dump {table}\n{cp.stdout.strip()}{cp.stderr.strip()}")
+        return "\n".join(out)
+
+    def _batch(self, role, lines):
+        return self._feed(["ip", "-n", self.nsname(role), "-force", "-batch", "-"], "\n".join(lines) + "\n")
+
+    def _restore(self, role, text):
+        return self._feed(["ip", "netns", "exec", self.nsname(role), "iptables-restore"], text)
+
+    @staticmethod
+    def _feed(argv, text):
+        """Start argv with `text` on stdin; stderr is kept (see apply)."""
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+        p.stdin.write(text)
+        p.stdin.close()
+        p.stdin = None  # communicate() must not flush it again
+        return p
+
+    def _wait_agent_netfilter(self, punting, timeout):
+        """The netfilter watcher is its own thread: wait until the agent's
+        view (forwarding punted because of netfilter, or not) is this case's."""
+        from mirror import control
+        deadline = time.monotonic() + timeout
+        while True:
+            with in_netns(self.nsname("b-node")):
+                why = control.request({"cmd": "status"}).get("forwarding_punted_because") or ""
+            if why.startswith("netfilter") == punting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent's netfilter view not updated within {timeout} s ({why!r})")
+            time.sleep(0.005)
+
+    def _wait_agent_route(self, prefix, timeout):
+        from mirror import control
+        deadline = time.monotonic() + timeout
+        while True:
+            with in_netns(self.nsname("b-node")):
+                reply = control.request({"cmd": "dump", "table": "routes", "match": {"prefix": prefix}})
+            if reply.get("entries"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not mirror the case within {timeout} s "
+                                   f"(reply {reply}); log:\n{self.agent.log_tail()}")
+            time.sleep(0.002)
+
+    def exchange(self, frames: List[bytes], senders: List[int]) -> Dict[str, List[Tuple[int, bytes]]]:
+        """Send the frames from their pods in both copies; {copy: [(pod, frame), ...]}
+        of everything the pods received afterwards, in arrival order per pod."""
+        for s in self.socks.values():
+            _drain(s)
+        for f, sender in zip(frames, senders):
+            for c in COPIES:
+                try:
+                    self.socks[(c, sender)].send(f)
+                except OSError:
+                    pass  # too short/long for AF_PACKET: the same in both copies
+        time.sleep(SETTLE)
+        return self.collect(QUIET)
+
+    def collect(self, quiet) -> Dict[str, List[Tuple[int, bytes]]]:
+        """What the pods received until nothing came for `quiet` seconds."""
+        got = {c: [] for c in COPIES}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet:
+            ready, _, _ = select.select(list(self.socks.values()), [], [], quiet)
+            for (c, i), s in self.socks.items():
+                if s in ready:
+                    frames_in = _drain(s)
+                    if frames_in:
+                        quiet_since = time.monotonic()
+                    got[c] += [(i, f) for f in frames_in]
+        return got
+
+
+def _drain(s) -> List[bytes]:
+    out = []
+    while True:
+        try:
+            data, addr = s.recvfrom(65535)
+        except BlockingIOError:
+            return out
+        if addr[2] != PACKET_OUTGOING:
+            out.append(data)
+
+
+def write_sysctls(ns, pairs):
+    with in_netns(ns):
+        for key, value in pairs:
+            path = "/proc/sys/" + key.replace(".", "/")
+            try:
+                with open(path, "w") as f:
+                    f.write(f"{value}\n")
+            except OSError:
+                pass  # a key this kernel lacks: the same in both copies
+
+
+# ---- comparison -----------------------------------------------------------
+
+ICMP_ERRORS = {3, 4, 5, 11, 12}
+
+
+@dataclass
+class Outcome:
+    """Per packet index: sorted [(pod, normalized hex)]; frames no packet
+    owns (the node's own replies, ARP answers) as a sorted list too."""
+    per_packet: Dict[int, List[Tuple[int, str]]] = field(default_factory=dict)
+    other: List[Tuple[int, str]] = field(default_factory=list)
+
+
+class _Own:
+    """Membership of a frame's source address in the node's networks."""
+
+    def __init__(self, nets):
+        self.nets = [(int(n.network_address), int(n.netmask)) for n in nets]
+
+    def __contains__(self, addr: bytes) -> bool:
+        a = int.from_bytes(addr, "big")
+        return any(a & mask == net for net, mask in self.nets)
+
+
+def outcome(captured: List[Tuple[int, bytes]], node_nets, n_packets: int, tag: int, tolerated=None) -> Outcome:
+    out = Outcome()
+    own = _Own(node_nets)
+    for pod, f in captured:
+        if _is_node_arp_request(f):
+            continue  # its count depends on neighbour timers, not on the packets
+        f = _normalize(f, own)
+        owner = _owner(f, own, n_packets, tag)
+        if owner == "late":  # an earlier case's straggler: its own case already judged it
+            _count(tolerated, "late frame of an earlier case")
+        elif owner is None:
+            out.other.append((pod, f.hex()))
+        else:
+            out.per_packet.setdefault(owner, []).append((pod, f.hex()))
+    for v in out.per_packet.values():
+        v.sort()
+    out.other.sort()
+    return out
+
+
+def _is_node_arp_request(f: bytes) -> bool:
+    return len(f) >= 22 and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"
+
+
+def _ipv4(f: bytes) -> bool:
+    return len(f) >= 34 and f[12:14] == b"\x08\x00"
+
+
+def _normalize(f: bytes, own) -> bytes:
+    """Frames the node itself sends (ICMP errors, echo replies, RSTs) get an
+    IP id from a randomised generator: blank it and the header checksum."""
+    if _ipv4(f) and f[26:30] in own:
+        b = bytearray(f)
+        b[18:20] = b"\0\0"
+        b[24:26] = b"\0\0"
+        return bytes(b)
+    return f
+
+
+def _count(tolerated, what, n=1):
+    if tolerated is not None:
+        tolerated[what] = tolerated.get(what, 0) + n
+
+
+def _owner(f: bytes, own, n_packets: int, tag: int):
+    if not _ipv4(f):
+        return None
+    ident = int.from_bytes(f[18:20], "big")
+    if f[26:30] in own:
+        ihl = (f[14] & 0xF) * 4
+        icmp = 14 + ihl
+        if f[23] != 1 or len(f) < icmp + 8 + 20 or f[icmp] not in ICMP_ERRORS:
+            return None
+        ident = int.from_bytes(f[icmp + 8 + 4:icmp + 8 + 6], "big")  # the quoted header's id
+    frame_tag, i = g.split_ident(ident)
+    if frame_tag != tag % 2048:
+        return "late"
+    return i if i < n_packets else None
+
+
+# Destination unreachable codes 0, 1 and 13 come from ip_error() (unreachable/
+# prohibit routes, no route), which allows one per second per source after a
+# burst of five, by jiffies (net.ipv4.route.error_cost/_burst exist only in the
+# root namespace): whether one is sent depends on timing, not on the packet.
+# When only one copy sent such an error the difference is tolerated (counted);
+# when both did, the bytes must match.  Neighbour failures (code 1) are not
+# limited this way but share the code.
+RATE_LIMITED = {(3, 0), (3, 1), (3, 13)}
+
+
+def _rate_limited(hexframe: str) -> bool:
+    f = bytes.fromhex(hexframe)
+    if not _ipv4(f) or f[23] != 1:
+        return False
+    icmp = 14 + (f[14] & 0xF) * 4
+    return len(f) > icmp + 1 and (f[icmp], f[icmp + 1]) in RATE_LIMITED
+
+
+def compare(a: Outcome, b: Outcome, n_packets: int, tolerated=None) -> List[str]:
+    """Human-readable differences; [] when B did exactly what A did.
+    Rate-limited ICMP errors sent by one copy only are counted in
+    tolerated["rate-limited ICMP"] instead."""
+    diffs = []
+    for i in range(n_packets):
+        pa, pb = a.per_packet.get(i, []), b.per_packet.get(i, [])
+        if pa == pb:
+            continue
+        strict_a = [x for x in pa if not _rate_limited(x[1])]
+        strict_b = [x for x in pb if not _rate_limited(x[1])]
+        if strict_a == strict_b and (len(strict_a) == len(pa) or len(strict_b) == len(pb)):
+            _count(tolerated, "rate-limited ICMP")
+            continue
+        diffs.append(f"packet {i}: kernel {_where(pa)} / loxi-mirror {_where(pb)}")
+    if a.other != b.other:
+        diffs.append(f"other frames: kernel {_where(a.other)} / loxi-mirror {_where(b.other)}")
+    return diffs
+
+
+def _where(frames):
+    if not frames:
+        return "dropped"
+    return "; ".join(f"pod{pod} {h}" for pod, h in frames)
+
+
+def differences(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
+    """Apply the case's topology to both copies, send its frames, compare."""
+    twin.apply(case.topology)
+    return twin.diverged + exchange_and_compare(twin, case, tolerated)
+
+
+def exchange_and_compare(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
+    """Send the case's frames in both copies as they are configured now; compare."""
+    tag = twin.cases_applied
+    frames = case.frames(tag)
+    got = twin.exchange(frames, [p.sender for p in case.packets])
+    nets = case.topology.node_nets()
+
+    def judge(counts):
+        a = outcome(got["a"], nets, len(frames), tag, counts)
+        b = outcome(got["b"], nets, len(frames), tag, counts)
+        return compare(a, b, len(frames), counts)
+
+    counts = {}
+    diffs = judge(counts)
+    if diffs:
+        # A loaded machine can hold a frame back past the settle time: wait
+        # for stragglers once before a difference counts.
+        more = twin.collect(SECOND_LOOK)
+        if any(more.values()):
+            for c in COPIES:
+                got[c] += more[c]
+            counts = {}
+            diffs = judge(counts)
+            if not diffs:
+                _count(tolerated, "straggler (arrived after the settle time)")
+    for what, n in counts.items():
+        _count(tolerated, what, n)
+    return diffs
