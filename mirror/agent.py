@@ -309,7 +309,6 @@ class Agent:
         fresh.nf_gen = old.nf_gen
         fresh.new_nf_generation()  # verdicts are recomputed after a resync
         fresh.bridge_nf_impact = old.bridge_nf_impact
-        fresh.peer_macs = old.peer_macs
         fresh.xfrm_impact = self.state.xfrm_impact
         return fresh
 
@@ -373,9 +372,6 @@ class Agent:
         self.state.set_sysctls(netlink.read_sysctls(names))
         self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
         self.state.bridge_sysctls = netlink.read_bridge_sysctls()
-        # No events reach us from the peers' namespaces: re-read with the sysctls.
-        ports = [l for l in self.state.links.values() if l.port is not None and l.kind == "veth"]
-        self.state.set_peer_macs(netlink.read_peer_macs(ports))
         self.state.ct_sysctls = conntrack.read_sysctls()
         self.state.fwd_update_priority = netlink.read_fwd_update_priority()
 

@@ -110,8 +110,6 @@ class Link:
     link_type: int = ARPHRD_ETHER  # ifi_type (ARPHRD_*)
     master: int = 0  # ifindex of the bridge/bond this is enslaved to
     peer_in_other_netns: bool = False  # IFLA_LINK_NETNSID present (veth)
-    peer_netnsid: Optional[int] = None  # IFLA_LINK_NETNSID: where the veth peer lives
-    peer_index: int = 0  # IFLA_LINK: the peer's ifindex there
     bridge: Optional[BridgeInfo] = None  # kind "bridge"
     port: Optional[BridgePort] = None  # enslaved to a bridge
     vlan: Optional[VlanInfo] = None  # kind "vlan"
@@ -328,8 +326,6 @@ class KernelState:
     ingress_tc: Dict[int, str] = field(default_factory=dict)
     # VLAN membership of bridge ports (from the bridge's AF_BRIDGE messages).
     port_vlans: Dict[int, Tuple[PortVlan, ...]] = field(default_factory=dict)
-    # MACs of the veth peers of bridge ports (read from the peer's netns).
-    peer_macs: Dict[int, str] = field(default_factory=dict)
     # Indexes: (dst, len) -> {route key: its routes}; ifindex -> route keys via it;
     # ifindex -> its neighbours' keys.
     by_prefix: Dict[Tuple[str, int], Dict[tuple, List[Route]]] = field(default_factory=dict)
@@ -607,11 +603,6 @@ class KernelState:
         """Entries of a bridge or port that is gone (the kernel deletes them too)."""
         for key in list(self.fdb_by_link.get(index, ())):
             self.del_fdb(self.fdb[key])
-
-    def set_peer_macs(self, macs: Dict[int, str]):
-        changed = {i for i in set(macs) | set(self.peer_macs) if macs.get(i) != self.peer_macs.get(i)}
-        self.peer_macs = dict(macs)
-        self.changes.links |= changed
 
     def set_ingress_tc(self, index: int, what: Optional[str]):
         if self.ingress_tc.get(index) == what:

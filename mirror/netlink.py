@@ -113,8 +113,6 @@ def parse_link(msg) -> m.Link:
         link_type=msg["ifi_type"],
         master=msg.get_attr("IFLA_MASTER") or 0,
         peer_in_other_netns=msg.get_attr("IFLA_LINK_NETNSID") is not None,
-        peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
-        peer_index=msg.get_attr("IFLA_LINK") or 0,
         link=msg.get_attr("IFLA_LINK") or 0,
         link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
         promiscuity=msg.get_attr("IFLA_PROMISCUITY") or 0,
@@ -367,42 +365,6 @@ def read_ingress_tc(ipr, indexes):
             continue
         if filters:
             out[index] = f"{len(filters)} ingress filter(s)"
-    return out
-
-
-RTM_GETLINK = 18
-NLM_F_REQUEST = 0x1
-IFLA_TARGET_NETNSID = 46
-
-
-def read_peer_mac(link: m.Link) -> Optional[str]:
-    """The MAC of a veth's peer in another netns (RTM_GETLINK with
-    IFLA_TARGET_NETNSID; pyroute2's link() does not pass that attribute)."""
-    if link.peer_netnsid is None or not link.peer_index:
-        return None
-    body = struct.pack("=BxHiII", 0, 0, link.peer_index, 0, 0) + struct.pack("=HHi", 8, IFLA_TARGET_NETNSID,
-                                                                              link.peer_netnsid)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as s:
-        s.bind((0, 0))
-        s.settimeout(1.0)
-        s.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, 1, 0) + body)
-        data = s.recv(RECV_BYTES)
-    for msg in MarshalRtnl().parse(data):
-        if msg["header"]["type"] == rtnl.RTM_NEWLINK and msg["index"] == link.peer_index:
-            return msg.get_attr("IFLA_ADDRESS")
-    return None  # gone or not allowed: the datapath then does not redirect into it
-
-
-def read_peer_macs(links) -> Dict[int, str]:
-    out = {}
-    for link in links:
-        try:
-            mac = read_peer_mac(link)
-        except OSError as e:
-            log.debug("peer of %s unreadable: %s", link.name, e)
-            continue
-        if mac:
-            out[link.index] = mac
     return out
 
 

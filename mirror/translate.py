@@ -226,8 +226,7 @@ def link_entry(state: m.KernelState, index: int, ok) -> Optional[LinkEntry]:
     link = state.links.get(index)
     if link is None or not ok(link):
         return None
-    peer = state.peers.get(link.peer_key) if link.peer_key else None
-    entry = _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc, peer)
+    entry = _link_entry(link, state.sysctls.get(link.name), index in state.egress_tc, _peer_of(state, link))
     if link.kind != "bridge":
         return entry
     flags = entry.flags | LINK_BRIDGE
@@ -264,7 +263,17 @@ def port_entry(state: m.KernelState, index: int, ok) -> Optional[PortEntry]:
         bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
         ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,
         up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0,
-        peer_mac=state.peer_macs.get(index))
+        peer_mac=_peer_mac(_peer_of(state, link)))
+
+
+def _peer_of(state: m.KernelState, link: m.Link) -> Optional[m.Peer]:
+    return state.peers.get(link.peer_key) if link.peer_key else None
+
+
+def _peer_mac(peer: Optional[m.Peer]) -> Optional[str]:
+    """The veth peer's MAC where redirect_peer may hand frames to it: known,
+    and no XDP program there that veth_xmit() would run."""
+    return peer.mac if peer is not None and not peer.xdp else None
 
 
 def _port_punt(state: m.KernelState, bridge: m.Link, info: m.BridgeInfo, port: m.BridgePort) -> int:
@@ -327,7 +336,7 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
     # veth_xmit() would run (and it drops unless the peer lives in another
     # netns): only where none of that matters.  Elsewhere bpf_redirect takes
     # the kernel's own path through veth_xmit().
-    peer_mac = peer.mac if peer is not None and not peer.xdp else None
+    peer_mac = _peer_mac(peer)
     if link.kind == "veth" and link.peer_in_other_netns and not egress_busy and peer_mac:
         flags |= LINK_REDIRECT_PEER
     if sysctls is not None:  # unknown sysctls: no FORWARDING flag, so punt
