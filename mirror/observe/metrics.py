@@ -38,20 +38,21 @@ class AgentCollector:
         ready.add_metric([], 1.0 if st.get("ready") else 0.0)
         yield ready
         c = st.get("counters", {})
-        fwd = CounterMetricFamily(PREFIX + "fast_path_packets", "Packets the fast path handled itself")
-        fwd.add_metric([], c.get("fast_path_packets", 0))
-        yield fwd
-        fwd_b = CounterMetricFamily(PREFIX + "fast_path_bytes", "Bytes the fast path handled itself")
-        fwd_b.add_metric([], c.get("fast_path_bytes", 0))
-        yield fwd_b
-        punt = CounterMetricFamily(PREFIX + "punted_packets", "Packets left to the kernel, by reason", labels=["reason"])
-        for reason, n in sorted(c.get("punt", {}).items()):
-            punt.add_metric([reason], n)
-        yield punt
-        punt_b = CounterMetricFamily(PREFIX + "punted_bytes", "Bytes left to the kernel, by reason", labels=["reason"])
-        for reason, n in sorted(c.get("punt_bytes", {}).items()):
-            punt_b.add_metric([reason], n)
-        yield punt_b
+        for unit in ("packets", "bytes"):
+            fast = CounterMetricFamily(PREFIX + f"fast_path_{unit}", f"{unit.capitalize()} the fast path handled itself")
+            fast.add_metric([], c.get(f"fast_path_{unit}", 0))
+            yield fast
+            punt = CounterMetricFamily(PREFIX + f"punted_{unit}", f"{unit.capitalize()} left to the kernel, by reason",
+                                       labels=["reason"])
+            for reason, n in sorted(c.get("punt" if unit == "packets" else "punt_bytes", {}).items()):
+                punt.add_metric([reason], n)
+            yield punt
+        drop = CounterMetricFamily(PREFIX + "dropped_packets",
+                                   "Packets the fast path dropped because the ruleset drops them, by reason",
+                                   labels=["reason"])
+        for reason, n in sorted(c.get("drop", {}).items()):
+            drop.add_metric([reason], n)
+        yield drop
         entries = GaugeMetricFamily(PREFIX + "table_entries", "Entries written to each eBPF map", labels=["table"])
         for table, n in sorted(st.get("tables", {}).items()):
             entries.add_metric([table], n)
