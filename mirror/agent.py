@@ -29,7 +29,7 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
+                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
                         bridge_egress_punt, custom_rules, device_skip_reason, managed_in, netfilter_punt, translate,
                         translate_changes)
 
@@ -40,7 +40,8 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
-MAP_TABLES = ("routes", "neighbors", "links", "ports", "fdb", "config", "flows")
+# The maps the reconciler writes: the translated tables, the config slot, flow verdicts.
+RECONCILED_MAPS = MAP_TABLES + ("config", "flows")
 # The netfilter hint thread must get the GIL at once when a change lands; with
 # Python's default 5 ms switch interval a parsing thread could hold it that long.
 GIL_SWITCH_INTERVAL = 0.0001  # s
@@ -87,7 +88,7 @@ class Agent:
 
     def _run(self, server) -> int:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self.sync = Reconciler({name: self.datapath.table(name) for name in MAP_TABLES},
+        self.sync = Reconciler({name: self.datapath.table(name) for name in RECONCILED_MAPS},
                                beat=self.datapath.beat, hz=self.datapath.measure_hz())
         removed = tc.cleanup_leftovers()
         if removed:

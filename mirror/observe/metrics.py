@@ -39,7 +39,8 @@ class AgentCollector:
         yield ready
         c = st.get("counters", {})
         for unit in ("packets", "bytes"):
-            fast = CounterMetricFamily(PREFIX + f"fast_path_{unit}", f"{unit.capitalize()} the fast path handled itself")
+            fast = CounterMetricFamily(PREFIX + f"fast_path_{unit}",
+                                       f"{unit.capitalize()} the fast path handled itself")
             fast.add_metric([], c.get(f"fast_path_{unit}", 0))
             yield fast
             punt = CounterMetricFamily(PREFIX + f"punted_{unit}", f"{unit.capitalize()} left to the kernel, by reason",
