@@ -31,15 +31,18 @@ def warmup(topo, count=3):
     topo.run("pod1", ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", topo.pod2_ip])
 
 
-def iperf3(topo, seconds=5, streams=1, omit=1, port=IPERF_PORT, affinity=None, extra=()):
+def iperf3(topo, seconds=5, streams=1, omit=1, port=IPERF_PORT, affinity=None, extra=(), to=None):
     """One iperf3 TCP test pod1 -> pod2. Returns receiver-side Gbit/s.
 
-    affinity=(client_cpu, server_cpu) pins both ends (iperf3 -A c,s)."""
+    affinity=(client_cpu, server_cpu) pins both ends (iperf3 -A c,s);
+    to=(address, port) the client connects to instead (a service VIP that
+    the node translates to pod2's server)."""
     srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)],
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         topo.wait_listen("pod2", port, proc=srv)
-        cmd = ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-t", str(seconds), "-J"]
+        dst, dport = to or (topo.pod2_ip, port)
+        cmd = ["iperf3", "-c", dst, "-p", str(dport), "-t", str(seconds), "-J"]
         if omit:
             cmd += ["-O", str(omit)]
         if streams > 1:
@@ -75,14 +78,16 @@ def iperf3(topo, seconds=5, streams=1, omit=1, port=IPERF_PORT, affinity=None, e
         topo.kill(srv)
 
 
-def udp_pps(topo, seconds=5, size=64, port=IPERF_PORT):
+def udp_pps(topo, seconds=5, size=64, port=IPERF_PORT, to=None):
     """iperf3 -u unlimited rate with `size`-byte UDP payloads pod1 -> pod2:
-    packets per second that reached the receiver (the forwarding rate)."""
+    packets per second that reached the receiver (the forwarding rate).
+    to: as for iperf3()."""
     srv = topo.popen("pod2", ["iperf3", "-s", "-1", "-p", str(port)],
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         topo.wait_listen("pod2", port, proc=srv)
-        cp = topo.run("pod1", ["iperf3", "-c", topo.pod2_ip, "-p", str(port), "-u", "-b", "0",
+        dst, dport = to or (topo.pod2_ip, port)
+        cp = topo.run("pod1", ["iperf3", "-c", dst, "-p", str(dport), "-u", "-b", "0",
                                "-l", str(size), "-t", str(seconds), "-J"], check=False, timeout=seconds + 30)
         try:
             end = json.loads(cp.stdout)["end"]
