@@ -29,8 +29,8 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection, attachable,
-                        bridge_egress_punt, custom_rules, device_skip_reason, managed_in, netfilter_punt, translate,
+                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
+                        bridge_egress_punt, custom_rules, netfilter_punt, skipped_devices, translate,
                         translate_changes)
 
 log = logging.getLogger("loxi-mirror")
@@ -491,10 +491,7 @@ class Agent:
 
     def _skipped_interfaces(self):
         """{name: why} for every interface the fast path does not receive on."""
-        ok = managed_in(self.state, self.selection)
-        out = {l.name: why for l in self.state.links.values()
-               if l.kind != "bridge" and not attachable(l, ok)
-               and (why := device_skip_reason(self.state, l, self.selection)) is not None}
+        out = skipped_devices(self.state, self.selection)
         for ifindex, (_, why) in self.attach_failed.items():
             link = self.state.links.get(ifindex)
             if link is not None:

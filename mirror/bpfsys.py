@@ -28,6 +28,8 @@ def _bpf(cmd: int, attr, what: str):
     if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 
 
@@ -55,9 +57,7 @@ class BpfAttrElem(ctypes.Structure):
 def _elem(cmd: int, map_fd: int, key: bytes, value) -> None:
     k = ctypes.create_string_buffer(key, len(key))
     attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(value))
-    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _bpf(cmd, attr, "BPF_MAP_LOOKUP_ELEM" if cmd == BPF_MAP_LOOKUP_ELEM else "BPF_MAP_UPDATE_ELEM")
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytearray:
@@ -239,9 +239,7 @@ class _BpfProgInfo(ctypes.Structure):
 
 def _prog_info(prog_fd: int, info: _BpfProgInfo) -> None:
     attr = _BpfAttrInfo(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    if _libc.syscall(NR_BPF, BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
 
 
 def prog_xlated_insns(prog_fd: int) -> bytes:

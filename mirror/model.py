@@ -434,23 +434,13 @@ class KernelState:
         self._set_tc(self.ingress_tc_after, index, what)
 
     def _set_tc(self, table, index: int, what: Optional[str]):
-        if table.get(index) == what:
-            return
-        if what is None:
-            table.pop(index, None)
-        else:
-            table[index] = what
-        self._link_changed(index, routes=False)
+        if _put(table, index, what):
+            self._link_changed(index, routes=False)
 
     def set_peer(self, key: Tuple[int, int], peer: Optional[Peer]):
         """A veth peer's state (None: gone); its local veth needs another look."""
-        if self.peers.get(key) == peer:
-            return
-        if peer is None:
-            self.peers.pop(key, None)
-        else:
-            self.peers[key] = peer
-        self.changes.links |= {i for i, link in self.links.items() if link.peer_key == key}
+        if _put(self.peers, key, peer):
+            self.changes.links |= {i for i, link in self.links.items() if link.peer_key == key}
 
     # -- addresses and routes ---------------------------------------------
     def add_address(self, addr: Address):
@@ -605,16 +595,22 @@ class KernelState:
             self.del_fdb(self.fdb[key])
 
     def set_ingress_tc(self, index: int, what: Optional[str]):
-        if self.ingress_tc.get(index) == what:
-            return
-        if what is None:
-            self.ingress_tc.pop(index, None)
-        else:
-            self.ingress_tc[index] = what
-        self.changes.links |= set(self.ports_of(index))
+        if _put(self.ingress_tc, index, what):
+            self.changes.links |= set(self.ports_of(index))
 
     def _flush_neighbors(self, index: int, keep_permanent: bool):
         for key in list(self.neighbors_by_link.get(index, ())):
             neigh = self.neighbors[key]
             if not (keep_permanent and neigh.state & NUD_PERMANENT):
                 self.del_neighbor(neigh)
+
+
+def _put(table: dict, key, value) -> bool:
+    """table[key] = value (None: no entry); True if that changed anything."""
+    if table.get(key) == value:
+        return False
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
+    return True

@@ -15,7 +15,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Dict, Optional
+from typing import Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl

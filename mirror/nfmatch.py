@@ -17,7 +17,6 @@ net/ipv4/netfilter/ip_tables.c ip_packet_match); comments name the exceptions.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass

@@ -161,9 +161,14 @@ def managed_in(state: m.KernelState, selection: Selection):
     return ok
 
 
-def device_skip_reason(state: m.KernelState, link: m.Link, selection: Selection) -> Optional[str]:
-    """skip_reason() with this state's stacked devices and tc filters."""
-    return skip_reason(link, selection, *_device_facts(state))
+def skipped_devices(state: m.KernelState, selection: Selection) -> Dict[str, str]:
+    """{name: why} for the devices the TC program is not attached to (bridges
+    aside: their frames arrive on their ports)."""
+    facts = _device_facts(state)
+    ok = managed_in(state, selection)
+    return {l.name: why for l in state.links.values()
+            if l.kind != "bridge" and not attachable(l, ok)
+            and (why := skip_reason(l, selection, *facts)) is not None}
 
 
 def managed(state: m.KernelState, link: m.Link, eligible_fn) -> bool:
