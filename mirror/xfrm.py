@@ -73,8 +73,9 @@ def default_blocks(sock) -> bool:
             if code:
                 raise OSError(code, "xfrm default policy")
         elif len(payload) >= 3:
-            inbound, fwd, out = payload[0], payload[1], payload[2]
-            return XFRM_USERPOLICY_BLOCK in (fwd, out)
+            # struct xfrm_userpolicy_default: in, fwd, out; `in` only
+            # concerns local delivery.
+            return XFRM_USERPOLICY_BLOCK in (payload[1], payload[2])
     return False
 
 

@@ -33,7 +33,6 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
