@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .bpfsys import SkBuff, prog_test_run
+from . import ifcounters
+from .bpfsys import SkBuff, array_lookup_batch, prog_test_run
 from .btf import STRUCT, VMLINUX, Btf, BtfError
 from .reasons import REASONS
 
@@ -355,14 +356,23 @@ class Datapath:
             raise DatapathError("datapath is closed")
         self._bpf.ring_buffer_poll(timeout_ms)
 
-    def counters(self) -> Dict[str, Tuple[int, int]]:
-        """{reason NAME: (packets, bytes)} summed over CPUs."""
+    @property
+    def counter_slots(self) -> int:
+        """Per-interface slots of the counters map (LM_MAX_IFACE_SLOTS)."""
+        return self.table("counters").max_entries // len(REASONS)
+
+    def counter_rows(self, nslots: Optional[int] = None) -> ifcounters.Rows:
+        """[slot][reason value] -> (packets, bytes) summed over CPUs, for
+        slots 0..nslots-1 (default: all), in one syscall."""
         t = self.table("counters")
-        out = {}
-        for r in REASONS:
-            per_cpu = t.getvalue(t.Key(r.value))
-            out[r.name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
-        return out
+        nslots = min(nslots or self.counter_slots, self.counter_slots)
+        ncpus = t.total_cpu
+        raw = array_lookup_batch(t.map_fd, nslots * len(REASONS), 16 * ncpus)
+        return ifcounters.decode(raw, nslots, ncpus)
+
+    def counters(self) -> Dict[str, Tuple[int, int]]:
+        """{reason NAME: (packets, bytes)} summed over CPUs and interfaces."""
+        return ifcounters.totals(self.counter_rows())
 
     def close(self) -> None:
         """Release the program and maps (an attached program stays alive in
