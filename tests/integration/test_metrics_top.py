@@ -1,6 +1,7 @@
 """Metrics endpoint and `top` of a real agent carrying real traffic."""
 
 import json
+import re
 import socket
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,6 +118,8 @@ def test_status_summary_plain_and_rich(routed_topology, agent):
     assert "skipped xa0: left out by --include/--exclude" in text
     assert "routes " in text and f"/{a.status()['table_capacity']['routes']}" in text
     assert "NO_ROUTE" in text and "no route in the fast path table" in text
+    veth1 = next(l for l in text.splitlines() if l.startswith("  veth1: "))
+    assert re.search(r"^  veth1: \d+ fast path, \d+ punted/dropped \(.*NO_ROUTE [3-9]", veth1), text
     buf = io.StringIO()
     status_view.render_rich(a.status(), Console(file=buf, force_terminal=True, width=160))
     rich_text = buf.getvalue()
