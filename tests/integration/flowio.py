@@ -218,6 +218,7 @@ def udp_nat_probe(dst, port, sport):
         pass
     print(json.dumps({"phase": "warm"}), flush=True)
     sys.stdin.readline()
+    s.settimeout(3)
     s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
     record_route = bytes([7, 11, 4]) + bytes(8) + bytes([0])  # room for 2 addresses, EOL
     probes = [("begin", BEGIN, None), ("record-route", b"rr " + bytes(range(200)), record_route),
