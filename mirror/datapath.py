@@ -42,7 +42,7 @@ ETH_ZLEN = 60  # BPF_PROG_TEST_RUN wants at least an Ethernet frame
 COMMON_H = BPF_DIR / "common.h"
 
 # Table-size macros of common.h that the loader may override.
-SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS", "LM_MAX_FDB")
+SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS", "LM_MAX_FDB", "LM_MAX_IFACE_SLOTS")
 
 # The conntrack kfuncs ct.h calls, each through a placeholder helper number
 # (macro, value) that patch_kfunc_calls() turns into a kfunc call.

@@ -62,25 +62,17 @@ def decode(raw: bytes, nslots: int, ncpus: int, nreasons: int = len(REASONS)) ->
     lm_counter {u64 packets, bytes} per CPU, the CPUs of one key together)
     -> rows summed over CPUs."""
     words = memoryview(raw).cast("Q")
-    per_key = 2 * ncpus
-    rows: Rows = []
-    for slot in range(nslots):
-        base = slot * nreasons * per_key
-        rows.append([(sum(words[o:o + per_key:2]), sum(words[o + 1:o + per_key:2]))
-                     for o in range(base, base + nreasons * per_key, per_key)])
-    return rows
-
-
-def add(a: List[Count], b: List[Count]) -> List[Count]:
-    return [(pa + pb, ba + bb) for (pa, ba), (pb, bb) in zip(a, b)]
+    # word 2*(key*ncpus + cpu) is that CPU's packets for the key, the next its bytes
+    packets = list(map(sum, zip(*[words[2 * cpu::2 * ncpus] for cpu in range(ncpus)])))
+    nbytes = list(map(sum, zip(*[words[2 * cpu + 1::2 * ncpus] for cpu in range(ncpus)])))
+    return [list(zip(packets[s * nreasons:(s + 1) * nreasons], nbytes[s * nreasons:(s + 1) * nreasons]))
+            for s in range(nslots)]
 
 
 def totals(rows: Rows, retired: Optional[List[Count]] = None) -> Dict[str, Count]:
     """{reason NAME: (packets, bytes)} over every slot plus retired links."""
-    acc = list(retired) if retired else [(0, 0)] * len(REASONS)
-    for row in rows:
-        acc = add(acc, row)
-    return {r.name: acc[r.value] for r in REASONS}
+    columns = list(zip(*rows, retired or [(0, 0)] * len(REASONS)))  # one per reason
+    return {r.name: (sum(p for p, _ in columns[r.value]), sum(b for _, b in columns[r.value])) for r in REASONS}
 
 
 def by_interface(rows: Rows, slots: Dict[int, int], names: Dict[int, str]) -> Dict[str, Dict[str, Count]]:
