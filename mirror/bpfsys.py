@@ -80,15 +80,16 @@ class BpfAttrBatch(ctypes.Structure):
                 ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
-def array_lookup_batch(map_fd: int, count: int, value_size: int) -> bytes:
-    """The values of keys 0..count-1 of an array map (per-CPU: value_size is
-    the per-CPU size rounded up to 8 times the possible CPUs), in one syscall
-    instead of one per key."""
+def array_lookup_batch(map_fd: int, count: int, value_size: int, start: int = 0) -> bytes:
+    """The values of keys start..start+count-1 of an array map (per-CPU:
+    value_size is the per-CPU size rounded up to 8 times the possible CPUs),
+    in one syscall instead of one per key."""
     keys = (ctypes.c_uint32 * count)()
     values = ctypes.create_string_buffer(count * value_size)
-    out_batch = ctypes.c_uint32()
-    attr = BpfAttrBatch(out_batch=ctypes.addressof(out_batch), keys=ctypes.addressof(keys),
-                        values=ctypes.addressof(values), count=count, map_fd=map_fd)
+    # The kernel resumes after in_batch (the previous call's last key): none for key 0.
+    in_batch, out_batch = ctypes.c_uint32(max(start - 1, 0)), ctypes.c_uint32()
+    attr = BpfAttrBatch(in_batch=ctypes.addressof(in_batch) if start else 0, out_batch=ctypes.addressof(out_batch),
+                        keys=ctypes.addressof(keys), values=ctypes.addressof(values), count=count, map_fd=map_fd)
     if _libc.syscall(NR_BPF, BPF_MAP_LOOKUP_BATCH, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         if err != errno.ENOENT or attr.count != count:  # ENOENT: the map's end reached

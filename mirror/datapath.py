@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import ifcounters
-from .bpfsys import SkBuff, array_lookup_batch, prog_test_run
+from .bpfsys import SkBuff, prog_test_run
 from .btf import STRUCT, VMLINUX, Btf, BtfError
 from .reasons import REASONS
 
@@ -364,11 +364,8 @@ class Datapath:
     def counter_rows(self, nslots: Optional[int] = None) -> ifcounters.Rows:
         """[slot][reason value] -> (packets, bytes) summed over CPUs, for
         slots 0..nslots-1 (default: all), in one syscall."""
-        t = self.table("counters")
         nslots = min(nslots or self.counter_slots, self.counter_slots)
-        ncpus = t.total_cpu
-        raw = array_lookup_batch(t.map_fd, nslots * len(REASONS), 16 * ncpus)
-        return ifcounters.decode(raw, nslots, ncpus)
+        return ifcounters.read_rows(self.table("counters"), 0, nslots)
 
     def counters(self) -> Dict[str, Tuple[int, int]]:
         """{reason NAME: (packets, bytes)} summed over CPUs and interfaces."""

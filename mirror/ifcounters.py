@@ -16,6 +16,7 @@ link given the slot starts from zero.
 
 from typing import Dict, List, Optional, Tuple
 
+from .bpfsys import array_lookup_batch
 from .reasons import REASONS
 
 Count = Tuple[int, int]  # (packets, bytes)
@@ -50,6 +51,13 @@ class SlotAllocator:
         """Take over the slots found in the maps (after a re-read)."""
         self.by_ifindex = {i: s for i, s in assignments.items() if 0 < s < self.nslots}
 
+
+
+def read_rows(table, first: int, nslots: int) -> Rows:
+    """Slots first..first+nslots-1 of the BCC counters table, in one syscall."""
+    ncpus = table.total_cpu
+    raw = array_lookup_batch(table.map_fd, nslots * len(REASONS), 16 * ncpus, start=first * len(REASONS))
+    return decode(raw, nslots, ncpus)
 
 
 def high_water(slots: Dict[int, int]) -> int:

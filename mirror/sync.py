@@ -271,15 +271,11 @@ class Reconciler:
         if not slot or self._counters is None:
             return
         t = self._counters
-        zero = t.Leaf()
-        for reason in range(len(REASONS)):
-            key = t.Key(slot * len(REASONS) + reason)
-            per_cpu = t.getvalue(key)
-            packets, nbytes = sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
+        for reason, (packets, nbytes) in enumerate(ifcounters.read_rows(t, slot, 1)[0]):
             if packets or nbytes:
                 p0, b0 = self.retired[reason]
                 self.retired[reason] = (p0 + packets, b0 + nbytes)
-                t[key] = zero
+                t[t.Key(slot * len(REASONS) + reason)] = t.Leaf()
 
     def counter_slots(self):
         """(ifindex -> slot, counts of links gone) for reading the counters."""
