@@ -33,6 +33,9 @@
 #ifndef LM_MAX_FDB
 #define LM_MAX_FDB 65536
 #endif
+#ifndef LM_MAX_IFACE_SLOTS
+#define LM_MAX_IFACE_SLOTS 256 /* per-interface counter slots, 0 included */
+#endif
 
 /*
  * Verdict reasons: X(NAME, value, "what it means").  Slot 0 counts packets
@@ -144,7 +147,8 @@ struct lm_link {
 	__u16 flags;
 	__u32 mtu;
 	__u8 peer_mac[ETH_ALEN]; /* LM_LINK_REDIRECT_PEER: the peer's own MAC */
-	__u16 pad;
+	__u16 slot;              /* counters slot the agent gave the link (1..
+				    LM_MAX_IFACE_SLOTS-1); 0: none */
 };
 
 /* lm_config.nf_mode */
@@ -316,7 +320,9 @@ BPF_F_TABLE("hash", struct lm_fdb_key, struct lm_fdb, fdb, LM_MAX_FDB,
 BPF_F_TABLE("hash", __u32, struct lm_port, ports, LM_MAX_LINKS, BPF_F_NO_PREALLOC); /* ifindex -> bridge port */
 BPF_ARRAY(config, struct lm_config, 1);                /* slot 0: global switches */
 BPF_ARRAY(heartbeat, struct lm_heartbeat, 1);          /* slot 0: written by lm_heartbeat only */
-BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_REASON_MAX); /* per reason */
+/* Per ingress interface and reason: [slot * LM_REASON_MAX + reason].  Slot 0
+ * counts packets of no slot: agent not ready, unmanaged ingress. */
+BPF_PERCPU_ARRAY(counters, struct lm_counter, LM_MAX_IFACE_SLOTS * LM_REASON_MAX);
 /* Stateful mode (LM_NF_STATEFUL).  LRU: the agent never has to expire
  * verdicts of dead flows; an evicted verdict is asked for again. */
 BPF_TABLE("lru_hash", struct lm_flow_key, struct lm_flow, flows, LM_MAX_FLOWS);

@@ -27,9 +27,22 @@
 #include "nat.h"
 #include "heartbeat.h"
 
+/* The counters slot of the interface the packet arrived on: its link's
+ * (the port's, not the bridge's, when routed through a bridge), else 0. */
+static __always_inline __u32 lm_counter_slot(struct __sk_buff *skb, struct lm_pkt *p)
+{
+	struct lm_link *in = p->in_link;
+	__u32 ifindex = skb->ifindex;
+
+	if (p->via_bridge)
+		in = links.lookup(&ifindex);
+	return in && in->slot < LM_MAX_IFACE_SLOTS ? in->slot : 0;
+}
+
 /*
- * The single exit: count the verdict (packets and bytes per reason, per
- * CPU; an explain run records it instead) and return the TC action.
+ * The single exit: count the verdict (packets and bytes per ingress
+ * interface and reason, per CPU; an explain run records it instead) and
+ * return the TC action.
  *
  * Punt returns TC_ACT_UNSPEC, not TC_ACT_OK.  Both let the packet continue
  * into the kernel's stack, but TC_ACT_OK ends classification, so a filter
@@ -42,6 +55,7 @@
 static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u32 reason)
 {
 	struct lm_counter *c;
+	__u32 idx;
 
 	/* Route actions come from the agent: never index past the counters. */
 	if (p->trace)
@@ -49,7 +63,8 @@ static __always_inline int lm_exit(struct __sk_buff *skb, struct lm_pkt *p, __u3
 	if (reason >= LM_REASON_MAX)
 		reason = LM_ROUTE_UNSUPPORTED;
 	if (!p->trace) {
-		c = counters.lookup(&reason);
+		idx = lm_counter_slot(skb, p) * LM_REASON_MAX + reason;
+		c = counters.lookup(&idx);
 		if (c) {
 			c->packets++;
 			c->bytes += skb->len;

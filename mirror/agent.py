@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import control, conntrack, netfilter, netlink, netns, nfverdict, offload, tc, xfrm
+from . import control, conntrack, ifcounters, netfilter, netlink, netns, nfverdict, offload, tc, xfrm
 from . import model as m
 from .datapath import COMMON_H, Datapath, DatapathError
 from .observe.latency import Histogram
@@ -40,8 +40,9 @@ HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
-# The maps the reconciler writes: the translated tables, the config slot, flow verdicts.
-RECONCILED_MAPS = MAP_TABLES + ("config", "flows")
+# The maps the reconciler writes: the translated tables, the config slot, flow
+# verdicts, and the counters (a freed interface slot is zeroed).
+RECONCILED_MAPS = MAP_TABLES + ("config", "flows", "counters")
 # The netfilter hint thread must get the GIL at once when a change lands; with
 # Python's default 5 ms switch interval a parsing thread could hold it that long.
 GIL_SWITCH_INTERVAL = 0.0001  # s
@@ -191,7 +192,7 @@ class Agent:
             if healthy and now >= next_neigh:
                 next_neigh = now + NEIGH_REFRESH
                 self._refresh_neighbors()
-                self.rate_samples.append((now, self.datapath.counters()))
+                self.rate_samples.append((now, self._counters()[0]))
             if healthy and now >= next_fdb:
                 next_fdb = now + FDB_REFRESH
                 self._refresh_fdb()
@@ -467,7 +468,7 @@ class Agent:
                "counters": {"fast_path_packets": 0, "fast_path_bytes": 0, "punt": {}, "punt_bytes": {}}}
         if not hasattr(self, "sync"):
             return out
-        counters = self.datapath.counters()
+        counters, per_interface = self._counters()
         out["interfaces"] = sorted(dict(self.attacher.attached).values())
         out["tables"] = self.sync.table_counts()
         out["table_capacity"] = {name: self.datapath.table(name).max_entries for name in out["tables"]}
@@ -475,12 +476,8 @@ class Agent:
         out["uptime_s"] = round(time.time() - self.started, 1)
         out["skipped_interfaces"] = self._skipped_interfaces()
         out["rates_pps"] = self._rates()
-        c = out["counters"]
-        c["fast_path_packets"], c["fast_path_bytes"] = counters.pop(REASONS[FORWARDED].name)
-        drops = {r.name for r in REASONS if r.drop}
-        c["punt"] = {name: pkts for name, (pkts, _) in counters.items() if name not in drops}
-        c["punt_bytes"] = {name: nbytes for name, (_, nbytes) in counters.items() if name not in drops}
-        c["drop"] = {name: pkts for name, (pkts, _) in counters.items() if name in drops}
+        out["counters"] = ifcounters.summary(counters)
+        out["counters"]["interfaces"] = {name: ifcounters.summary(c) for name, c in per_interface.items()}
         out["forwarding_punted_because"] = self._punt_forward_explanation()
         out["bridges"] = self._bridges_status()
         out["netfilter_hints"] = self.nf_watch.hint_summary()
@@ -497,6 +494,14 @@ class Agent:
             if link is not None:
                 out[link.name] = why
         return out
+
+    def _counters(self):
+        """({reason: (packets, bytes)} in total, the same per ingress interface
+        name); reads only the counter slots in use."""
+        slots, retired = self.sync.counter_slots()
+        rows = self.datapath.counter_rows(ifcounters.high_water(slots))
+        names = {ifindex: link.name for ifindex, link in self.state.links.items()}
+        return ifcounters.totals(rows, retired), ifcounters.by_interface(rows, slots, names)
 
     def _rates(self):
         """Packets/s per verdict over the last sampling second (empty at first)."""

@@ -130,7 +130,8 @@ def status(as_json, check_ready):
               help="Seconds between samples.")
 @click.option("--count", default=0, type=click.IntRange(min=0), help="Stop after N refreshes (0: until Ctrl-C).")
 def top(interval, count):
-    """Live packet rates per verdict (fast path and each punt reason)."""
+    """Live packet rates per ingress interface and per verdict (fast path,
+    each punt and drop reason)."""
     from .observe import top as view
 
     def sample():
@@ -138,7 +139,7 @@ def top(interval, count):
             st = control.request({"cmd": "status"})
         except control.NotRunning:
             _fail("no agent running in this network namespace")
-        return view.counts(st), time.monotonic()
+        return st, time.monotonic()
 
     clear = sys.stdout.isatty()
     before, t0 = sample()
@@ -147,8 +148,10 @@ def top(interval, count):
         while not count or shown < count:
             time.sleep(interval)
             after, t1 = sample()
-            text = view.render(view.rates(before, after, t1 - t0), interval,
-                               f"loxi-mirror top - {time.strftime('%H:%M:%S')}")
+            text = view.render(view.rates(view.counts(before), view.counts(after), t1 - t0), interval,
+                               f"loxi-mirror top - {time.strftime('%H:%M:%S')}",
+                               view.interface_rates(view.interface_counts(before), view.interface_counts(after),
+                                                    t1 - t0))
             click.echo(("\x1b[H\x1b[2J" if clear else "") + text + ("" if clear else "\n"))
             before, t0 = after, t1
             shown += 1

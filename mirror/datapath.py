@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from . import ifcounters
 from .bpfsys import SkBuff, prog_test_run
 from .btf import STRUCT, VMLINUX, Btf, BtfError
 from .reasons import REASONS
@@ -41,7 +42,7 @@ ETH_ZLEN = 60  # BPF_PROG_TEST_RUN wants at least an Ethernet frame
 COMMON_H = BPF_DIR / "common.h"
 
 # Table-size macros of common.h that the loader may override.
-SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS", "LM_MAX_FDB")
+SIZE_MACROS = ("LM_MAX_ROUTES", "LM_MAX_NEIGHBORS", "LM_MAX_LINKS", "LM_MAX_FLOWS", "LM_MAX_FDB", "LM_MAX_IFACE_SLOTS")
 
 # The conntrack kfuncs ct.h calls, each through a placeholder helper number
 # (macro, value) that patch_kfunc_calls() turns into a kfunc call.
@@ -355,14 +356,20 @@ class Datapath:
             raise DatapathError("datapath is closed")
         self._bpf.ring_buffer_poll(timeout_ms)
 
+    @property
+    def counter_slots(self) -> int:
+        """Per-interface slots of the counters map (LM_MAX_IFACE_SLOTS)."""
+        return self.table("counters").max_entries // len(REASONS)
+
+    def counter_rows(self, nslots: Optional[int] = None) -> ifcounters.Rows:
+        """[slot][reason value] -> (packets, bytes) summed over CPUs, for
+        slots 0..nslots-1 (default: all), in one syscall."""
+        nslots = min(nslots or self.counter_slots, self.counter_slots)
+        return ifcounters.read_rows(self.table("counters"), 0, nslots)
+
     def counters(self) -> Dict[str, Tuple[int, int]]:
-        """{reason NAME: (packets, bytes)} summed over CPUs."""
-        t = self.table("counters")
-        out = {}
-        for r in REASONS:
-            per_cpu = t.getvalue(t.Key(r.value))
-            out[r.name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
-        return out
+        """{reason NAME: (packets, bytes)} summed over CPUs and interfaces."""
+        return ifcounters.totals(self.counter_rows())
 
     def close(self) -> None:
         """Release the program and maps (an attached program stays alive in

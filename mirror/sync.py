@@ -12,10 +12,11 @@ import logging
 import socket
 import struct
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+from . import ifcounters
 from .flows import FlowEntry, FlowKey
-from .reasons import BY_NAME
+from .reasons import BY_NAME, REASONS
 from .translate import MAP_TABLES as TABLES
 from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, RouteEntry
 
@@ -82,13 +83,13 @@ class Codec:
         ctypes.memmove(leaf.mac, mac_to_bytes(e.mac), 6)
         if e.peer_mac:
             ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
-        leaf.flags, leaf.mtu = e.flags, e.mtu
+        leaf.flags, leaf.mtu, leaf.slot = e.flags, e.mtu, e.slot
         return leaf
 
     def decode_link(self, k, v):
         peer_mac = bytes_to_mac(v.peer_mac)
         return k.value, LinkEntry(bytes_to_mac(v.mac), v.flags, v.mtu,
-                                  None if peer_mac == "00:00:00:00:00:00" else peer_mac)
+                                  None if peer_mac == "00:00:00:00:00:00" else peer_mac, v.slot)
 
     # ports: ifindex <-> u32, PortEntry <-> lm_port
     def port_key(self, ifindex):
@@ -168,6 +169,12 @@ class Reconciler:
         # were lost (RESYNC), until the re-dump is in the maps.
         self.held = 0
         self.resyncs = 0
+        # Per-interface counters: each link's slot, and what links gone since
+        # counted (optional: unit tests run without a counters table).
+        self._counters = tables.get("counters")
+        self.slots = ifcounters.SlotAllocator(self._counters.max_entries // len(REASONS)
+                                              if self._counters is not None else 1)
+        self.retired = [(0, 0)] * len(REASONS)
         self._write_config()
 
     # -- maps ------------------------------------------------------------
@@ -204,14 +211,17 @@ class Reconciler:
             changes += self._set_config(delta.punt_forward_reason, delta.nf)
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
         changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
-        changes += self._upsert(t["links"], cur.links, delta.links, c.link_key, c.link_leaf)
+        links = {k: v and replace(v, slot=self._slot_of(k)) for k, v in delta.links.items()}
+        changes += self._upsert(t["links"], cur.links, links, c.link_key, c.link_leaf)
         changes += self._upsert(t["ports"], cur.ports, delta.ports, c.port_key, c.port_leaf)
         changes += self._upsert(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key, c.neigh_leaf)
         changes += self._upsert(t["fdb"], cur.fdb, delta.fdb, c.fdb_key, c.fdb_leaf)
         changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
         changes += self._delete(t["ports"], cur.ports, delta.ports, c.port_key)
-        changes += self._delete(t["links"], cur.links, delta.links, c.link_key)
+        changes += self._delete(t["links"], cur.links, links, c.link_key)
+        for ifindex in (k for k, v in links.items() if v is None):
+            self._retire(self.slots.release(ifindex))
         if not tighter:
             changes += self._set_config(delta.punt_forward_reason, delta.nf)
         return changes
@@ -243,10 +253,34 @@ class Reconciler:
         t = self.tables
         self.shadow = Desired(**{name: dict(self._decoder(name)(k, v) for k, v in t[name].items())
                                  for name in TABLES})
+        self.slots.reset({ifindex: e.slot for ifindex, e in self.shadow.links.items()})
         with self._config_lock:
             config = self._config()
             self._punt_forward_reason = config.punt_forward_reason
             self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
+
+    # -- per-interface counters ------------------------------------------
+    def _slot_of(self, ifindex: int) -> int:
+        slot, new = self.slots.assign(ifindex)
+        if new:
+            self._retire(slot)  # counts of a link that had it before: not this one's
+        return slot
+
+    def _retire(self, slot) -> None:
+        """Fold a freed slot's counts into `retired` and zero it."""
+        if not slot or self._counters is None:
+            return
+        t = self._counters
+        for reason, (packets, nbytes) in enumerate(ifcounters.read_rows(t, slot, 1)[0]):
+            if packets or nbytes:
+                p0, b0 = self.retired[reason]
+                self.retired[reason] = (p0 + packets, b0 + nbytes)
+                t[t.Key(slot * len(REASONS) + reason)] = t.Leaf()
+
+    def counter_slots(self):
+        """(ifindex -> slot, counts of links gone) for reading the counters."""
+        with self.lock:
+            return dict(self.slots.by_ifindex), list(self.retired)
 
     # -- flows -------------------------------------------------------------
     # Not diffed against a shadow: the map is an LRU the datapath also writes

@@ -53,6 +53,9 @@ class LinkEntry:
     # A veth peer's own MAC: only frames to it may skip the peer's receive
     # classification (redirect_peer); others take veth_xmit (bpf_redirect).
     peer_mac: Optional[str] = None
+    # Counters slot (mirror/ifcounters.py): map layout, not a decision of the
+    # translator (always 0 here); the reconciler stamps the link's own.
+    slot: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ by PID (topo.kill); nothing else is signalled.
     udp_pps(topo, seconds=5, size=64)   -> {"pps" (received), "sent_pps", "lost_percent"}
     ping_rtt(topo, count=2000)         -> {"median_us", "min_us", "avg_us", "max_us", ...}
     qperf_lat(topo, seconds=3)         -> {"tcp_lat_us": ...}   (None if qperf is missing)
+    sockperf_rtt(topo, "tcp"|"udp")    -> {"median_us", "p99_us", ...}  request/response round trips
     summary(values)                    -> {"min", "median", "max", "n"}
 """
 
@@ -17,6 +18,9 @@ import subprocess
 
 IPERF_PORT = 5201
 QPERF_PORT = 19765
+# Not iperf3's: sockperf's TCP server cannot bind a port that an earlier
+# iperf3 connection left in TIME_WAIT (it exits 0 without listening).
+SOCKPERF_PORT = 11111
 
 
 def summary(values):
@@ -157,5 +161,52 @@ def qperf_lat(topo, seconds=3, tests=("tcp_lat",), port=QPERF_PORT):
         if cp.returncode != 0 or len(vals) != len(tests):
             raise RuntimeError(f"qperf failed (rc {cp.returncode}): {cp.stdout.strip()} {cp.stderr.strip()}")
         return {f"{t}_us": v for t, v in zip(tests, vals)}
+    finally:
+        topo.kill(srv)
+
+
+_SOCKPERF_PCT = re.compile(r"percentile (\d+\.\d+) =\s*([\d.]+)")
+_SOCKPERF_AVG = re.compile(r"avg-rtt=([\d.]+)")
+_SOCKPERF_MINMAX = re.compile(r"<(MIN|MAX)> observation =\s*([\d.]+)")
+SOCKPERF_CLIENT_PORT = 40123  # UDP: one flow for the warm-up and the measured run
+
+
+def sockperf_available():
+    return shutil.which("sockperf") is not None
+
+
+def sockperf_rtt(topo, proto="tcp", seconds=3, size=64, port=SOCKPERF_PORT, to=None, warmup=0):
+    """sockperf ping-pong pod1 -> pod2: one request of `size` bytes, wait for
+    the reply, repeat, for `seconds` (TCP: one connection; UDP: one flow from
+    a fixed client port). Round trips in microseconds, sockperf's own
+    percentiles (its 400 ms warm-up excluded). ping is ICMP and the fast path
+    leaves ICMP to the kernel; this is the latency of TCP/UDP request/response.
+
+    warmup: seconds of ping-pong on the same flow before the measured run
+    (UDP: a stateful node carries a reply flow only once the kernel has
+    marked it ASSURED). to: (address, port) instead of pod2's, as for iperf3()."""
+    if proto not in ("tcp", "udp"):
+        raise ValueError(proto)
+    tcp = ["--tcp"] if proto == "tcp" else []
+    srv = topo.popen("pod2", ["sockperf", "server"] + tcp + ["-i", "0.0.0.0", "-p", str(port)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        topo.wait_listen("pod2", port, proto=proto, proc=srv)
+        dst, dport = to or (topo.pod2_ip, port)
+        base = ["sockperf", "ping-pong"] + tcp + ["-i", dst, "-p", str(dport), "-m", str(size), "--full-rtt"]
+        if proto == "udp":
+            base += ["--client_port", str(SOCKPERF_CLIENT_PORT)]
+        if warmup:
+            topo.run("pod1", base + ["-t", str(warmup)], check=False, timeout=warmup + 30)
+        cp = topo.run("pod1", base + ["-t", str(seconds)], check=False, timeout=seconds + 30)
+        text = cp.stdout + cp.stderr
+        pct = {float(p): float(v) for p, v in _SOCKPERF_PCT.findall(text)}
+        avg = _SOCKPERF_AVG.search(text)
+        if cp.returncode != 0 or 50.0 not in pct or 99.0 not in pct or not avg:
+            raise RuntimeError(f"sockperf {proto} failed (rc {cp.returncode}): {text.strip()[-400:]}")
+        minmax = dict(_SOCKPERF_MINMAX.findall(text))
+        return {"median_us": pct[50.0], "p99_us": pct[99.0], "avg_us": float(avg.group(1)),
+                "min_us": float(minmax.get("MIN", "nan")), "max_us": float(minmax.get("MAX", "nan")),
+                "proto": proto, "size": size, "seconds": seconds}
     finally:
         topo.kill(srv)

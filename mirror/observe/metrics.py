@@ -54,6 +54,7 @@ class AgentCollector:
         for reason, n in sorted(c.get("drop", {}).items()):
             drop.add_metric([reason], n)
         yield drop
+        yield from _per_interface(c.get("interfaces", {}))
         entries = GaugeMetricFamily(PREFIX + "table_entries", "Entries written to each eBPF map", labels=["table"])
         for table, n in sorted(st.get("tables", {}).items()):
             entries.add_metric([table], n)
@@ -74,6 +75,31 @@ class AgentCollector:
             buckets = [(_le(le), n) for le, n in lat["buckets"]] + [("+Inf", lat["count"])]
             h.add_metric([], buckets, lat["sum"])
             yield h
+
+
+def _per_interface(interfaces: Dict[str, Dict]):
+    """The same counters by ingress interface (reasons never counted on an
+    interface are left out); "(other)" counts packets of no managed ingress."""
+    for unit in ("packets", "bytes"):
+        fast = CounterMetricFamily(PREFIX + f"interface_fast_path_{unit}",
+                                   f"{unit.capitalize()} the fast path handled itself, by ingress interface",
+                                   labels=["interface"])
+        punt = CounterMetricFamily(PREFIX + f"interface_punted_{unit}",
+                                   f"{unit.capitalize()} left to the kernel, by ingress interface and reason",
+                                   labels=["interface", "reason"])
+        for name, c in sorted(interfaces.items()):
+            fast.add_metric([name], c.get(f"fast_path_{unit}", 0))
+            for reason, n in sorted(c.get("punt" if unit == "packets" else "punt_bytes", {}).items()):
+                punt.add_metric([name, reason], n)
+        yield fast
+        yield punt
+    drop = CounterMetricFamily(PREFIX + "interface_dropped_packets",
+                               "Packets the fast path dropped because the ruleset drops them, "
+                               "by ingress interface and reason", labels=["interface", "reason"])
+    for name, c in sorted(interfaces.items()):
+        for reason, n in sorted(c.get("drop", {}).items()):
+            drop.add_metric([name, reason], n)
+    yield drop
 
 
 def _le(bound: float) -> str:

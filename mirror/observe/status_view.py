@@ -54,9 +54,23 @@ def _headline(st: Dict) -> str:
     return f"loxi-mirror: running (pid {st['pid']}), {state}, up {_duration(st.get('uptime_s', 0))}"
 
 
+def interface_counts(st: Dict, name: str) -> str:
+    """"N fast path, M punted/dropped (REASON n, ...)" for packets received on
+    one interface, or "" when none were counted."""
+    c = st["counters"].get("interfaces", {}).get(name)
+    if not c:
+        return ""
+    punts = sorted(((n, r) for r, n in {**c["punt"], **c.get("drop", {})}.items() if n), reverse=True)
+    why = ", ".join(f"{r} {n}" for n, r in punts[:3])
+    return f"{c['fast_path_packets']} fast path, {sum(n for n, _ in punts)} punted/dropped" + (f" ({why})" if why else "")
+
+
 def render_plain(st: Dict) -> str:
     c = st["counters"]
     lines = [_headline(st), f"interfaces: {', '.join(st['interfaces']) or '-'}"]
+    for name in st["interfaces"]:
+        if interface_counts(st, name):
+            lines.append(f"  {name}: {interface_counts(st, name)}")
     for name, why in sorted(st.get("skipped_interfaces", {}).items()):
         lines.append(f"  skipped {name}: {why}")
     lines.append("tables: " + ", ".join(f"{n} {used}/{cap}" if cap else f"{n} {used}" for n, used, cap in tables(st)))
@@ -94,10 +108,11 @@ def render_rich(st: Dict, console) -> None:
     ifs = Table(title="interfaces", title_justify="left")
     ifs.add_column("name")
     ifs.add_column("fast path")
+    ifs.add_column("packets received")
     for name in st["interfaces"]:
-        ifs.add_row(name, "[green]attached[/green]")
+        ifs.add_row(name, "[green]attached[/green]", interface_counts(st, name))
     for name, why in sorted(st.get("skipped_interfaces", {}).items()):
-        ifs.add_row(name, f"skipped: {why}")
+        ifs.add_row(name, f"skipped: {why}", "")
     console.print(ifs)
     for line in bridge_lines(st):
         console.print(line)

@@ -75,7 +75,7 @@ def datapath(topo):
     # Small tables: the tests need a handful of entries, and the hash maps
     # are preallocated.
     dp = Datapath(sizes={"LM_MAX_ROUTES": 256, "LM_MAX_NEIGHBORS": 256, "LM_MAX_LINKS": 64,
-                         "LM_MAX_FLOWS": 1024, "LM_MAX_FDB": 256})
+                         "LM_MAX_FLOWS": 1024, "LM_MAX_FDB": 256, "LM_MAX_IFACE_SLOTS": 16})
     try:
         yield dp
     finally:

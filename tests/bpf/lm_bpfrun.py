@@ -15,6 +15,7 @@ import subprocess
 from typing import Dict, Optional, Tuple
 
 from mirror.bpfsys import BpfAttrTest, RunResult, SkBuff, prog_test_run  # noqa: F401 (re-exported)
+from mirror.reasons import BY_NAME as REASON_VALUES
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -244,9 +245,9 @@ class Maps:
     def get_neigh(self, ifindex: int, addr: str):
         return self.neighbors[self.neighbors.Key(ifindex=ifindex, addr=ip4(addr))]
 
-    def link(self, ifindex: int, m, flags: int, mtu: int = 1500, peer_mac="00:00:00:00:00:00"):
+    def link(self, ifindex: int, m, flags: int, mtu: int = 1500, peer_mac="00:00:00:00:00:00", slot: int = 0):
         self.links[self.links.Key(ifindex)] = self.links.Leaf(mac=_mac_arr(m), flags=flags, mtu=mtu,
-                                                              peer_mac=_mac_arr(peer_mac))
+                                                              peer_mac=_mac_arr(peer_mac), slot=slot)
 
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
@@ -291,10 +292,9 @@ class Maps:
         return now
 
     def counters(self) -> Dict[int, Tuple[int, int]]:
-        """{reason value: (packets, bytes)} summed over CPUs."""
-        t = self.counters_t
-        out = {}
-        for i in range(t.max_entries):
-            per_cpu = t.getvalue(t.Key(i))
-            out[i] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
-        return out
+        """{reason value: (packets, bytes)} summed over CPUs and interfaces."""
+        return {REASON_VALUES[name]: c for name, c in self.dp.counters().items()}
+
+    def slot_counters(self, slot: int) -> Dict[int, Tuple[int, int]]:
+        """{reason value: (packets, bytes)} of one interface slot."""
+        return dict(enumerate(self.dp.counter_rows(slot + 1)[slot]))

@@ -189,3 +189,18 @@ L2_CASES = [
 def test_l2(case, topo, datapath, maps):
     bridge_state(maps, topo)
     run_case(case, topo, datapath, maps)
+
+
+def test_counts_on_the_ingress_port(topo, datapath, maps):
+    """Switched and routed-through-the-bridge frames count in the slot of the
+    port they arrived on, not the bridge's."""
+    from lm_bpfrun import SkBuff, prog_test_run
+
+    bridge_state(maps, topo)
+    maps.link(topo.in0, topo.in0_mac, UP | FWD, slot=3)
+    maps.link(BR, BR_MAC, UP | FWD | BRIDGE, slot=4)
+    before = {s: maps.slot_counters(s)[R["FORWARDED"]][0] for s in (3, 4)}
+    for frame in (l2(), to_bridge()):
+        assert prog_test_run(datapath.fd, bytes(frame), SkBuff(ifindex=topo.in0)).retval == TC_ACT_REDIRECT
+    after = {s: maps.slot_counters(s)[R["FORWARDED"]][0] for s in (3, 4)}
+    assert (after[3] - before[3], after[4] - before[4]) == (2, 0)

@@ -371,3 +371,27 @@ def test_program_is_small(datapath):
     and one constant move per exit edge for p.ran."""
     insns = len(datapath._bpf.dump_func(datapath.name.encode())) // 8
     assert insns < 1700, insns
+
+
+def test_counts_per_interface_slot(topo, datapath, maps):
+    """Every verdict counts in the slot of the link the packet arrived on
+    (lm_link.slot), an unmanaged ingress in slot 0; the totals are the sum."""
+    base_state(maps, topo)
+    maps.link(topo.in0, topo.in0_mac, UP | FWD, slot=5)
+    maps.link(topo.out0, topo.out0_mac, UP | FWD, slot=7)
+    maps.del_link(topo.out1)
+    sent = [(topo.in0, udp(), TC_ACT_REDIRECT),                          # forwarded
+            (topo.in0, udp(dst="10.7.0.1"), TC_ACT_UNSPEC),              # NO_ROUTE
+            (topo.in0, udp(dst="10.7.0.1"), TC_ACT_UNSPEC),
+            (topo.out0, udp(dst="10.1.0.1", eth_dst=OUT0_MAC), TC_ACT_UNSPEC),  # LOCAL
+            (topo.out1, udp(eth_dst=OUT1_MAC), TC_ACT_UNSPEC)]           # IFACE_UNMANAGED
+    before = {s: maps.slot_counters(s) for s in (0, 5, 7)}
+    total_before = maps.counters()
+    for ifindex, frame, verdict in sent:
+        assert prog_test_run(datapath.fd, bytes(frame), SkBuff(ifindex=ifindex)).retval == verdict
+    delta = {s: {r: c[0] - before[s][r][0] for r, c in maps.slot_counters(s).items() if c != before[s][r]}
+             for s in (0, 5, 7)}
+    assert delta == {5: {R["FORWARDED"]: 1, R["NO_ROUTE"]: 2}, 7: {R["LOCAL"]: 1},
+                     0: {R["IFACE_UNMANAGED"]: 1}}, delta
+    total = {r: c[0] - total_before[r][0] for r, c in maps.counters().items() if c != total_before[r]}
+    assert total == {R["FORWARDED"]: 1, R["NO_ROUTE"]: 2, R["LOCAL"]: 1, R["IFACE_UNMANAGED"]: 1}

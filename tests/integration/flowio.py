@@ -16,6 +16,15 @@
                                                     is learned; after a line on stdin, datagrams until
                                                     the ICMP port unreachable arrives
                                                     -> JSON {"mtu", "big_error", "refused"}
+    flowio.py udp-echo PORT                         echoes every datagram to its sender, until killed
+    flowio.py capture IFACE                         records every IPv4 packet arriving on IFACE from
+                                                    the first with BEGIN in it to the first with STOP
+                                                    -> JSON [hex of the IP packet, ...]
+    flowio.py udp-nat-probe DST PORT SPORT          one UDP flow from SPORT, echoed: 2.6 s of small
+                                                    datagrams (ASSURED, taken over); after a line on
+                                                    stdin BEGIN, a record-route datagram, one of 3000
+                                                    bytes without DF (fragments), one of 1600, STOP
+                                                    -> JSON {"warm", "echoes": [[label, from, bytes]]}
     flowio.py whoami PORT                           server: answers each connection with the
                                                     address it was reached at, until killed
     flowio.py whoami-client DST PORT N              N connections -> JSON [[client_port, answer], ...]
@@ -152,6 +161,84 @@ def udp_midflow(dst, port, big):
     print(json.dumps(out), flush=True)
 
 
+BEGIN, STOP = b"zzBEGINzz", b"zzSTOPzz"
+
+
+def udp_echo(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(port)))
+    print("ready", flush=True)
+    while True:
+        data, src = s.recvfrom(65535)
+        s.sendto(data, src)
+
+
+def capture(iface, timeout=60):
+    ETH_P_ALL, PACKET_OUTGOING = 3, 4
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((iface, 0))
+    s.settimeout(float(timeout))
+    print("ready", flush=True)
+    got, on = [], False
+    try:
+        while True:
+            frame, addr = s.recvfrom(65535)
+            if addr[2] == PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
+                continue
+            on = on or BEGIN in frame
+            if on:
+                got.append(frame[14:].hex())
+            if on and STOP in frame:
+                break
+    except socket.timeout:
+        pass
+    print(json.dumps(got), flush=True)
+
+
+def udp_nat_probe(dst, port, sport):
+    IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_OPTIONS = 10, 0, 4
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sport)))
+    s.connect((dst, int(port)))
+    s.settimeout(0.005)
+    warm, end = 0, time.time() + 2.6  # the kernel marks a replied UDP flow ASSURED after 2 s
+    while time.time() < end:
+        s.send(b"warm %d" % warm)
+        warm += 1
+        try:
+            s.recv(100)
+        except socket.timeout:
+            pass
+        time.sleep(0.005)
+    s.settimeout(0.5)
+    try:
+        while True:
+            s.recv(100)  # late echoes
+    except socket.timeout:
+        pass
+    print(json.dumps({"phase": "warm"}), flush=True)
+    sys.stdin.readline()
+    s.settimeout(3)
+    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+    record_route = bytes([7, 11, 4]) + bytes(8) + bytes([0])  # room for 2 addresses, EOL
+    probes = [("begin", BEGIN, None), ("record-route", b"rr " + bytes(range(200)), record_route),
+              ("plain", b"between", b""), ("fragments-3000", bytes(i % 251 for i in range(3000)), None),
+              ("fragments-1600", bytes(i % 241 for i in range(1600)), None), ("stop", STOP, None)]
+    echoes = []
+    for label, data, opts in probes:
+        if opts is not None:
+            s.setsockopt(socket.IPPROTO_IP, IP_OPTIONS, opts)
+        s.send(data)
+        try:
+            got, src = s.recvfrom(65535)
+            echoes.append([label, "%s:%d" % src, got == data, len(got)])
+        except socket.timeout:
+            echoes.append([label, None, False, 0])
+        if opts:
+            s.setsockopt(socket.IPPROTO_IP, IP_OPTIONS, b"")
+    print(json.dumps({"warm": warm, "echoes": echoes}), flush=True)
+
+
 def whoami(port):
     srv = listening(port)
     while True:
@@ -171,4 +258,5 @@ def whoami_client(dst, port, n):
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"udp-sink": udp_sink, "udp-source": udp_source, "tcp-echo": tcp_echo, "tcp-talk": tcp_talk,
-     "whoami": whoami, "whoami-client": whoami_client, "udp-midflow": udp_midflow}[cmd](*args)
+     "whoami": whoami, "whoami-client": whoami_client, "udp-midflow": udp_midflow, "udp-echo": udp_echo,
+     "capture": capture, "udp-nat-probe": udp_nat_probe}[cmd](*args)

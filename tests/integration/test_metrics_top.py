@@ -1,6 +1,7 @@
 """Metrics endpoint and `top` of a real agent carrying real traffic."""
 
 import json
+import re
 import socket
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +45,38 @@ def test_metrics_endpoint_scraped_and_parsed(routed_topology, agent):
     assert m[("loxi_mirror_fast_path_packets_total", ())] <= st["counters"]["fast_path_packets"]
 
 
+def _per_interface(m, family, **labels):
+    return {dict(lb)["interface"]: v for (name, lb), v in m.items()
+            if name == family and all(dict(lb).get(k) == want for k, want in labels.items())}
+
+
+def test_metrics_per_interface_and_reason(routed_topology, agent):
+    """Echo requests arrive on veth1 and replies on veth2, both fast-pathed;
+    packets to an address without a route punt NO_ROUTE on veth1 only."""
+    import sys
+    t = routed_topology
+    address = f"127.0.0.1:{_free_port()}"
+    t.run("node", ["ip", "link", "set", "lo", "up"])
+    a = agent(t, "--metrics", address)
+    t.run("pod1", ["ping", "-c", "30", "-i", "0.01", "-W", "1", t.pod2_ip])
+    t.run("pod1", ["ping", "-c", "5", "-i", "0.01", "-W", "0.2", "10.99.0.1"], check=False)
+    fast = "loxi_mirror_interface_fast_path_packets_total"
+    punted = "loxi_mirror_interface_punted_packets_total"
+
+    def counted():
+        m = _scrape(t, sys.executable, address)
+        f, p = _per_interface(m, fast), _per_interface(m, punted, reason="NO_ROUTE")
+        return (f.get(t.node_if1, 0) >= 25 and f.get(t.node_if2, 0) >= 25 and p.get(t.node_if1, 0) >= 5) and m
+    m = wait_for(counted, 10, "per-interface counts never showed up in the metrics")
+    assert _per_interface(m, punted, reason="NO_ROUTE").get(t.node_if2, 0) == 0
+    # The breakdown adds up to the totals of the same scrape.
+    assert sum(_per_interface(m, fast).values()) == m[("loxi_mirror_fast_path_packets_total", ())]
+    assert sum(_per_interface(m, punted, reason="NO_ROUTE").values()) == \
+        m[("loxi_mirror_punted_packets_total", (("reason", "NO_ROUTE"),))]
+    st = a.status()["counters"]["interfaces"]
+    assert st[t.node_if1]["fast_path_packets"] >= m[(fast, (("interface", t.node_if1),))]
+
+
 def test_no_metrics_port_unless_asked(routed_topology, agent):
     t = routed_topology
     agent(t)
@@ -61,6 +94,11 @@ def test_top_shows_rates(routed_topology, agent):
         t.kill(pinger)
     lines = [l for l in out.splitlines() if l.startswith("FORWARDED")]
     assert len(lines) == 2 and float(lines[-1].split()[1].replace(",", "")) > 0, out
+    # Per interface: requests come in on veth1, replies on veth2, both fast.
+    last = out.split("loxi-mirror top")[-1].splitlines()
+    rows = {l.split()[0]: l.split() for l in last if l.startswith(("veth1 ", "veth2 "))}
+    assert set(rows) == {"veth1", "veth2"}, out
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows.values()), out
 
 
 def test_status_summary_plain_and_rich(routed_topology, agent):
@@ -80,6 +118,8 @@ def test_status_summary_plain_and_rich(routed_topology, agent):
     assert "skipped xa0: left out by --include/--exclude" in text
     assert "routes " in text and f"/{a.status()['table_capacity']['routes']}" in text
     assert "NO_ROUTE" in text and "no route in the fast path table" in text
+    veth1 = next(l for l in text.splitlines() if l.startswith("  veth1: "))
+    assert re.search(r"^  veth1: \d+ fast path, \d+ punted/dropped \(.*NO_ROUTE [3-9]", veth1), text
     buf = io.StringIO()
     status_view.render_rich(a.status(), Console(file=buf, force_terminal=True, width=160))
     rich_text = buf.getvalue()

@@ -429,6 +429,84 @@ def test_mid_flow_punts_in_a_nat_flow(routed_topology, agent):
     assert d.get("FORWARDED", 0) > 200 and d.get("MTU_EXCEEDED", 0) >= 1 and d.get("CT_PROTO", 0) >= 1, d
 
 
+# A service address as kube-proxy/Docker publish one: DNAT to pod2's UDP 7000,
+# MASQUERADE, FORWARD policy DROP with ESTABLISHED accepted.
+VIP = "10.96.0.10"
+NAT_SERVICE = f"""*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -d 10.2.0.2/32 -p udp -m udp --dport 7000 -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d {VIP}/32 -p udp -m udp --dport 80 -j DNAT --to-destination 10.2.0.2:7000
+-A POSTROUTING -s 10.1.0.0/24 -d 10.2.0.0/24 -j MASQUERADE
+COMMIT
+"""
+
+
+def without_id_and_checksum(hex_packet):
+    """An IPv4 packet without what each sender's kernel picks freely (the IP
+    ID; the header checksum covers it): every other byte must match."""
+    b = bytearray(bytes.fromhex(hex_packet))
+    b[4:6] = b[10:12] = b"\0\0"
+    return b.hex()
+
+
+def test_ip_options_and_fragments_in_a_taken_over_nat_flow(routed_topology, agent):
+    """A taken-over DNAT+MASQUERADE UDP flow, then a record-route datagram and
+    datagrams the client sends fragmented (DF off, 3000 and 1600 bytes; the
+    node reassembles them for conntrack and fragments them again): the server
+    receives the same packets, byte for byte, and the client the same echoes
+    as with Linux alone; the kernel's conntrack entry stays the same one."""
+    t = routed_topology
+    sport = 41000
+
+    def entry():
+        out = t.run("node", ["conntrack", "-L", "-p", "udp", "--orig-port-src", str(sport), "-o", "id"],
+                    check=False).stdout.strip().splitlines()
+        assert len(out) == 1, out
+        return shape(parse_ct(out[0])), re.search(r"id=(\d+)", out[0]).group(1)
+
+    def scenario(a):
+        echo = server(t, "pod2", "udp-echo", 7000)
+        caps = {ns: server(t, ns, "capture", "eth0") for ns in ("pod1", "pod2")}
+        c0 = counters(a)
+        cli = t.popen("pod1", [PY, "-u", FLOWIO, "udp-nat-probe", VIP, "80", sport],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(cli.stdout.readline()) == {"phase": "warm"}
+        c1 = counters(a)
+        before = entry()
+        carried = a and [f for f in json.loads(t.run("node", ["loxi-mirror", "dump", "conntrack", "--json"]).stdout)
+                         if str(sport) in json.dumps(f)]
+        cli.stdin.write("\n")
+        cli.stdin.flush()
+        res = result(cli)
+        c2 = counters(a)
+        packets = {ns: [without_id_and_checksum(h) for h in result(p)] for ns, p in caps.items()}
+        after = entry()
+        t.kill(echo)
+        t.run("node", ["conntrack", "-F"], check=False)
+        return {"echoes": res["echoes"], "packets": packets, "entry": after[0], "same_entry": after == before}, \
+            (delta(c1, c0), delta(c2, c1), carried)
+
+    (alone, _), (mirrored, (warm, probes, carried)), _ = both(t, agent, NAT_SERVICE, scenario)
+    assert alone["same_entry"] and "ASSURED" in alone["entry"][4], alone
+    assert [e[:3] for e in alone["echoes"]] == [[label, f"{VIP}:80", True] for label in (
+        "begin", "record-route", "plain", "fragments-3000", "fragments-1600", "stop")], alone["echoes"]
+    assert len(alone["packets"]["pod2"]) >= 2 + 3 + 2 + 2  # begin, rr, plain, 3 + 2 fragments, stop
+    assert mirrored == alone
+    # The flow was the fast path's before the probes; they punted before any rewrite.
+    assert carried, "dump conntrack does not list the flow"
+    assert fast_share(warm) > 0.5 and warm.get("FORWARDED", 0) > 100, warm
+    assert probes.get("IP_OPTIONS", 0) >= 1 and probes.get("IP_FRAGMENT", 0) >= 10, probes
+
+
 # -- (9) kill -9 mid-flow ----------------------------------------------------
 def test_agent_killed_mid_flow_flows_keep_working(routed_topology, agent):
     t = routed_topology

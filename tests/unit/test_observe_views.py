@@ -43,7 +43,11 @@ def test_parse_address(text, ok):
 def test_collector_output_parses_as_prometheus_text():
     status = {"ready": True, "tables": {"routes": 3}, "table_capacity": {"routes": 65536},
               "counters": {"fast_path_packets": 7, "fast_path_bytes": 700,
-                           "punt": {"NO_ROUTE": 2}, "punt_bytes": {"NO_ROUTE": 120}},
+                           "punt": {"NO_ROUTE": 2}, "punt_bytes": {"NO_ROUTE": 120},
+                           "interfaces": {"veth1": {"fast_path_packets": 5, "fast_path_bytes": 500,
+                                                    "punt": {"NO_ROUTE": 2}, "punt_bytes": {"NO_ROUTE": 120},
+                                                    "drop": {"NF_DROP": 1}},
+                                          "veth2": {"fast_path_packets": 2, "fast_path_bytes": 200}}},
               "resyncs": 1, "map_resyncs": 0,
               "reconcile_seconds": {"buckets": [[0.001, 1], [0.01, 2]], "sum": 0.006, "count": 3}}
     reg = CollectorRegistry(auto_describe=False)
@@ -56,3 +60,27 @@ def test_collector_output_parses_as_prometheus_text():
     assert sample[("loxi_mirror_table_capacity", (("table", "routes"),))] == 65536
     assert sample[("loxi_mirror_reconcile_seconds_bucket", (("le", "+Inf"),))] == 3
     assert sample[("loxi_mirror_reconcile_seconds_count", ())] == 3
+    assert sample[("loxi_mirror_interface_fast_path_packets_total", (("interface", "veth2"),))] == 2
+    assert sample[("loxi_mirror_interface_punted_bytes_total",
+                   (("interface", "veth1"), ("reason", "NO_ROUTE")))] == 120
+    assert sample[("loxi_mirror_interface_dropped_packets_total",
+                   (("interface", "veth1"), ("reason", "NF_DROP")))] == 1
+
+
+def test_interface_rates_busiest_first_with_top_reasons():
+    def st(ifaces):
+        return {"counters": {"interfaces": ifaces}}
+
+    before = top.interface_counts(st({"a": {"fast_path_packets": 10, "punt": {"LOCAL": 4}},
+                                      "b": {"fast_path_packets": 0, "punt": {"NOT_IP": 1}}}))
+    after = top.interface_counts(st({"a": {"fast_path_packets": 30, "punt": {"LOCAL": 8, "NO_ROUTE": 2},
+                                           "drop": {"NF_DROP": 6}},
+                                     "b": {"fast_path_packets": 100, "punt": {"NOT_IP": 1}},
+                                     "idle": {"fast_path_packets": 0}}))
+    rows = top.interface_rates(before, after, 2.0)
+    assert [r.name for r in rows] == ["b", "a"]  # busiest first; never-counted "idle" left out
+    a = rows[1]
+    assert (a.fast, a.punted, a.dropped) == (10.0, 3.0, 3.0)
+    assert [name for name, _, _ in a.reasons] == ["NF_DROP", "LOCAL", "NO_ROUTE"]
+    text = top.render(top.rates({}, {"FORWARDED": 130}, 2.0), 2.0, "hdr", rows)
+    assert "NF_DROP 3/s, LOCAL 2/s, NO_ROUTE 1/s" in text and text.index("b ") < text.index("a ")
