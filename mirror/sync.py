@@ -419,6 +419,11 @@ class Reconciler:
         out = {}
         with self.lock:
             for key in keys:
+                if name == "routes" and key not in self.shadow.routes:
+                    # An LPM lookup answers with the longest covering
+                    # prefix: without this, a /32 that is not in the map
+                    # would show its covering route's entry.
+                    continue
                 k = key_fn(key)
                 try:
                     out.update([decode(k, t[name][k])])

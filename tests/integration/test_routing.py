@@ -233,6 +233,18 @@ def test_deleted_route_is_never_used(routed_topology, agent):
     assert delta(counters(a), before).get("NO_ROUTE", 0) >= 5
 
 
+def test_point_lookup_names_only_the_exact_prefix(routed_topology, agent):
+    """`dump` of one prefix is an LPM lookup in the map, which answers with
+    the longest covering route: it must not show that route under the
+    prefix asked for (tools/fuzz waited for a sentinel route that way and
+    sent its frames before the agent had caught up)."""
+    topo = routed_topology
+    topo.run("node", ["ip", "route", "add", "10.0.0.0/8", "via", topo.pod2_ip])
+    agent(topo)
+    assert reaction_ms(topo, "routes", {"prefix": "10.0.0.0/8"}, "present", "true") is not None
+    assert reaction_ms(topo, "routes", {"prefix": "10.9.0.0/16"}, "absent", "true", timeout=0.2) is not None
+
+
 def test_punts_no_neighbor_and_netfilter(routed_topology, agent):
     topo = routed_topology
     a = agent(topo)
