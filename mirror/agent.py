@@ -29,7 +29,7 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
+                        MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
                         bridge_egress_punt, netfilter_punt, policy_routing_punt, skipped_devices, translate,
                         translate_changes)
 
@@ -593,7 +593,8 @@ class Agent:
         if table == "routes":
             return [
                 {"prefix": f"{dst}/{plen}",
-                 "action": "forward" if e.action == FORWARDED else f"punt:{reason_names.get(e.action, e.action)}",
+                 "action": "forward" if e.action == FORWARDED else "kernel-fib" if e.action == ROUTE_KERNEL
+                 else f"punt:{reason_names.get(e.action, e.action)}",
                  "oif": names.get(e.oif, e.oif) if e.oif else None, "gateway": e.gateway,
                  "mtu": e.mtu or None}
                 for (dst, plen), e in sorted(rows.items(), key=lambda kv: (_ip_sort(kv[0][0]), kv[0][1]))
