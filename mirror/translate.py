@@ -216,8 +216,9 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
     ok = managed_in(state, selection)
-    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state),
-                  fib_flags=fib_flags(state), nf=nf_config(state))
+    policy_punt = policy_routing_punt(state)  # scans the tables under custom rules: once
+    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state, policy_punt),
+                  fib_flags=fib_flags(state, policy_punt), nf=nf_config(state))
     # Bridges and ports are few and depend on global inputs (netfilter,
     # br_netfilter sysctls, the bridge's state): always redone.
     bridged = {i for i, l in state.links.items() if l.kind == "bridge" or l.port is not None}
@@ -367,7 +368,7 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
                      peer_mac=peer_mac if flags & LINK_REDIRECT_PEER else None)
 
 
-def _punt_forward_reason(state: m.KernelState) -> int:
+def _punt_forward_reason(state: m.KernelState, policy_punt: Optional[str]) -> int:
     if netfilter_punt(state) is not None:
         return R["NETFILTER"]
     if state.xfrm_impact is not None:
@@ -376,7 +377,7 @@ def _punt_forward_reason(state: m.KernelState) -> int:
         return R["ROUTE_UNSUPPORTED"]  # learned PMTU exceptions decide the MTU
     if not state.fwd_update_priority:
         return R["ROUTE_UNSUPPORTED"]  # skb->priority kept, not set from the TOS
-    if policy_routing_punt(state) is not None:
+    if policy_punt is not None:
         return R["POLICY_ROUTING"]
     return 0
 
@@ -465,12 +466,13 @@ def _is_multipath(state: m.KernelState, route: m.Route) -> bool:
     return len(route.nexthops) > 1 or bool(nh is not None and nh.group)
 
 
-def fib_flags(state: m.KernelState) -> int:
+def fib_flags(state: m.KernelState, policy_punt: Optional[str]) -> int:
     """lm_config.fib_flags: the hash policy, and with custom rules (when
-    they are exact) the kernel lookup for every forwarded packet."""
+    they are exact: policy_punt None) the kernel lookup for every forwarded
+    packet."""
     policy = state.multipath_hash_policy
     flags = FIB_MP_L4 if policy == 1 else 0 if policy == 0 else FIB_MP_PUNT
-    if not custom_rules(state) or policy_routing_punt(state) is not None:
+    if policy_punt is not None or not custom_rules(state):
         return flags
     flags |= FIB_RULES
     if any(_rule_selects_ports(r) for r in state.rules):
