@@ -64,6 +64,19 @@ static __always_inline int lm_fib_ports(struct __sk_buff *skb, struct lm_pkt *p,
 	return 0;
 }
 
+/* An ICMP error (icmp_is_err()): multipath forwarding hashes it by the
+ * header it quotes (ip_multipath_l3_keys()).  Unreadable: as if it were. */
+static __always_inline int lm_icmp_error(struct __sk_buff *skb, struct lm_pkt *p)
+{
+	__u8 type;
+
+	if (lm_pull(skb, p, ETH_HLEN + sizeof(struct iphdr) + 1))
+		return 1;
+	lm_reload_l3(p);
+	type = *(__u8 *)(p->data + ETH_HLEN + sizeof(struct iphdr));
+	return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
 /*
  * Ask the kernel where the packet goes.  mp: a multipath route or group may
  * answer, so the kernel's hash must be reproducible: bpf_fib_lookup hashes
@@ -86,7 +99,7 @@ static __always_inline __u32 lm_fib_kernel(struct __sk_buff *skb, struct lm_pkt 
 		return LM_MULTIPATH_HASH;
 	if (mp && (flags & LM_FIB_MP_L4) && (skb->hash || !l4))
 		return LM_MULTIPATH_HASH;
-	if (mp && !(flags & LM_FIB_MP_L4) && proto == IPPROTO_ICMP)
+	if (mp && !(flags & LM_FIB_MP_L4) && proto == IPPROTO_ICMP && lm_icmp_error(skb, p))
 		return LM_MULTIPATH_HASH;
 	/* Rules by protocol/port see what the flow dissector reads: TCP/UDP only. */
 	if ((flags & LM_FIB_RULE_PORTS) && !l4)

@@ -77,6 +77,11 @@ def kernel_egress(dst, src, sport, mark=0):
     return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)[0]["dev"]
 
 
+def kernel_egress_icmp(dst, src):
+    args = ["ip", "-j", "route", "get", dst, "from", src, "iif", "in0", "ipproto", "icmp"]
+    return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)[0]["dev"]
+
+
 def udp(dst, src="10.0.0.5", sport=1234):
     return Ether(src=CLIENT_MAC, dst=IN0_MAC) / IP(src=src, dst=dst, ttl=64) / UDP(sport=sport, dport=80) / (b"x" * 32)
 
@@ -130,8 +135,11 @@ def test_multipath_egress_is_the_kernels(fib, topo, datapath, maps, prefix, poli
 
 def test_multipath_hash_punts(fib, topo, datapath, maps):
     icmp = Ether(src=CLIENT_MAC, dst=IN0_MAC) / IP(src="10.0.0.5", dst="10.20.0.9") / ICMP()
-    fib(fib_flags=0)  # policy 0: an ICMP error would be hashed by its inner header
-    expect_punt(datapath, maps, topo, icmp, "MULTIPATH_HASH")
+    error = (Ether(src=CLIENT_MAC, dst=IN0_MAC) / IP(src="10.0.0.5", dst="10.20.0.9")
+             / ICMP(type=3, code=3) / IP(src="10.20.0.9", dst="10.0.0.5") / UDP(sport=80, dport=1234))
+    fib(fib_flags=0)  # policy 0: an ICMP error is hashed by the header it quotes
+    expect_punt(datapath, maps, topo, error, "MULTIPATH_HASH")
+    expect_forwarded(datapath, maps, topo, icmp, kernel_egress_icmp("10.20.0.9", "10.0.0.5"))  # echo: outer
     fib(fib_flags=FIB_MP_L4)  # policy 1: ports, TCP/UDP only here
     expect_punt(datapath, maps, topo, icmp, "MULTIPATH_HASH")
     fib(fib_flags=FIB_MP_PUNT)  # policy 2/3

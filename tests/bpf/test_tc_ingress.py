@@ -370,9 +370,9 @@ def test_program_is_small(datapath):
     (explain.h) add ~95: ~55 that run only in an explain run (trace slot,
     verdict, route) or are never-taken branches at the side-effect sites,
     and one constant move per exit edge for p.ran.  The kernel FIB lookup
-    (fib.h: multipath routes, nexthop groups, policy rules) adds ~270: two
+    (fib.h: multipath routes, nexthop groups, policy rules) adds ~300: two
     64-byte bpf_fib_lookup parameter blocks (the forward lookup and, under
     rules, the reversed one of fib_validate_source()), the ports as routed
-    and the multipath-hash guards."""
+    and the multipath-hash guards (ICMP error type, skb->hash)."""
     insns = len(datapath._bpf.dump_func(datapath.name.encode())) // 8
     assert insns < 1950, insns
