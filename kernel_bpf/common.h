@@ -94,7 +94,13 @@
 	X(BR_UNSUPPORTED, 48, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
 	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)") \
 	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read") \
-	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state")
+	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state") \
+	X(RESERVED_52, 52, "unused (reserved for another branch)") \
+	X(RESERVED_53, 53, "unused (reserved for another branch)") \
+	X(MULTIPATH_HASH, 54, "multipath route: the kernel's hash for this packet is not reproducible (socket hash, ICMP, protocol, hash policy)") \
+	X(FIB_NOT_FORWARDED, 55, "kernel FIB lookup: not a unicast forward (local, blackhole, unreachable, prohibit, no route)") \
+	X(FIB_UNSUPPORTED, 56, "kernel FIB lookup: a result the fast path does not handle (lwtunnel, IPv6 next hop, MTU, forwarding off)") \
+	X(NEXTHOP_UNSUPPORTED, 57, "route uses a nexthop object the fast path does not handle (blackhole, fdb, encap, unknown id)")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -106,7 +112,10 @@
 #define LM_REASON_ENUM(name, value, text) LM_##name = value,
 enum lm_reason { LM_REASONS(LM_REASON_ENUM) LM_REASON_MAX };
 
-/* Route actions: LM_FORWARDED forwards, any other value is a punt reason. */
+/* Route actions: LM_FORWARDED forwards, LM_ROUTE_KERNEL asks the kernel's
+ * FIB (multipath routes, nexthop groups: fib.h), any other value is a punt
+ * reason. */
+#define LM_ROUTE_KERNEL 0x100
 struct lm_route_key {
 	__u32 prefixlen; /* LPM trie: prefix length in bits, then the data */
 	__u32 addr;
@@ -141,6 +150,7 @@ struct lm_neigh {
 #define LM_LINK_RPF_STRICT (1 << 3)    /* effective rp_filter = 1 */
 #define LM_LINK_RPF_LOOSE (1 << 4)     /* effective rp_filter = 2 */
 #define LM_LINK_BRIDGE (1 << 5)        /* a bridge: routes out of it pick the port by FDB */
+#define LM_LINK_SRC_VMARK (1 << 6)     /* src_valid_mark: the source check routes by the mark */
 
 struct lm_link {
 	__u8 mac[ETH_ALEN];
@@ -207,7 +217,15 @@ struct lm_config {
 	__u32 tcp_max_retrans;     /* nf_conntrack_tcp_max_retrans */
 	/* nf_conntrack_*timeout* sysctls, seconds */
 	__u32 to_tcp_established, to_tcp_unack, to_tcp_retrans, to_udp, to_udp_stream;
+	__u32 fib_flags;           /* LM_FIB_*: how routes are decided (fib.h) */
 };
+
+/* lm_config.fib_flags */
+#define LM_FIB_RULES (1 << 0)      /* policy rules: every forward asks the kernel's FIB (bpf_fib_lookup) */
+#define LM_FIB_MP_L4 (1 << 1)      /* fib_multipath_hash_policy 1: ports hashed, skb->hash used if set */
+#define LM_FIB_MP_ANY (1 << 2)     /* LM_FIB_RULES and a multipath route or group in some table */
+#define LM_FIB_RULE_PORTS (1 << 3) /* a rule selects by ipproto/sport/dport (fib rules dissect L4) */
+#define LM_FIB_MP_PUNT (1 << 4)    /* hash policy 2/3 (inner headers, custom fields): multipath punts */
 
 /*
  * Conntrack status bits (uapi enum ip_conntrack_status) the fast path and
@@ -329,5 +347,6 @@ BPF_TABLE("lru_hash", struct lm_flow_key, struct lm_flow, flows, LM_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct lm_flow_key, __u64, flow_asked, 16384); /* key -> jiffies of the last event */
 BPF_RINGBUF_OUTPUT(flow_events, 64);                   /* struct lm_flow_event, 64 pages */
 BPF_PERCPU_ARRAY(explain_trace, struct lm_trace, 1);  /* explain runs only (explain.h) */
+BPF_PERCPU_ARRAY(fib_answer, struct lm_route, 1);     /* fib.h: this packet's kernel FIB answer */
 
 #endif /* LM_COMMON_H */

@@ -76,7 +76,8 @@ struct lm_pkt {
 	struct ethhdr *eth;      /* parse.h */
 	struct iphdr *iph;       /* parse.h: validated IPv4 header, no options */
 	struct lm_link *in_link; /* gate.h: ingress link, never NULL after it */
-	struct lm_route *rt;     /* fib.h: route to the destination */
+	struct lm_route *rt;     /* fib.h: route to the destination (routes
+				    map, or the kernel FIB's answer in fib_answer) */
 	struct lm_link *out_link;/* fib.h: egress link */
 	struct lm_neigh *nb;     /* fib.h: next hop's neighbour entry */
 	struct lm_link *xmit_link;/* fib.h/l2.h: the device xmit.h sends to */
@@ -92,6 +93,10 @@ struct lm_pkt {
 	int action;              /* xmit.h/l2.h: TC action when forwarded */
 	__u8 via_bridge;         /* l2.h: arrived on a port, addressed to the bridge */
 	__u8 bridged;            /* l2.h: switched within a bridge, done */
+	__u8 via_kernel;         /* fib.h: p->rt is the kernel FIB's answer */
+	__u32 fib_flags;         /* fib.h: cfg->fib_flags, read once (the agent
+				    may change it while the packet runs) */
+	__u32 fib_ports;         /* fib.h: TCP/UDP ports as routed, wire order */
 	struct lm_trace *trace;  /* explain runs only (explain.h), else NULL:
 				    no side effect on datapath state then */
 	__u32 ran;               /* LM_STAGE: bit LM_STAGE_ID per stage run */

@@ -29,8 +29,8 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
-                        bridge_egress_punt, custom_rules, netfilter_punt, skipped_devices, translate,
+                        MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
+                        bridge_egress_punt, netfilter_punt, policy_routing_punt, skipped_devices, translate,
                         translate_changes)
 
 log = logging.getLogger("loxi-mirror")
@@ -376,6 +376,7 @@ class Agent:
         self.state.bridge_sysctls = netlink.read_bridge_sysctls()
         self.state.ct_sysctls = conntrack.read_sysctls()
         self.state.fwd_update_priority = netlink.read_fwd_update_priority()
+        self.state.multipath_hash_policy = netlink.read_multipath_hash_policy()
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -525,9 +526,9 @@ class Agent:
             return "ip_forward_use_pmtu=1: learned path MTUs decide"
         if not self.state.fwd_update_priority:
             return "ip_forward_update_priority=0: forwarding keeps the packet's priority"
-        rules = custom_rules(self.state)
-        if rules:
-            return "policy routing: " + ", ".join(f"{how} rule pref {r.priority} table {r.table}" for how, r in rules)
+        why = policy_routing_punt(self.state)
+        if why:
+            return f"policy routing: {why}"
         return None
 
     def _bridges_status(self):
@@ -597,7 +598,8 @@ class Agent:
         if table == "routes":
             return [
                 {"prefix": f"{dst}/{plen}",
-                 "action": "forward" if e.action == FORWARDED else f"punt:{reason_names.get(e.action, e.action)}",
+                 "action": "forward" if e.action == FORWARDED else "kernel-fib" if e.action == ROUTE_KERNEL
+                 else f"punt:{reason_names.get(e.action, e.action)}",
                  "oif": names.get(e.oif, e.oif) if e.oif else None, "gateway": e.gateway,
                  "mtu": e.mtu or None}
                 for (dst, plen), e in sorted(rows.items(), key=lambda kv: (_ip_sort(kv[0][0]), kv[0][1]))

@@ -285,7 +285,7 @@ class Datapath:
             self._bpf.cleanup()
             self._bpf = None
             hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
-            raise DatapathError(f"loading {prog} failed: {exc}{hint}{_tail(text, 40)}") from exc
+            raise DatapathError(f"loading {prog} failed: {exc}{hint}{_tail(text, int(os.environ.get('LM_VERIFIER_LINES', 40)))}") from exc
 
     def _patch(self, func: str) -> Dict[str, int]:
         """Patch the kfunc placeholders of one compiled function in BCC's

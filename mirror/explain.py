@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from .bpfsys import SkBuff, prog_test_run
 from .reasons import BY_NAME, REASONS
-from .translate import LINK_REDIRECT_PEER
+from .translate import LINK_REDIRECT_PEER, ROUTE_KERNEL
 
 COMMON_H_DEFINE = re.compile(r"#define\s+(LM_EXPLAIN_MAGIC)\s+(0x[0-9a-fA-F]+|\d+)")
 _ANCHOR = "LM_STAGE_ID_BASE = __COUNTER__"
@@ -245,6 +245,10 @@ def _note(stage, verdict, daddr, route, pkt, names, ctx):
         if hit is None:
             return f"no route to {daddr} in the fast path table"
         prefix, e = hit
+        if e.action == ROUTE_KERNEL:
+            chosen = f": the kernel chose via {route['gateway'] or route['daddr']} dev {dev(route['oif'])}" \
+                if route and verdict == "FORWARDED" else ""
+            return f"route {prefix} has several next hops, asked of the kernel's FIB{chosen}"
         if verdict == "FORWARDED" or e.action == 0:
             via = f" via {e.gateway}" if e.gateway else ""
             return f"route {prefix}{via} dev {dev(e.oif)} mtu {e.mtu}"

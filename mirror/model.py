@@ -156,6 +156,28 @@ class Nexthop:
     oif: int
     gateway: Optional[str] = None
     flags: int = 0  # RTNH_F_*
+    weight: int = 1  # multipath weight (rtnh_hops + 1)
+
+
+NHG_MPATH, NHG_RES = 0, 1  # NHA_GROUP_TYPE: hash-threshold, resilient
+
+
+@dataclass(frozen=True)
+class NexthopObject:
+    """A nexthop object (`ip nexthop`, RTM_NEWNEXTHOP; mirror/nexthop.py)
+    that routes reference by id (RTA_NH_ID): one next hop, or a group."""
+
+    id: int
+    family: int = AF_INET
+    flags: int = 0  # RTNH_F_* (DEAD, LINKDOWN ...)
+    oif: int = 0
+    gateway: Optional[str] = None
+    blackhole: bool = False
+    fdb: bool = False  # for the bridge/VXLAN FDB only: routes cannot use it
+    group: Tuple[Tuple[int, int], ...] = ()  # (member id, weight)
+    group_type: int = NHG_MPATH
+    # Attributes the fast path does not implement (encap, IPv6 gateway ...).
+    unsupported: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,7 +190,8 @@ class Route:
     priority: int = 0
     nexthops: Tuple[Nexthop, ...] = ()
     mtu: int = 0  # RTAX_MTU metric, 0 = none
-    # Attributes the fast path does not implement (nexthop objects, lwtunnel
+    nhid: int = 0  # RTA_NH_ID: the route uses nexthop object `nhid` (0: none)
+    # Attributes the fast path does not implement (lwtunnel
     # encap, IPv6 gateway via RTA_VIA ...): their names, for punting.
     unsupported: Tuple[str, ...] = ()
 
@@ -243,6 +266,7 @@ class Rule:
 class LinkSysctls:
     forwarding: bool
     rp_filter: int  # effective: max(conf/all, conf/<dev>)
+    src_valid_mark: bool = False  # conf/all or conf/<dev>: the source check routes by the mark
 
 
 @dataclass(frozen=True)
@@ -315,6 +339,10 @@ class KernelState:
     # net.ipv4.ip_forward_update_priority=0: forwarding keeps skb->priority
     # (the fast path sets it from the TOS, as the default 1 does).
     fwd_update_priority: bool = True
+    # net.ipv4.fib_multipath_hash_policy (0: L3, 1: L4, 2/3: inner/custom).
+    multipath_hash_policy: int = 0
+    # Nexthop objects by id (mirror/nexthop.py).
+    nexthops: Dict[int, "NexthopObject"] = field(default_factory=dict)
     # Likewise for IPsec policies (mirror/xfrm.py).
     xfrm_impact: Optional[str] = "xfrm state not read yet"
     # Bridges: FDB, br_netfilter sysctls, netfilter chains every bridged
@@ -543,6 +571,22 @@ class KernelState:
         aliases = self.routes[old.key]
         aliases[next(i for i, a in enumerate(aliases) if a is old)] = new
         self._route_changed(new)
+
+    # -- nexthop objects ---------------------------------------------------
+    def set_nexthop(self, nh: NexthopObject):
+        if self.nexthops.get(nh.id) != nh:
+            self.nexthops[nh.id] = nh
+            self.changes.all_routes = True  # routes resolve ids at translation
+
+    def del_nexthop(self, nh_id: int):
+        """A nexthop object is gone: the kernel drops the routes using it
+        without a message per route (fib_flush); so does the model."""
+        if self.nexthops.pop(nh_id, None) is None:
+            return
+        for aliases in list(self.routes.values()):
+            for route in [r for r in aliases if r.nhid == nh_id]:
+                self.del_route(route)
+        self.changes.all_routes = True
 
     # -- rules (they only switch forwarding as a whole: nothing to record) --
     def add_rule(self, rule: Rule):

@@ -22,7 +22,7 @@ from pyroute2.netlink import rtnl
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from . import bpfsys, tc
+from . import bpfsys, nexthop, tc
 from . import model as m
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ SOL_NETLINK, NETLINK_LISTEN_ALL_NSID = 270, 8
 NETLINK_ROUTE = 0
 RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)
 EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
+EVENT_NAMES.update({nexthop.RTM_NEWNEXTHOP: "RTM_NEWNEXTHOP", nexthop.RTM_DELNEXTHOP: "RTM_DELNEXTHOP"})
 
 GROUPS = (
     rtnl.RTMGRP_LINK
@@ -44,6 +45,7 @@ GROUPS = (
     | rtnl.RTMGRP_IPV4_RULE
     | rtnl.RTMGRP_TC  # qdiscs and filters: what a redirect may skip
     | (1 << (rtnl.RTNLGRP_IPV4_NETCONF - 1))  # forwarding / rp_filter changes
+    | nexthop.GROUP_MASK  # nexthop objects (decoded by mirror/nexthop.py)
 )
 
 # Rule attributes that do not select packets or change the lookup.
@@ -183,17 +185,33 @@ def parse_address(msg) -> m.Address:
     return m.Address(index=msg["index"], address=addr, prefixlen=msg["prefixlen"])
 
 
+RTA_NH_ID = 30  # pyroute2 leaves it undecoded ("UNKNOWN")
+
+
+def _nh_id(msg) -> int:
+    """RTA_NH_ID's value (0: none), from the raw attribute."""
+    for name, value in msg["attrs"]:
+        if name == "UNKNOWN" and value["header"]["type"] == RTA_NH_ID:
+            return struct.unpack_from("=I", value.data, value.offset + 4)[0]
+    return 0
+
+
 def parse_route(msg) -> m.Route:
     attrs = dict(msg["attrs"])  # one pass: get_attr() rescans the list each time
-    # Anything else (nexthop objects arrive as UNKNOWN RTA_NH_ID, lwtunnel
-    # encap, RTA_VIA, realms ...) changes forwarding in ways not mirrored.
+    # Anything else (lwtunnel encap, RTA_VIA, realms, unknown attributes
+    # ...) changes forwarding in ways not mirrored.
+    nhid = _nh_id(msg) if "UNKNOWN" in attrs else 0
     unsupported = sorted(name for name in attrs if name not in _ROUTE_ATTRS)
+    if nhid and all(n != "UNKNOWN" or v["header"]["type"] == RTA_NH_ID for n, v in msg["attrs"]):
+        unsupported.remove("UNKNOWN")
     multipath = attrs.get("RTA_MULTIPATH")
     if multipath:
         hops = tuple(
-            m.Nexthop(oif=nh["oif"], gateway=nh.get_attr("RTA_GATEWAY"), flags=nh["flags"])
+            m.Nexthop(oif=nh["oif"], gateway=nh.get_attr("RTA_GATEWAY"), flags=nh["flags"], weight=nh["hops"] + 1)
             for nh in multipath
         )
+        # A hop's own encap, realm, RTA_VIA ...
+        unsupported += sorted({name for nh in multipath for name, _ in nh["attrs"] if name != "RTA_GATEWAY"})
     elif "RTA_OIF" in attrs or "RTA_GATEWAY" in attrs:
         hops = (m.Nexthop(oif=attrs.get("RTA_OIF") or 0, gateway=attrs.get("RTA_GATEWAY"),
                           flags=msg["flags"] & 0xFF),)
@@ -217,6 +235,7 @@ def parse_route(msg) -> m.Route:
         priority=attrs.get("RTA_PRIORITY") or 0,
         nexthops=hops,
         mtu=mtu,
+        nhid=nhid,
         unsupported=tuple(unsupported),
     )
 
@@ -280,7 +299,10 @@ def apply(state: m.KernelState, msg) -> bool:
     caller to re-read the forwarding / rp_filter sysctls or a link's qdiscs.
     """
     event = msg.get("event")
-    if "nsid" in msg:  # a link in another namespace: a veth peer
+    raw = nexthop.raw_message(msg)
+    if raw is not None and "nsid" not in msg:
+        nexthop.apply(state, raw)
+    elif "nsid" in msg:  # a link in another namespace: a veth peer
         key = (msg["nsid"], msg["index"])
         state.set_peer(key, parse_peer(msg) if event == "RTM_NEWLINK" else None)
     elif event in ("RTM_NEWLINK", "RTM_DELLINK") and msg.get("family") == m.AF_BRIDGE:
@@ -469,18 +491,29 @@ def read_sysctls(names, root="/proc/sys/net/ipv4/conf"):
             return None
 
     rp_all = read("all", "rp_filter") or 0
+    vmark_all = read("all", "src_valid_mark") or 0
     out = {}
     for name in names:
         fwd, rpf = read(name, "forwarding"), read(name, "rp_filter")
         if fwd is None or rpf is None:
             continue  # interface vanished meanwhile: next event settles it
-        out[name] = m.LinkSysctls(forwarding=bool(fwd), rp_filter=max(rp_all, rpf))
+        out[name] = m.LinkSysctls(forwarding=bool(fwd), rp_filter=max(rp_all, rpf),
+                                  src_valid_mark=bool(vmark_all or read(name, "src_valid_mark")))
     return out
 
 
 def read_fwd_use_pmtu(path="/proc/sys/net/ipv4/ip_forward_use_pmtu") -> bool:
     """ip_forward_use_pmtu=1: forwarding obeys learned path MTUs (not mirrored)."""
     return read_flag(path, absent=False)
+
+
+def read_multipath_hash_policy(path="/proc/sys/net/ipv4/fib_multipath_hash_policy") -> int:
+    """How the kernel hashes flows onto multipath next hops (0: L3, 1: L4 ...)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1  # unknown: multipath routes punt
 
 
 def read_fwd_update_priority(path="/proc/sys/net/ipv4/ip_forward_update_priority") -> bool:
@@ -508,6 +541,8 @@ def dump(ipr, abort=None) -> m.KernelState:
         state.set_link(parse_link(msg))
     for msg in ipr.get_addr(family=socket.AF_INET):
         state.add_address(parse_address(msg))
+    for nh in nexthop.dump():
+        state.set_nexthop(nh)
     for msg in dump_routes(abort):  # every table, in the kernel's order
         state.set_route(parse_route(msg))
     for msg in ipr.get_neighbours(family=socket.AF_INET):

@@ -160,6 +160,7 @@ class Reconciler:
         self._config_lock = threading.Lock()
         self._punt_forward_reason = 0  # as written to the map
         self._wanted_reason = 0  # as the translator last asked
+        self._fib_flags = 0  # as written (and asked)
         self._nf = NfConfig()  # as written (and asked: it is never held)
         self._hold_seq = self._released_seq = 0  # netfilter change hints (see hold_forward)
         # True while an nftables change message is not handled yet: the kernel-side
@@ -194,7 +195,7 @@ class Reconciler:
                 return self._apply(self._as_delta(desired) if full else desired)
 
     def _as_delta(self, desired: Desired) -> Desired:
-        delta = Desired(punt_forward_reason=desired.punt_forward_reason, nf=desired.nf)
+        delta = Desired(punt_forward_reason=desired.punt_forward_reason, fib_flags=desired.fib_flags, nf=desired.nf)
         for table in TABLES:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
@@ -208,7 +209,7 @@ class Reconciler:
         # a new ruleset generation make the datapath check more, not less.
         tighter = delta.punt_forward_reason or delta.nf.nf_mode != self._nf.nf_mode or delta.nf.nf_gen != self._nf.nf_gen
         if tighter:
-            changes += self._set_config(delta.punt_forward_reason, delta.nf)
+            changes += self._set_config(delta.punt_forward_reason, delta.nf, delta.fib_flags)
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
         changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
         links = {k: v and replace(v, slot=self._slot_of(k)) for k, v in delta.links.items()}
@@ -223,7 +224,7 @@ class Reconciler:
         for ifindex in (k for k, v in links.items() if v is None):
             self._retire(self.slots.release(ifindex))
         if not tighter:
-            changes += self._set_config(delta.punt_forward_reason, delta.nf)
+            changes += self._set_config(delta.punt_forward_reason, delta.nf, delta.fib_flags)
         return changes
 
     @staticmethod
@@ -257,6 +258,7 @@ class Reconciler:
         with self._config_lock:
             config = self._config()
             self._punt_forward_reason = config.punt_forward_reason
+            self._fib_flags = config.fib_flags
             self._nf = NfConfig(**{name: getattr(config, name) for name in asdict(self._nf)})
 
     # -- per-interface counters ------------------------------------------
@@ -313,7 +315,7 @@ class Reconciler:
 
     def _write_config(self):
         leaf = self.tables["config"].Leaf(punt_forward_reason=self._punt_forward_reason, hz=self.hz,
-                                          **asdict(self._nf))
+                                          fib_flags=self._fib_flags, **asdict(self._nf))
         self.tables["config"][ctypes.c_int(0)] = leaf
 
     def hold_punt(self, reason: int):
@@ -329,12 +331,14 @@ class Reconciler:
                 self.held = 0
                 self._write_effective(self._nf)
 
-    def _set_config(self, reason: int, nf: NfConfig) -> int:
+    def _set_config(self, reason: int, nf: NfConfig, fib_flags: int = 0) -> int:
         with self._config_lock:
             self._wanted_reason = reason
-            return self._write_effective(nf)
+            changed = fib_flags != self._fib_flags
+            self._fib_flags = fib_flags
+            return self._write_effective(nf, force=changed)
 
-    def _write_effective(self, nf: NfConfig) -> int:
+    def _write_effective(self, nf: NfConfig, force: bool = False) -> int:
         """Write the effective config: the translator's, with RESYNC while lost
         events are being re-read (hold_punt), and NETFILTER_CHANGING as the
         punt reason while a netfilter change hint is not yet answered
@@ -343,7 +347,7 @@ class Reconciler:
         changing = BY_NAME["NETFILTER_CHANGING"]
         held = self._hold_seq > self._released_seq or self.hint_pending()
         reason = self._wanted_reason or self.held or (changing if held else 0)
-        if (reason, nf) == (self._punt_forward_reason, self._nf):
+        if (reason, nf) == (self._punt_forward_reason, self._nf) and not force:
             return 0
         self._punt_forward_reason, self._nf = reason, nf
         self._write_config()

@@ -19,11 +19,20 @@ LINK_REDIRECT_PEER = 1 << 2
 LINK_RPF_STRICT = 1 << 3
 LINK_RPF_LOOSE = 1 << 4
 LINK_BRIDGE = 1 << 5
+LINK_SRC_VMARK = 1 << 6
 # Bridge port flags (LM_PORT_*).
 PORT_FORWARDING = 1 << 0
 PORT_LEARNING = 1 << 1
 PORT_ISOLATED = 1 << 2
 PORT_NF_IPV4 = 1 << 3
+
+# lm_config.fib_flags and the kernel-lookup route action, as in kernel_bpf/common.h.
+FIB_RULES = 1 << 0  # policy rules: every forward asks the kernel's FIB
+FIB_MP_L4 = 1 << 1  # fib_multipath_hash_policy 1
+FIB_MP_ANY = 1 << 2  # FIB_RULES and some table holds a multipath route or group
+FIB_RULE_PORTS = 1 << 3  # a rule selects by ipproto/sport/dport
+FIB_MP_PUNT = 1 << 4  # a hash policy the fast path cannot reproduce: multipath punts
+ROUTE_KERNEL = 0x100  # LM_ROUTE_KERNEL: the kernel's FIB picks among next hops
 
 # Netfilter modes and conntrack flags of struct lm_config, as in kernel_bpf/common.h.
 NF_OFF = 0  # nothing on the forward path: no conntrack stage
@@ -101,6 +110,7 @@ class Desired:
     ports: Dict[int, Optional[PortEntry]] = field(default_factory=dict)
     fdb: Dict[Tuple[int, str], Optional[FdbTarget]] = field(default_factory=dict)  # (bridge, MAC)
     punt_forward_reason: int = 0
+    fib_flags: int = 0  # lm_config.fib_flags (FIB_*)
     nf: NfConfig = NfConfig()
     attach: Dict[int, str] = field(default_factory=dict)  # ifindex -> name to attach TC to
 
@@ -209,8 +219,9 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
     """The entries for the keys in `changes` (None: must not exist), plus the
     global switch and the attach set, which are cheap to recompute."""
     ok = managed_in(state, selection)
-    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state),
-                  nf=nf_config(state))
+    policy_punt = policy_routing_punt(state)  # scans the tables under custom rules: once
+    out = Desired(attach=attachments(state, selection), punt_forward_reason=_punt_forward_reason(state, policy_punt),
+                  fib_flags=fib_flags(state, policy_punt), nf=nf_config(state))
     # Bridges and ports are few and depend on global inputs (netfilter,
     # br_netfilter sysctls, the bridge's state): always redone.
     bridged = {i for i, l in state.links.items() if l.kind == "bridge" or l.port is not None}
@@ -354,11 +365,13 @@ def _link_entry(link: m.Link, sysctls: Optional[m.LinkSysctls], egress_busy: boo
             flags |= LINK_RPF_STRICT
         elif sysctls.rp_filter >= 2:
             flags |= LINK_RPF_LOOSE
+        if sysctls.src_valid_mark:
+            flags |= LINK_SRC_VMARK
     return LinkEntry(mac=link.mac, flags=flags, mtu=link.mtu,
                      peer_mac=peer_mac if flags & LINK_REDIRECT_PEER else None)
 
 
-def _punt_forward_reason(state: m.KernelState) -> int:
+def _punt_forward_reason(state: m.KernelState, policy_punt: Optional[str]) -> int:
     if netfilter_punt(state) is not None:
         return R["NETFILTER"]
     if state.xfrm_impact is not None:
@@ -367,7 +380,7 @@ def _punt_forward_reason(state: m.KernelState) -> int:
         return R["ROUTE_UNSUPPORTED"]  # learned PMTU exceptions decide the MTU
     if not state.fwd_update_priority:
         return R["ROUTE_UNSUPPORTED"]  # skb->priority kept, not set from the TOS
-    if custom_rules(state):
+    if policy_punt is not None:
         return R["POLICY_ROUTING"]
     return 0
 
@@ -410,6 +423,68 @@ def custom_rules(state: m.KernelState):
     return [("extra", r) for r in extra] + [("missing", r) for r in missing]
 
 
+# Rule selectors and actions bpf_fib_lookup evaluates exactly as forwarding
+# does (same fib_rules code, same flowi4 fields: ingress ifindex, mark, TOS,
+# protocol, ports; uid and tunnel id are those of a forwarded packet).
+_RULE_SELECTORS_EXACT = {"FRA_DST", "FRA_SRC", "FRA_IIFNAME", "FRA_OIFNAME", "FRA_FWMARK", "FRA_FWMASK",
+                         "FRA_GOTO", "FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP", "FRA_UID_RANGE",
+                         "FRA_IP_PROTO", "FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_TUN_ID", "FRA_DSCP",
+                         "src_len", "dst_len", "tos", "flags"}
+_RULE_ACTIONS_EXACT = {"1", "2", "3", "6", "7", "8"}  # to table, goto, nop, blackhole, unreachable, prohibit
+_RULE_PORT_SELECTORS = {"FRA_IP_PROTO", "FRA_SPORT_RANGE", "FRA_DPORT_RANGE"}
+
+
+def policy_routing_punt(state: m.KernelState) -> Optional[str]:
+    """Why forwarding under policy rules cannot be left to the kernel
+    lookup (bpf_fib_lookup): a rule it cannot evaluate as forwarding does,
+    or a route it could return whose forwarding the fast path does not
+    reproduce.  None: exact (or no custom rules at all)."""
+    if not custom_rules(state):
+        return None
+    for rule in sorted(state.rules, key=lambda r: r.priority):
+        for name, value in rule.selectors:
+            if name == "action" and str(value) in _RULE_ACTIONS_EXACT:
+                continue
+            if name not in _RULE_SELECTORS_EXACT:
+                return f"rule pref {rule.priority}: {name} {value} not reproducible by the kernel lookup"
+    for route in _all_routes(state):
+        if route.type == m.RTN_UNICAST and (route.unsupported or route.mtu):
+            what = ", ".join(route.unsupported) or f"mtu {route.mtu}"
+            return f"route {route.dst}/{route.dst_len} table {route.table}: {what}"
+    return None
+
+
+def _all_routes(state: m.KernelState):
+    return (r for aliases in state.routes.values() for r in aliases)
+
+
+def _rule_selects_ports(rule: m.Rule) -> bool:
+    """fib_rule_requires_fldissect(): protocol/port selectors, not on iif lo."""
+    names = dict(rule.selectors)
+    return bool(_RULE_PORT_SELECTORS & set(names)) and names.get("FRA_IIFNAME") != "lo"
+
+
+def _is_multipath(state: m.KernelState, route: m.Route) -> bool:
+    nh = state.nexthops.get(route.nhid) if route.nhid else None
+    return len(route.nexthops) > 1 or bool(nh is not None and nh.group)
+
+
+def fib_flags(state: m.KernelState, policy_punt: Optional[str]) -> int:
+    """lm_config.fib_flags: the hash policy, and with custom rules (when
+    they are exact: policy_punt None) the kernel lookup for every forwarded
+    packet."""
+    policy = state.multipath_hash_policy
+    flags = FIB_MP_L4 if policy == 1 else 0 if policy == 0 else FIB_MP_PUNT
+    if policy_punt is not None or not custom_rules(state):
+        return flags
+    flags |= FIB_RULES
+    if any(_rule_selects_ports(r) for r in state.rules):
+        flags |= FIB_RULE_PORTS
+    if any(_is_multipath(state, r) for r in _all_routes(state)):
+        flags |= FIB_MP_ANY
+    return flags
+
+
 def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
     """The entry for one prefix: the kernel consults the local table before
     main, so a local-table route (or an address, even before its local route
@@ -424,7 +499,7 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
     elif prefix[1] == 32 and prefix[0] in local_ips:
         entry = RouteEntry(R["LOCAL"])
     elif main:
-        entry = _main_entry(main, state.links)
+        entry = _main_entry(main, state.links, state.nexthops)
     else:
         return None
     if covering:
@@ -463,20 +538,51 @@ def _local_action(rtype: int) -> int:
     return R["ROUTE_UNSUPPORTED"]
 
 
-def _main_entry(routes, links) -> RouteEntry:
+def _main_entry(routes, links, nexthops=None) -> RouteEntry:
     """The route the kernel would pick among same-prefix routes, as an entry:
     the lowest metric, and of routes sharing that key the first.  If that
-    one cannot be used (dead next hop ...) the kernel tries the next: punt."""
+    one cannot be used (dead next hop ...) the kernel tries the next: punt.
+    Several next hops (multipath, a nexthop group): the kernel's own lookup
+    picks one per packet (ROUTE_KERNEL)."""
     if any(r.tos for r in routes):
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
         return RouteEntry(_local_action(route.type))  # local, broadcast; blackhole, throw ... unsupported
-    if route.unsupported or len(route.nexthops) != 1:
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # multipath, nexthop objects, encap
-    nh = route.nexthops[0]
-    if not nh.oif or nh.flags & m.RTNH_F_DEAD:
+    if route.unsupported:
+        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # encap, realms, mtu lock ...
+    if route.nhid:
+        return _nexthop_object_entry(route, (nexthops or {}).get(route.nhid), nexthops or {}, links)
+    if len(route.nexthops) > 1:
+        if all(nh.flags & m.RTNH_F_DEAD for nh in route.nexthops):
+            return RouteEntry(R["ROUTE_UNSUPPORTED"])
+        return RouteEntry(ROUTE_KERNEL, mtu=route.mtu)
+    if len(route.nexthops) != 1:
         return RouteEntry(R["ROUTE_UNSUPPORTED"])
-    link = links.get(nh.oif)
+    nh = route.nexthops[0]
+    return _gateway_entry(route, nh.oif, nh.gateway, nh.flags, links)
+
+
+def _gateway_entry(route: m.Route, oif: int, gateway: Optional[str], flags: int, links) -> RouteEntry:
+    if not oif or flags & m.RTNH_F_DEAD:
+        return RouteEntry(R["ROUTE_UNSUPPORTED"])
+    link = links.get(oif)
     mtu = route.mtu or (link.mtu if link else 0)
-    return RouteEntry(R["FORWARDED"], oif=nh.oif, gateway=nh.gateway, mtu=mtu)
+    return RouteEntry(R["FORWARDED"], oif=oif, gateway=gateway, mtu=mtu)
+
+
+def _nexthop_object_entry(route: m.Route, nh: Optional[m.NexthopObject], nexthops, links) -> RouteEntry:
+    """A route by nexthop id: one next hop compiles like a gateway route;
+    a group goes to the kernel's lookup if every member is a plain next hop."""
+    if not _plain_nexthop(nh, group_ok=True):
+        return RouteEntry(R["NEXTHOP_UNSUPPORTED"])  # unknown id, blackhole, fdb, encap, IPv6 gateway
+    if not nh.group:
+        return _gateway_entry(route, nh.oif, nh.gateway, nh.flags, links)
+    if not all(_plain_nexthop(nexthops.get(member)) for member, _ in nh.group):
+        return RouteEntry(R["NEXTHOP_UNSUPPORTED"])
+    return RouteEntry(ROUTE_KERNEL, mtu=route.mtu)
+
+
+def _plain_nexthop(nh: Optional[m.NexthopObject], group_ok=False) -> bool:
+    return (nh is not None and not (nh.blackhole or nh.fdb or nh.unsupported)
+            and (group_ok or not nh.group))

@@ -25,6 +25,7 @@ def fold(current, delta):
             else:
                 cur[key] = value
     current.punt_forward_reason = delta.punt_forward_reason
+    current.fib_flags = delta.fib_flags
     current.nf = delta.nf
     current.attach = delta.attach
 

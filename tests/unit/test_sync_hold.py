@@ -8,9 +8,9 @@ from mirror.reasons import BY_NAME
 from mirror.sync import Reconciler
 from mirror.translate import Desired, NfConfig
 
-# struct lm_config: the punt reason, hz, then the netfilter fields.
-Leaf = namedtuple("Leaf", ["punt_forward_reason", "hz", *NfConfig.__dataclass_fields__],
-                  defaults=[0] * (len(NfConfig.__dataclass_fields__) + 1))
+# struct lm_config: the punt reason, hz, then the netfilter fields, fib_flags.
+Leaf = namedtuple("Leaf", ["punt_forward_reason", "hz", *NfConfig.__dataclass_fields__, "fib_flags"],
+                  defaults=[0] * (len(NfConfig.__dataclass_fields__) + 2))
 
 
 class FakeConfig:

@@ -4,7 +4,7 @@ import pytest
 
 from mirror import model as m
 from mirror.reasons import BY_NAME as R
-from mirror.translate import (LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
+from mirror.translate import (FIB_RULES, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                               CT_FLAG_ACCT, CT_FLAG_TSTAMP, NF_OFF, NF_STATEFUL, NfConfig, RouteEntry, Selection,
                               translate, translate_changes)
 
@@ -62,8 +62,9 @@ def test_lowest_metric_wins_and_route_mtu():
 @pytest.mark.parametrize("route, reason", [
     (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=6), "ROUTE_UNSUPPORTED"),  # blackhole
     (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, type=7), "ROUTE_UNSUPPORTED"),  # unreachable
-    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3, "10.1.0.2"), m.Nexthop(4, "10.2.0.2"))),
-     "ROUTE_UNSUPPORTED"),  # multipath
+    (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3, "10.1.0.2", m.RTNH_F_DEAD),
+                                                     m.Nexthop(4, "10.2.0.2", m.RTNH_F_DEAD))),
+     "ROUTE_UNSUPPORTED"),  # multipath, every next hop dead: the kernel falls back
     (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3),), unsupported=("UNKNOWN",)), "ROUTE_UNSUPPORTED"),
     (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, tos=0x10, nexthops=(m.Nexthop(3),)), "ROUTE_UNSUPPORTED"),
     (m.Route(m.TABLE_MAIN, "10.9.0.0", 16, nexthops=(m.Nexthop(3, flags=m.RTNH_F_DEAD),)), "ROUTE_UNSUPPORTED"),
@@ -119,16 +120,23 @@ def test_netfilter_and_policy_rules_punt_forwarding():
     assert translate(node(xfrm_impact="1 xfrm policy")).punt_forward_reason == R["IPSEC"]
     assert translate(node(fwd_use_pmtu=True)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
     assert translate(node(fwd_update_priority=False)).punt_forward_reason == R["ROUTE_UNSUPPORTED"]
+    # Policy rules the kernel lookup evaluates exactly: every forward asks it.
     st = node()
-    st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4")})))
-    assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
+    st.rules.add(m.Rule(100, 100, frozenset({("FRA_SRC", "1.2.3.4"), ("src_len", 32)})))
+    assert (translate(st).punt_forward_reason, translate(st).fib_flags & FIB_RULES) == (0, FIB_RULES)
     st = node()
     st.rules.add(m.Rule(32766, 254, frozenset({("FRA_FWMARK", "1")})))
-    assert translate(st).punt_forward_reason == R["POLICY_ROUTING"]
+    assert (translate(st).punt_forward_reason, translate(st).fib_flags & FIB_RULES) == (0, FIB_RULES)
     for prio, table in m.DEFAULT_RULES:  # a missing default rule counts too
         st = node()
         st.rules.discard(m.Rule(prio, table))
-        assert translate(st).punt_forward_reason == R["POLICY_ROUTING"], prio
+        assert translate(st).fib_flags & FIB_RULES, prio
+    # ... and those it cannot (realms, l3mdev) punt all forwarding.
+    for selector in (("FRA_FLOW", "5"), ("FRA_L3MDEV", "1"), ("UNKNOWN", "x")):
+        st = node()
+        st.rules.add(m.Rule(100, 100, frozenset({selector})))
+        d = translate(st)
+        assert (d.punt_forward_reason, d.fib_flags & FIB_RULES) == (R["POLICY_ROUTING"], 0), selector
 
 
 def test_neighbors_only_valid_states_on_managed_links():
