@@ -373,9 +373,11 @@ def test_program_is_small(datapath):
     (fib.h: multipath routes, nexthop groups, policy rules) adds ~300: two
     64-byte bpf_fib_lookup parameter blocks (the forward lookup and, under
     rules, the reversed one of fib_validate_source()), the ports as routed
-    and the multipath-hash guards (ICMP error type, skb->hash)."""
+    and the multipath-hash guards (ICMP error type, skb->hash).  Counting
+    per interface (the ingress link's counter slot at the single exit)
+    adds ~30."""
     insns = len(datapath._bpf.dump_func(datapath.name.encode())) // 8
-    assert insns < 1950, insns
+    assert insns < 2000, insns
 
 
 def test_counts_per_interface_slot(topo, datapath, maps):
