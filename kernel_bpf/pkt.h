@@ -91,7 +91,14 @@ struct lm_pkt {
 				    after DNAT (ct.h) */
 	int action;              /* xmit.h/l2.h: TC action when forwarded */
 	__u8 via_bridge;         /* l2.h: arrived on a port, addressed to the bridge */
-	__u8 bridged;            /* l2.h: switched within a bridge, done */
+	/* Whole stack slots, written whole: the verifier then knows their
+	 * value on every path, so the pipeline's branches on them stay
+	 * correlated (a byte flag reads back as unknown and it would explore
+	 * bridged stages on routed paths). */
+	__u64 bridged;           /* l2.h: switched within a bridge (p->oif is
+				    the egress port) */
+	__u64 br_nf;             /* l2.h: bridged IPv4 that br_netfilter hands
+				    to iptables (and conntrack) */
 	struct lm_trace *trace;  /* explain runs only (explain.h), else NULL:
 				    no side effect on datapath state then */
 	__u32 ran;               /* LM_STAGE: bit LM_STAGE_ID per stage run */

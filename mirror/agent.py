@@ -606,7 +606,7 @@ class Agent:
                     for (b, mac), e in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
         ports = self.sync.read("ports")
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
-                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), names)}
+                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), e, names)}
                 for i, e in sorted(rows.items())]
 
     def _dump_rules(self):
@@ -646,7 +646,7 @@ def _link_flag_names(flags):
     return [n for n, bit in names if flags & bit]
 
 
-def _port_row(port, names):
+def _port_row(port, link, names):
     """The bridge-port columns of a `dump links` row (empty for other links)."""
     if port is None:
         return {}
@@ -656,7 +656,7 @@ def _port_row(port, names):
     punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
                                                            ("to_bridge", port.up_punt)) if v}
     return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts,
-            "peer_mac": port.peer_mac}
+            "peer_mac": link.peer_mac}
 
 
 def _ip_sort(ip):

@@ -95,15 +95,10 @@ class Codec:
         return self.t["ports"].Key(ifindex)
 
     def port_leaf(self, e: PortEntry):
-        leaf = self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
-        if e.peer_mac:
-            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
-        return leaf
+        return self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
 
     def decode_port(self, k, v):
-        peer = bytes_to_mac(v.peer_mac)
-        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt,
-                                  None if peer == "00:00:00:00:00:00" else peer)
+        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt)
 
     # fdb: (bridge, MAC) <-> lm_fdb_key, FdbTarget <-> lm_fdb
     def fdb_key(self, key):

@@ -62,7 +62,7 @@ class PortEntry:
     punt: int = 0  # every frame arriving on the port punts with this
     ipv4_punt: int = 0  # bridged IPv4 punts with this (br_netfilter)
     up_punt: int = 0  # frames for the bridge's own MAC punt with this
-    peer_mac: Optional[str] = None  # veth port: the peer's MAC (redirect_peer only to it)
+    # (A veth port's peer MAC is its LinkEntry's: one source for both paths.)
 
 
 @dataclass(frozen=True)
@@ -267,8 +267,7 @@ def port_entry(state: m.KernelState, index: int, ok) -> Optional[PortEntry]:
     return PortEntry(
         bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
         ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,
-        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0,
-        peer_mac=_peer_mac(_peer_of(state, link)))
+        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0)
 
 
 def _peer_of(state: m.KernelState, link: m.Link) -> Optional[m.Peer]:

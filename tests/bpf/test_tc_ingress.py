@@ -352,9 +352,10 @@ def test_every_reason_is_exercised():
     bridge cases of test_l2.py, or the conntrack cases of test_ct.py, which
     need kernel conntrack entries)."""
     from test_ct import COVERED, UNREACHABLE
+    from test_ct_bridge import COVERED as BRIDGED_CT
     from test_l2 import L2_CASES
 
-    covered = {c.reason for c in CASES + L2_CASES} | COVERED | UNREACHABLE
+    covered = {c.reason for c in CASES + L2_CASES} | COVERED | BRIDGED_CT | UNREACHABLE
     assert covered == set(R), f"no case for {sorted(set(R) - covered)}"
 
 
