@@ -30,8 +30,8 @@ from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                         MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
-                        bridge_egress_punt, custom_rules, netfilter_punt, skipped_devices, translate,
-                        translate_changes)
+                        bridge_calls_iptables, bridge_egress_punt, custom_rules, netfilter_punt, skipped_devices,
+                        translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -533,8 +533,7 @@ class Agent:
                 continue
             ports = [self.state.links[i].name for i in self.state.ports_of(index)]
             out[link.name] = {"ports": sorted(ports), "egress_punted_because": bridge_egress_punt(self.state, link),
-                              "bridge_nf_call_iptables": self.state.bridge_sysctls.call_iptables
-                              or bool(link.bridge and link.bridge.nf_call_iptables)}
+                              "bridge_nf_call_iptables": bridge_calls_iptables(self.state, link)}
         return out
 
     def explain(self, req):

@@ -42,7 +42,7 @@ STAGE_TITLES = {
     "fib_route": "route", "fib_source": "source check", "fib_egress": "egress", "fwd_checks": "TTL/MTU",
     "verdict": "ruleset verdict", "fib_neigh": "neighbour", "rewrite": "rewrite", "xmit": "xmit",
     "nat": "NAT rewrite",
-    "l2_ingress": "bridge port/FDB", "l2_egress": "bridge egress",  # l2.h (branch bridge)
+    "l2_ingress": "bridge port/FDB", "l2_egress": "bridge egress", "l2_forward": "bridge forward",  # l2.h
 }
 
 

@@ -118,7 +118,8 @@ class Codec:
     # flows: FlowKey <-> lm_flow_key, FlowEntry <-> lm_flow (ports in network byte order, like addresses)
     def flow_key(self, k: FlowKey):
         return self.t["flows"].Key(ifindex=k.ifindex, saddr=ip_to_u32(k.saddr), daddr=ip_to_u32(k.daddr),
-                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto)
+                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto,
+                                   bridged=int(k.bridged))
 
     def flow_leaf(self, e: FlowEntry, packets=0, nbytes=0):
         return self.t["flows"].Leaf(
@@ -129,7 +130,7 @@ class Codec:
     @staticmethod
     def decode_flow_key(k) -> FlowKey:
         return FlowKey(k.ifindex, u32_to_ip(k.saddr), u32_to_ip(k.daddr), socket.ntohs(k.sport),
-                       socket.ntohs(k.dport), k.proto)
+                       socket.ntohs(k.dport), k.proto, bool(k.bridged))
 
     def decode_flow(self, k, v):
         key = self.decode_flow_key(k)

@@ -107,6 +107,19 @@ def test_br_netfilter_off_lets_bridged_ipv4_through_forward_rules():
     assert translate(st).ports[V1].ipv4_punt == R["NETFILTER"]
 
 
+def test_evaluable_rules_send_bridged_ipv4_through_conntrack_not_to_the_kernel():
+    """iptables rules the agent can evaluate: stateful mode, and br_netfilter
+    ports carry bridged IPv4 through the conntrack stages (no ipv4_punt);
+    rules it cannot evaluate punt bridged IPv4 as they punt forwarding."""
+    st = bridged(netfilter_impact="filter FORWARD: 1 rule", netfilter_unsupported=None, ct_sysctls=m.CtSysctls())
+    d = translate(st)
+    assert d.nf.nf_mode == 1 and d.punt_forward_reason != R["NETFILTER"]
+    assert d.ports[V1].ipv4_punt == 0 and d.ports[V1].flags & PORT_NF_IPV4
+    st.netfilter_unsupported = "nft: native table inet filter"
+    d = translate(st)
+    assert d.nf.nf_mode == 0 and d.ports[V1].ipv4_punt == R["NETFILTER"] == d.punt_forward_reason
+
+
 def test_isolated_port_and_stp_states():
     st = apply(bridged(), port_link(V2, "v2", BR, isolated=1, state=m.BR_STATE_LEARNING))
     assert translate(st).ports[V2].flags == PORT_LEARNING | PORT_ISOLATED | PORT_NF_IPV4
