@@ -79,7 +79,8 @@ def test_docker_bridge_pod_to_pod_through_conntrack(pods, agent):
         entries = [e for e in conntrack(t, "-p", "tcp", "--dport", "5203") if e["state"] == "ESTABLISHED"]
         p.wait(10)
         t.kill(echo)
-        return {"tcp": tcp > 10_000_000, "udp": udp > 1_000_000, "talk": r["error"] is None and r["echoed"] == r["sent"],
+        talked = r["error"] is None and r["echoed"] == r["sent"]
+        return {"tcp": tcp > 10_000_000, "udp": udp > 1_000_000, "talk": talked,
                 "entries": [shape(e, e["orig"]["sport"]) for e in entries],
                 "timeouts": [e["timeout"] for e in entries]}, d
 
