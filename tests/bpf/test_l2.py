@@ -20,7 +20,7 @@ from scapy.packet import Raw
 
 from lm_bpfrun import TC_ACT_REDIRECT
 from test_tc_ingress import (CLIENT_MAC, FWD, GW_MAC, H7_MAC, IN0_MAC, OUT0_MAC, P2_MAC, PEER, UP, Case, R,
-                             base_state, check_priority, forwarded, punt, run_case, udp)
+                             base_state, check_ctx, check_priority, forwarded, punt, run_case, udp)
 
 BRIDGE = 1 << 5
 PFWD, PLEARN, PISOLATED, PNF = 1, 2, 4, 8
@@ -100,10 +100,10 @@ L2_CASES = [
     # --- switched within the bridge ----------------------------------------
     switched("known unicast to another port: redirected unchanged", l2(), ctx={"priority": 5},
              check=lambda m, t, res: (check_priority(5)(m, t, res), check_source_used(m, t, res))),
-    switched("to a veth port: redirect_peer, priority 0 as veth_xmit", l2(dst=P2_MAC), ctx={"priority": 5},
-             check=check_priority(0)),
+    switched("to a veth port: redirect_peer, priority and mark 0 as veth_xmit's scrub", l2(dst=P2_MAC),
+             ctx={"priority": 5, "mark": 7}, check=check_ctx(priority=0, mark=0)),
     switched("to a veth port, not the peer's MAC: plain redirect (veth_xmit sets the packet type)",
-             l2(dst=BEHIND_MAC), ctx={"priority": 5}, check=check_priority(5)),
+             l2(dst=BEHIND_MAC), ctx={"priority": 5, "mark": 7}, check=check_ctx(priority=5, mark=7)),
     switched("learning off: source need not be known", l2(src="02:aa:00:00:00:42"),
              setup=port("in0", PFWD)),
     switched("only the egress port isolated", l2(), setup=port("out0", PFWD | PLEARN | PISOLATED)),
