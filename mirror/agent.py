@@ -557,7 +557,9 @@ class Agent:
         results = []
         for frame in frames:
             result = self.explainer.run(frame, link.index)
-            ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"])
+            stages = {s["stage"] for s in result["steps"]}
+            ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"],
+                                             bridged="ct" in stages and "fib_route" not in stages)
             ctx.pop("conntrack", None)
             if any(s["stage"] == "ct" for s in result["steps"]) and "sport" in result["packet"]:
                 ctx["conntrack"] = explain.conntrack_entry(result["packet"])

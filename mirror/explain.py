@@ -316,12 +316,14 @@ def neighbor_state_name(state: int) -> str:
     return "|".join(name for bit, name in NUD_NAMES.items() if state & bit) or "NONE"
 
 
-def flow_entry(flows, ifindex: int, pkt: Dict) -> Optional[Dict]:
-    """The `flows` map entry for the packet's direction (TCP/UDP), decoded."""
+def flow_entry(flows, ifindex: int, pkt: Dict, bridged: bool = False) -> Optional[Dict]:
+    """The `flows` map entry for the packet's direction (TCP/UDP), decoded;
+    `bridged`: switched within a bridge (no routing stage ran)."""
     if pkt.get("proto") not in ("tcp", "udp") or "sport" not in pkt:
         return None
     key = flows.Key(ifindex=ifindex, saddr=_u32(pkt["src"]), daddr=_u32(pkt["dst"]),
-                    sport=socket.htons(pkt["sport"]), dport=socket.htons(pkt["dport"]), proto=PROTOS[pkt["proto"]])
+                    sport=socket.htons(pkt["sport"]), dport=socket.htons(pkt["dport"]), proto=PROTOS[pkt["proto"]],
+                    bridged=int(bridged))
     try:
         f = flows[key]
     except KeyError:

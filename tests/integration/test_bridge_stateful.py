@@ -116,10 +116,14 @@ def test_stateful_physdev_policy_on_bridged_traffic(pods, agent):
     assert fast_share(d) > 0.9, d
 
 
+NO_RULES = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+
 @pytest.mark.parametrize("rules,rule", [
     ("physdev", "FORWARD -m physdev --physdev-in {port1} -j DROP"),
     ("docker28", "DOCKER-USER -s {pod1} -j DROP"),
-], ids=["physdev", "docker-user"])
+    ("none", "FORWARD -m physdev --physdev-in {port1} -j DROP"),  # the first rule: switched without conntrack until then
+], ids=["physdev", "docker-user", "first-rule"])
 def test_rule_inserted_mid_flow_drops_the_next_bridged_packet(pods, agent, rules, rule):
     t = pods
     warm(t)
@@ -141,7 +145,8 @@ def test_rule_inserted_mid_flow_drops_the_next_bridged_packet(pods, agent, rules
         before = [seq for seq, at, _ in got if at <= inserted - 0.5]
         return {"late": late, "before": len(before) > 100, "sent_after": sum(at > inserted for _, at in sent) > 100}, c0
 
-    (alone, _), (mirrored, c0), _ = both(t, agent, docker28(t) if rules == "docker28" else physdev_policy(t), scenario)
+    ruleset = {"physdev": physdev_policy, "docker28": docker28, "none": lambda t: NO_RULES}[rules](t)
+    (alone, _), (mirrored, c0), _ = both(t, agent, ruleset, scenario)
     assert alone == {"late": [], "before": True, "sent_after": True}
     assert mirrored == alone
     assert c0.get("FORWARDED", 0) > 100  # the flow was on the fast path when the rule came
