@@ -177,6 +177,7 @@ class Offloader:
 def _dump_row(key, flow, packets, nbytes, verdict, kernel, names):
     row = {"proto": {flows.TCP: "tcp", flows.UDP: "udp"}.get(key.proto, key.proto),
            "in": names.get(key.ifindex, key.ifindex), "out": names.get(flow.oif, flow.oif),
+           "bridged": key.bridged,  # switched between the two ports in/out (br_netfilter)
            "wire": f"{key.saddr}:{key.sport} -> {key.daddr}:{key.dport}",
            "translated": f"{flow.nat_saddr}:{flow.nat_sport} -> {flow.nat_daddr}:{flow.nat_dport}",
            "verdict": verdict.action, "rule": verdict.rule, "reason": verdict.reason,

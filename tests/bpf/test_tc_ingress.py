@@ -366,7 +366,9 @@ def test_program_is_small(datapath):
     lookup, status/extension checks, both tuple directions, the flow
     verdict and event, four checksum updates) add ~630, run only in
     LM_NF_STATEFUL; the bridge stages (l2.h: port, FDB and learning checks
-    on ingress, the FDB port choice on egress) ~480.  Explain runs
+    on ingress, the FDB port choice on egress) ~480.  Bridged frames under
+    br_netfilter reuse the one copy of the parse, conntrack and verdict
+    stages (the pipeline jumps past routing), so they add only the branches.  Explain runs
     (explain.h) add ~95: ~55 that run only in an explain run (trace slot,
     verdict, route) or are never-taken branches at the side-effect sites,
     and one constant move per exit edge for p.ran."""

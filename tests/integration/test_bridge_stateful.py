@@ -10,14 +10,13 @@ rules for the bridged packet (-i/-o br1, physdev vp1/vp2).
 
 import json
 import os
-import subprocess
 import time
 
 import pytest
 
 from nstest import skip_unless_root, unique_name
-from test_stateful import (FLOWIO, HERE, PY, both, conntrack, counters, delta, fast_share, iperf, result, server,
-                           shape, talk)
+from test_stateful import (HERE, both, conntrack, counters, delta, fast_share, iperf, policy_scenario,
+                           rule_inserted_mid_flow, server, shape, talk)
 from topology import BridgedTopology
 
 pytestmark = skip_unless_root
@@ -91,6 +90,9 @@ def test_docker_bridge_pod_to_pod_through_conntrack(pods, agent):
     assert all(to > 431990 for to in alone["timeouts"] + mirrored["timeouts"]), (alone, mirrored)
     assert fast_share(d) > 0.9, d
     assert a.status()["offload"]["written"] >= 4  # both directions of both data connections
+    rows = json.loads(t.run("node", ["loxi-mirror", "dump", "conntrack", "--json"]).stdout)
+    carried = {(r["in"], r["out"], r["rule"].split(" ", 1)[1]) for r in rows if r["bridged"] and r["packets"]}
+    assert (t.port_name(1), t.port_name(2), "filter DOCKER-CT #2") in carried, rows  # -o br1 ESTABLISHED
 
 
 def test_stateful_physdev_policy_on_bridged_traffic(pods, agent):
@@ -100,18 +102,8 @@ def test_stateful_physdev_policy_on_bridged_traffic(pods, agent):
     t = pods
     warm(t)
 
-    def scenario(a):
-        c0 = counters(a)
-        got = iperf(t, t.pod2_ip, 5201, seconds=3)
-        d = delta(counters(a), c0)
-        back = server(t, "pod1", "tcp-echo", 5201)
-        reverse = result(talk(t, "pod2", t.pod1_ip, 5201, 0.3))
-        t.kill(back)
-        ping = t.run("pod1", ["ping", "-c", "2", "-i", "0.2", "-W", "1", t.pod2_ip], check=False).returncode
-        return {"allowed": got > 10_000_000, "reverse_connects": reverse["error"] is None, "ping": ping == 0}, d
-
-    (alone, _), (mirrored, d), _ = both(t, agent, physdev_policy(t), scenario)
-    assert alone == {"allowed": True, "reverse_connects": False, "ping": False}
+    (alone, _), (mirrored, d), _ = both(t, agent, physdev_policy(t), lambda a: policy_scenario(t, a))
+    assert alone == {"allowed_bytes": True, "reverse_connects": False, "ping": False}
     assert mirrored == alone
     assert fast_share(d) > 0.9, d
 
@@ -128,25 +120,8 @@ def test_rule_inserted_mid_flow_drops_the_next_bridged_packet(pods, agent, rules
     t = pods
     warm(t)
     rule = rule.format(port1=t.port_name(1), pod1=t.pod1_ip).split()
-
-    def scenario(a):
-        sink = t.popen("pod2", [PY, "-u", FLOWIO, "udp-sink", "7000", "5"], stdout=subprocess.PIPE, text=True)
-        assert sink.stdout.readline().strip() == "ready"
-        src = t.popen("pod1", [PY, FLOWIO, "udp-source", t.pod2_ip, "7000", "3", "0.001"],
-                      stdout=subprocess.PIPE, text=True)
-        time.sleep(1.5)
-        c0 = counters(a)
-        t.run("node", ["iptables", "-I", *rule])
-        inserted = time.time()
-        sent = json.loads(src.communicate(timeout=10)[0])
-        got = result(sink)
-        t.run("node", ["iptables", "-D", *rule])
-        late = [seq for seq, at, _ in got if at > inserted + 0.002]  # sent after the rule was in
-        before = [seq for seq, at, _ in got if at <= inserted - 0.5]
-        return {"late": late, "before": len(before) > 100, "sent_after": sum(at > inserted for _, at in sent) > 100}, c0
-
     ruleset = {"physdev": physdev_policy, "docker28": docker28, "none": lambda t: NO_RULES}[rules](t)
-    (alone, _), (mirrored, c0), _ = both(t, agent, ruleset, scenario)
+    (alone, _), (mirrored, c0), _ = both(t, agent, ruleset, lambda a: rule_inserted_mid_flow(t, a, rule))
     assert alone == {"late": [], "before": True, "sent_after": True}
     assert mirrored == alone
     assert c0.get("FORWARDED", 0) > 100  # the flow was on the fast path when the rule came
