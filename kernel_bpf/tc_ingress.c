@@ -7,7 +7,9 @@
  * other packet to the kernel, counting why.  The pipeline is a list of
  * stages (one header each, see pkt.h for the stage contract); later stages
  * (conntrack, NAT, VXLAN, IPv6) slot in between these.  Frames on bridge
- * ports are switched by l2.h, or routed with the bridge as the L3 device.
+ * ports are switched by l2.h, or routed with the bridge as the L3 device;
+ * switched IPv4 that br_netfilter hands to iptables takes the same parse,
+ * conntrack and verdict stages as routed IPv4 (stateful mode), not routing.
  *
  * Attach: clsact ingress, direct-action (cls_bpf) or tcx.  Compiled and
  * loaded by mirror/datapath.py with BCC.
