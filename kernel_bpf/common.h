@@ -100,7 +100,10 @@
 	X(MULTIPATH_HASH, 54, "multipath route: the kernel's hash for this packet is not reproducible (socket hash, ICMP, protocol, hash policy)") \
 	X(FIB_NOT_FORWARDED, 55, "kernel FIB lookup: not a unicast forward (local, blackhole, unreachable, prohibit, no route)") \
 	X(FIB_UNSUPPORTED, 56, "kernel FIB lookup: a result the fast path does not handle (lwtunnel, IPv6 next hop, MTU, forwarding off)") \
-	X(NEXTHOP_UNSUPPORTED, 57, "route uses a nexthop object the fast path does not handle (blackhole, fdb, encap, unknown id)")
+	X(NEXTHOP_UNSUPPORTED, 57, "route uses a nexthop object the fast path does not handle (blackhole, fdb, encap, unknown id)") \
+	X(RESERVED_58, 58, "slot of another branch (rscale 52-53, rpolicy 54-59): merged later") \
+	X(RESERVED_59, 59, "slot of another branch (rscale 52-53, rpolicy 54-59): merged later") \
+	X(BR_CT_NAT, 60, "bridged flow with NAT in its conntrack entry (br_netfilter would re-route or rewrite it)")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -179,16 +182,19 @@ struct lm_link {
 #define LM_PORT_FORWARDING (1 << 0) /* STP state forwarding */
 #define LM_PORT_LEARNING (1 << 1)   /* the bridge learns source MACs here */
 #define LM_PORT_ISOLATED (1 << 2)   /* isolated: no forwarding to other isolated ports */
-#define LM_PORT_NF_IPV4 (1 << 3)    /* br_netfilter sees bridged IPv4 here (bridge-nf-call-iptables) */
+#define LM_PORT_NF_IPV4 (1 << 3)    /* br_netfilter sees bridged IPv4 here (bridge-nf-call-iptables
+				       or the bridge's nf_call_iptables): validated as it does,
+				       and in LM_NF_STATEFUL continued through conntrack and
+				       a flow verdict like routed IPv4 */
 
 struct lm_port {
 	__u32 bridge;     /* ifindex of the bridge this port belongs to */
 	__u8 flags;       /* LM_PORT_* */
 	__u8 punt;        /* every frame arriving on the port */
-	__u8 ipv4_punt;   /* bridged IPv4 (br_netfilter -> iptables) */
+	__u8 ipv4_punt;   /* bridged IPv4 (br_netfilter -> iptables the
+			     agent cannot evaluate) */
 	__u8 up_punt;     /* frames for the bridge device itself (routed) */
-	__u8 peer_mac[ETH_ALEN]; /* veth port: its peer's MAC (0: unknown) */
-	__u16 pad;
+	/* A veth port's peer MAC is its lm_link's peer_mac (one source). */
 };
 
 struct lm_fdb_key {
@@ -251,12 +257,19 @@ struct lm_config {
 #define LM_CT_VERDICT_BITS (LM_IPS_SEEN_REPLY | LM_IPS_ASSURED | \
 			    LM_IPS_SRC_NAT_DONE | LM_IPS_DST_NAT_DONE)
 
-/* One direction of a flow as it arrives: the wire tuple and the ingress. */
+/* One direction of a flow as it arrives: the wire tuple and the ingress.
+ * The verdict of a bridged flow depends on its ports (physdev, and -i/-o
+ * being the bridge), so ingress port and `bridged` are part of the key and
+ * the entry's oif is the egress port. */
 struct lm_flow_key {
-	__u32 ifindex;
+	__u32 ifindex;     /* the device it arrived on (a bridge port for
+			      bridged and for routed-from-a-port packets) */
 	__u32 saddr, daddr;
 	__u16 sport, dport;
-	__u8 proto, pad[3];
+	__u8 proto;
+	__u8 bridged;      /* 1: switched between two ports of a bridge
+			      (br_netfilter), 0: routed */
+	__u8 pad[2];
 };
 
 /* What the agent decided for one direction of a flow, and what it assumed;

@@ -200,6 +200,11 @@ static __always_inline __u32 lm_ct_nat(struct lm_pkt *p, struct lm_nf_conn *ct, 
 	struct lm_ctinfo *ci = p->ci;
 	__u64 dnat_bit, snat_bit;
 
+	/* A bridged frame whose destination PREROUTING changes is re-routed
+	 * by br_netfilter (maybe out of the bridge), one whose source
+	 * POSTROUTING changes is rewritten: both are the kernel's. */
+	if (p->bridged && (status & (LM_IPS_SRC_NAT | LM_IPS_DST_NAT)))
+		return LM_BR_CT_NAT;
 	if (ci->dir == LM_IP_CT_DIR_REPLY) {
 		LM_CT_INVERT(ci, ct, O);
 		dnat_bit = LM_IPS_SRC_NAT;
@@ -288,7 +293,8 @@ static __always_inline __u32 lm_ct_l4(struct __sk_buff *skb, struct lm_pkt *p)
 	} else {
 		return LM_CT_PROTO;
 	}
-	*(__u32 *)&ci->key.proto = proto; /* and pad[3] = 0: map key bytes */
+	/* proto, bridged, and pad = 0: map key bytes */
+	*(__u32 *)&ci->key.proto = proto | (__u32)p->bridged << 8;
 	return LM_FORWARDED;
 }
 
@@ -306,7 +312,10 @@ static __always_inline __u32 lm_ct(struct __sk_buff *skb, struct lm_pkt *p)
 	reason = lm_ct_l4(skb, p);
 	if (reason != LM_FORWARDED)
 		return reason;
-	ci->key.ifindex = p->ifindex;
+	/* The device it arrived on: for a frame from a bridge port (bridged,
+	 * or routed with the bridge as L3 device) the port, which physdev
+	 * matches see. */
+	ci->key.ifindex = skb->ifindex;
 	ci->key.saddr = p->iph->saddr;
 	ci->key.daddr = p->iph->daddr;
 	ci->liberal = 0;

@@ -7,7 +7,9 @@
  * lm_l2_ingress (right after the gate) handles every frame arriving on a
  * port the agent mirrors:
  *  - known unicast to another forwarding port of the same bridge: redirected
- *    there unchanged (p->bridged, the pipeline ends);
+ *    there unchanged by lm_l2_forward() (p->bridged); with br_netfilter in
+ *    stateful mode (p->br_nf) the IPv4 parse, conntrack and verdict stages
+ *    run first, exactly as for routed IPv4 but with no routing;
  *  - addressed to the bridge's own MAC: handed on to the routed stages with
  *    the bridge as the L3 ingress device (p->via_bridge);
  *  - anything the bridge floods, learns from, filters or hairpins: punted.
@@ -78,11 +80,13 @@ static __always_inline __u32 lm_l2_up(struct lm_pkt *p, struct lm_port *port)
 	return LM_FORWARDED;
 }
 
-/* Known unicast to another port: br_forward() -> should_deliver(). */
+/* Known unicast to another port: br_forward() -> should_deliver().  Only
+ * decides: lm_l2_forward() sends, once the netfilter stages (br_netfilter)
+ * have had their say. */
 static __always_inline __u32 lm_l2_switch(struct __sk_buff *skb, struct lm_pkt *p, struct lm_port *port,
 					  struct lm_fdb *dst)
 {
-	__u32 oif = dst->port;
+	__u32 oif = dst->port, hold;
 	struct lm_port *out;
 	struct lm_link *ol;
 
@@ -104,33 +108,49 @@ static __always_inline __u32 lm_l2_switch(struct __sk_buff *skb, struct lm_pkt *
 		return LM_IPV6;
 	if (p->eth->h_proto != LM_HTONS(ETH_P_IP))
 		return LM_NOT_IP;
-	/* bridge-nf-call-iptables: iptables and conntrack see this frame. */
-	if (port->ipv4_punt)
-		return port->ipv4_punt;
-	/* br_netfilter's br_validate_ipv4() drops malformed IPv4 and trims
-	 * what trails it even without a rule (options punt: the checksum
-	 * would cover them). */
-	if (port->flags & LM_PORT_NF_IPV4) {
-		__u32 reason = lm_ipv4_header(skb, p);
-
-		if (reason != LM_FORWARDED)
-			return reason;
-	}
 	/* is_skb_forwardable() in br_dev_queue_push_xmit() drops frames
 	 * longer than the egress MTU + header + one VLAN tag. */
 	if (!skb->gso_size && skb->len > ol->mtu + ETH_HLEN + LM_VLAN_HLEN)
 		return LM_MTU_EXCEEDED;
-
-	/* Into the peer's netns directly only for the peer's own MAC:
-	 * skb_scrub_packet() makes it PACKET_HOST there, where veth_xmit()
-	 * would let eth_type_trans() decide (OTHERHOST for other MACs). */
-	if ((ol->flags & LM_LINK_REDIRECT_PEER) && lm_mac_eq(p->eth->h_dest, out->peer_mac)) {
-		skb->priority = 0; /* as veth_xmit()'s ____dev_forward_skb() */
-		p->action = bpf_redirect_peer(oif, 0);
-	} else {
-		p->action = bpf_redirect(oif, 0);
+	if (port->flags & LM_PORT_NF_IPV4) {
+		/* bridge-nf-call-iptables: iptables and conntrack see this
+		 * frame.  Rules the agent cannot evaluate punt it; so does a
+		 * netfilter change under way (the hold the change signal sets
+		 * for forwarding holds bridged frames too). */
+		if (port->ipv4_punt)
+			return port->ipv4_punt;
+		hold = p->cfg->punt_forward_reason;
+		if (hold == LM_NETFILTER || hold == LM_NETFILTER_CHANGING)
+			return hold;
+		p->br_nf = 1;
 	}
+	p->oif = oif;
+	p->xmit_link = ol;
 	p->bridged = 1;
+	return LM_FORWARDED;
+}
+
+/* Send a switched frame unchanged to its egress port.  Into the peer's
+ * netns directly only for the peer's own MAC: skb_scrub_packet() makes it
+ * PACKET_HOST there, where veth_xmit() would let eth_type_trans() decide
+ * (OTHERHOST for other MACs). */
+static __always_inline __u32 lm_l2_forward(struct __sk_buff *skb, struct lm_pkt *p)
+{
+	struct lm_link *ol = p->xmit_link;
+
+	/* br_nf_dev_queue_xmit(): with br_netfilter, an IPv4 packet (not
+	 * GSO) larger than the egress MTU is fragmented, or dropped with DF. */
+	if (p->br_nf && !skb->gso_size && p->tot_len > ol->mtu)
+		return LM_MTU_EXCEEDED;
+	if ((ol->flags & LM_LINK_REDIRECT_PEER) && lm_mac_eq(p->eth->h_dest, ol->peer_mac)) {
+		/* veth_xmit(): ____dev_forward_skb() resets the priority and
+		 * the scrub across namespaces clears the mark. */
+		skb->priority = 0;
+		skb->mark = 0;
+		p->action = bpf_redirect_peer(p->oif, 0);
+	} else {
+		p->action = bpf_redirect(p->oif, 0);
+	}
 	return LM_FORWARDED;
 }
 
@@ -196,8 +216,8 @@ static __always_inline __u32 lm_l2_egress(struct __sk_buff *skb, struct lm_pkt *
 	if (!ol || !(ol->flags & LM_LINK_UP))
 		return LM_EGRESS_UNMANAGED;
 	/* xmit.h redirects into a veth peer's netns: only right for the
-	 * peer's own MAC (see lm_l2_switch()). */
-	if ((ol->flags & LM_LINK_REDIRECT_PEER) && !lm_mac_eq(p->nb->mac, out->peer_mac))
+	 * peer's own MAC (see lm_l2_forward()). */
+	if ((ol->flags & LM_LINK_REDIRECT_PEER) && !lm_mac_eq(p->nb->mac, ol->peer_mac))
 		return LM_PEER_MAC;
 	/* The port's MTU may be below the bridge's (is_skb_forwardable()). */
 	if (!skb->gso_size && p->tot_len > ol->mtu)

@@ -92,7 +92,14 @@ struct lm_pkt {
 				    after DNAT (ct.h) */
 	int action;              /* xmit.h/l2.h: TC action when forwarded */
 	__u8 via_bridge;         /* l2.h: arrived on a port, addressed to the bridge */
-	__u8 bridged;            /* l2.h: switched within a bridge, done */
+	/* Whole stack slots, written whole: the verifier then knows their
+	 * value on every path, so the pipeline's branches on them stay
+	 * correlated (a byte flag reads back as unknown and it would explore
+	 * bridged stages on routed paths). */
+	__u64 bridged;           /* l2.h: switched within a bridge (p->oif is
+				    the egress port) */
+	__u64 br_nf;             /* l2.h: bridged IPv4 that br_netfilter hands
+				    to iptables (and conntrack) */
 	__u8 via_kernel;         /* fib.h: p->rt is the kernel FIB's answer */
 	__u32 fib_flags;         /* fib.h: cfg->fib_flags, read once (the agent
 				    may change it while the packet runs) */

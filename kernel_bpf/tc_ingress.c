@@ -7,7 +7,9 @@
  * other packet to the kernel, counting why.  The pipeline is a list of
  * stages (one header each, see pkt.h for the stage contract); later stages
  * (conntrack, NAT, VXLAN, IPv6) slot in between these.  Frames on bridge
- * ports are switched by l2.h, or routed with the bridge as the L3 device.
+ * ports are switched by l2.h, or routed with the bridge as the L3 device;
+ * switched IPv4 that br_netfilter hands to iptables takes the same parse,
+ * conntrack and verdict stages as routed IPv4 (stateful mode), not routing.
  *
  * Attach: clsact ingress, direct-action (cls_bpf) or tcx.  Compiled and
  * loaded by mirror/datapath.py with BCC.
@@ -86,21 +88,30 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	p.trace = lm_explain_begin(skb);
 	LM_STAGE(reason, lm_gate(skb, &p));
 	LM_STAGE(reason, lm_l2_ingress(skb, &p));
-	if (p.bridged)
-		goto out; /* switched within a bridge: done */
-	LM_STAGE(reason, lm_parse_eth(skb, &p));
-	LM_STAGE(reason, lm_parse_ipv4(skb, &p));
-	if (p.cfg->nf_mode == LM_NF_STATEFUL) {
+	/* Switched within a bridge: only br_netfilter's IPv4 goes on, through
+	 * the same parse, conntrack and verdict stages, with no routing. */
+	if (!p.bridged)
+		LM_STAGE(reason, lm_parse_eth(skb, &p));
+	if (!p.bridged || p.br_nf)
+		LM_STAGE(reason, lm_parse_ipv4(skb, &p));
+	if (p.cfg->nf_mode == LM_NF_STATEFUL && (!p.bridged || p.br_nf)) {
 		p.ci = &ci;
 		LM_STAGE(reason, lm_ct(skb, &p));
 	}
+	if (p.bridged)
+		goto verdict;
 	LM_STAGE(reason, lm_fib_route(skb, &p));
 	LM_STAGE(reason, lm_fib_source(skb, &p));
 	LM_STAGE(reason, lm_fib_egress(skb, &p));
 	LM_STAGE(reason, lm_fwd_checks(skb, &p));
 	/* FORWARD and POSTROUTING come after ip_forward()'s TTL/MTU checks. */
+verdict:
 	if (p.ci)
 		LM_STAGE(reason, lm_verdict(skb, &p));
+	if (p.bridged) {
+		LM_STAGE(reason, lm_l2_forward(skb, &p));
+		goto out;
+	}
 	LM_STAGE(reason, lm_fib_neigh(skb, &p));
 	LM_STAGE(reason, lm_l2_egress(skb, &p));
 	/* Past this line nothing may punt: the packet is being rewritten. */

@@ -4,7 +4,8 @@
  *
  * The agent evaluates the mirrored iptables rules once per flow direction
  * (raw/mangle PREROUTING, mangle/filter/security FORWARD, mangle
- * POSTROUTING, for a packet of the confirmed entry) and stores the result
+ * POSTROUTING, for a packet of the confirmed entry; for bridged frames as
+ * br_netfilter hands them to those hooks) and stores the result
  * in `flows`, together with everything the result depended on.  The
  * datapath uses it only while all of that still holds, so the per-packet
  * cost does not grow with the rule count; anything else punts and asks the
@@ -52,7 +53,7 @@ static __always_inline int lm_flow_current(struct lm_pkt *p, struct lm_flow *f, 
 static __always_inline __u32 lm_verdict(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	struct lm_ctinfo *ci = p->ci;
-	__u32 oif = p->rt->oif;
+	__u32 oif = p->oif; /* the route's (fib.h), or the bridged frame's port (l2.h) */
 	struct lm_flow *f = flows.lookup(&ci->key);
 	__u32 why;
 

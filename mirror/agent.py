@@ -30,8 +30,8 @@ from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                         MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
-                        bridge_egress_punt, netfilter_punt, policy_routing_punt, skipped_devices, translate,
-                        translate_changes)
+                        bridge_calls_iptables, bridge_egress_punt, netfilter_punt, policy_routing_punt, skipped_devices,
+                        translate, translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -539,8 +539,7 @@ class Agent:
                 continue
             ports = [self.state.links[i].name for i in self.state.ports_of(index)]
             out[link.name] = {"ports": sorted(ports), "egress_punted_because": bridge_egress_punt(self.state, link),
-                              "bridge_nf_call_iptables": self.state.bridge_sysctls.call_iptables
-                              or bool(link.bridge and link.bridge.nf_call_iptables)}
+                              "bridge_nf_call_iptables": bridge_calls_iptables(self.state, link)}
         return out
 
     def explain(self, req):
@@ -564,7 +563,9 @@ class Agent:
         results = []
         for frame in frames:
             result = self.explainer.run(frame, link.index)
-            ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"])
+            stages = {s["stage"] for s in result["steps"]}
+            ctx["flow"] = explain.flow_entry(self.datapath.table("flows"), link.index, result["packet"],
+                                             bridged="ct" in stages and "fib_route" not in stages)
             ctx.pop("conntrack", None)
             if any(s["stage"] == "ct" for s in result["steps"]) and "sport" in result["packet"]:
                 ctx["conntrack"] = explain.conntrack_entry(result["packet"])
@@ -613,7 +614,7 @@ class Agent:
                     for (b, mac), e in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
         ports = self.sync.read("ports")
         return [{"ifindex": i, "name": names.get(i, ""), "mac": e.mac, "mtu": e.mtu,
-                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), names)}
+                 "flags": _link_flag_names(e.flags), **_port_row(ports.get(i), e, names)}
                 for i, e in sorted(rows.items())]
 
     def _dump_rules(self):
@@ -653,7 +654,7 @@ def _link_flag_names(flags):
     return [n for n, bit in names if flags & bit]
 
 
-def _port_row(port, names):
+def _port_row(port, link, names):
     """The bridge-port columns of a `dump links` row (empty for other links)."""
     if port is None:
         return {}
@@ -663,7 +664,7 @@ def _port_row(port, names):
     punts = {what: reason_names.get(v, v) for what, v in (("all", port.punt), ("bridged_ipv4", port.ipv4_punt),
                                                            ("to_bridge", port.up_punt)) if v}
     return {"bridge": names.get(port.bridge, port.bridge), "port_flags": flags, "port_punts": punts,
-            "peer_mac": port.peer_mac}
+            "peer_mac": link.peer_mac}
 
 
 def _ip_sort(ip):

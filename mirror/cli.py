@@ -283,7 +283,8 @@ def _flow_text(row):
         f"orig {k['orig'][0]}:{k['orig'][2]}->{k['orig'][1]}:{k['orig'][3]} "
         f"reply {k['reply'][0]}:{k['reply'][2]}->{k['reply'][1]}:{k['reply'][3]}")
     decided = row["rule"] or row["reason"]
-    return (f"{row['proto']} {row['in']} {row['wire']} => {row['out']} {row['translated']} "
+    arrow = "=bridged=>" if row.get("bridged") else "=>"
+    return (f"{row['proto']} {row['in']} {row['wire']} {arrow} {row['out']} {row['translated']} "
             f"{row['verdict']} ({decided}) {row['packets']} pkts {row['bytes']} bytes | {kernel}")
 
 

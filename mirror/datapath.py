@@ -92,7 +92,7 @@ class FlowKey(ctypes.Structure):
 
     _fields_ = [("ifindex", ctypes.c_uint32), ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
                 ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
+                ("bridged", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 2)]
 
 
 class FlowEvent(ctypes.Structure):

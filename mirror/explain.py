@@ -42,7 +42,7 @@ STAGE_TITLES = {
     "fib_route": "route", "fib_source": "source check", "fib_egress": "egress", "fwd_checks": "TTL/MTU",
     "verdict": "ruleset verdict", "fib_neigh": "neighbour", "rewrite": "rewrite", "xmit": "xmit",
     "nat": "NAT rewrite",
-    "l2_ingress": "bridge port/FDB", "l2_egress": "bridge egress",  # l2.h (branch bridge)
+    "l2_ingress": "bridge port/FDB", "l2_egress": "bridge egress", "l2_forward": "bridge forward",  # l2.h
 }
 
 
@@ -320,12 +320,14 @@ def neighbor_state_name(state: int) -> str:
     return "|".join(name for bit, name in NUD_NAMES.items() if state & bit) or "NONE"
 
 
-def flow_entry(flows, ifindex: int, pkt: Dict) -> Optional[Dict]:
-    """The `flows` map entry for the packet's direction (TCP/UDP), decoded."""
+def flow_entry(flows, ifindex: int, pkt: Dict, bridged: bool = False) -> Optional[Dict]:
+    """The `flows` map entry for the packet's direction (TCP/UDP), decoded;
+    `bridged`: switched within a bridge (no routing stage ran)."""
     if pkt.get("proto") not in ("tcp", "udp") or "sport" not in pkt:
         return None
     key = flows.Key(ifindex=ifindex, saddr=_u32(pkt["src"]), daddr=_u32(pkt["dst"]),
-                    sport=socket.htons(pkt["sport"]), dport=socket.htons(pkt["dport"]), proto=PROTOS[pkt["proto"]])
+                    sport=socket.htons(pkt["sport"]), dport=socket.htons(pkt["dport"]), proto=PROTOS[pkt["proto"]],
+                    bridged=int(bridged))
     try:
         f = flows[key]
     except KeyError:

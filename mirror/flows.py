@@ -14,6 +14,7 @@ from . import conntrack as ct
 from . import model as m
 from .nfverdict import FlowView, HostView, Verdict
 from .reasons import BY_NAME as R
+from .translate import bridge_calls_iptables
 
 TCP, UDP = 6, 17
 # The status bits a verdict may depend on (--ctstatus, --ctstate NEW vs
@@ -28,7 +29,8 @@ KERNEL_ONLY_STATUS = ("DYING", "SEQ_ADJUST", "NAT_CLASH", "TEMPLATE", "HELPER", 
 
 @dataclass(frozen=True)
 class FlowKey:
-    """struct lm_flow_key: the wire tuple of one direction and its ingress."""
+    """struct lm_flow_key: the wire tuple of one direction and the device it
+    arrived on (for frames from a bridge port: the port)."""
 
     ifindex: int
     saddr: str
@@ -36,6 +38,7 @@ class FlowKey:
     sport: int
     dport: int
     proto: int
+    bridged: bool = False  # switched between two ports of a bridge (br_netfilter)
 
     @property
     def wire(self) -> ct.Tuple:
@@ -57,7 +60,43 @@ class FlowEntry:
     nat_dport: int
 
 
-def kernel_keeps(entry: ct.Entry, direction: Optional[int]) -> Optional[str]:
+@dataclass(frozen=True)
+class Devices:
+    """The devices the IPv4 hooks see for a packet of the flow.  A frame
+    from a bridge port meets them as br_netfilter hands it on: -i (and -o,
+    if it is switched) is the bridge, physdev the ports; without
+    bridge-nf-call-iptables it carries no bridge information at all."""
+
+    in_iface: str
+    out_iface: str
+    bridged: bool = False  # switched within the bridge (physdev-is-bridged)
+    physdev_in: str = ""
+    physdev_out: str = ""
+
+
+def flow_devices(state: m.KernelState, key: FlowKey, oif: int) -> Optional[Devices]:
+    """The devices for the flow of `key` leaving through `oif` (the route's
+    egress, or for a bridged frame the egress port); None when the links
+    say otherwise than the datapath did (an event is on its way)."""
+    in_link, out_link = state.links.get(key.ifindex), state.links.get(oif)
+    if in_link is None or out_link is None:
+        return None
+    bridge = state.links.get(in_link.master) if in_link.port is not None else None
+    if bridge is not None and bridge.kind != "bridge":
+        return None
+    if key.bridged:
+        if bridge is None or out_link.master != bridge.index or not bridge_calls_iptables(state, bridge):
+            return None
+        return Devices(bridge.name, bridge.name, True, in_link.name, out_link.name)
+    if bridge is None:
+        return Devices(in_link.name, out_link.name)
+    # Routed with the bridge as L3 device: br_netfilter's PREROUTING gave
+    # the frame its bridge information (physindev), which stays.
+    physdev_in = in_link.name if bridge_calls_iptables(state, bridge) else ""
+    return Devices(bridge.name, out_link.name, physdev_in=physdev_in)
+
+
+def kernel_keeps(entry: ct.Entry, direction: Optional[int], bridged: bool = False) -> Optional[str]:
     """Why the fast path must not carry this direction of the entry (the
     kernel tracks a state change, or the entry has what the datapath cannot
     see); None when it may."""
@@ -65,6 +104,8 @@ def kernel_keeps(entry: ct.Entry, direction: Optional[int]) -> Optional[str]:
         return "the packet's tuple is neither of the entry's"
     if entry.proto not in (TCP, UDP):
         return "neither TCP nor UDP"
+    if bridged and (entry.has("SRC_NAT") or entry.has("DST_NAT")):
+        return "bridged with NAT (br_netfilter re-routes or rewrites it)"
     if not entry.has("CONFIRMED"):
         return "not confirmed"
     bad = [name for name in KERNEL_ONLY_STATUS if entry.has(name)]
@@ -93,12 +134,16 @@ def translation(entry: ct.Entry, direction: int) -> ct.Tuple:
     return ct.Tuple(other.dst, other.src, other.dport, other.sport)
 
 
-def flow_view(entry: ct.Entry, direction: int, wire: ct.Tuple, in_iface: str, out_iface: str) -> FlowView:
-    """The flow as the verdict evaluator needs it (NF_API.md)."""
+def flow_view(entry: ct.Entry, direction: int, wire: ct.Tuple, in_iface: str, out_iface: str,
+              devices: Optional[Devices] = None) -> FlowView:
+    """The flow as the verdict evaluator needs it (NF_API.md); `devices`,
+    when given, replaces in_iface/out_iface (bridge ports)."""
+    devices = devices or Devices(in_iface, out_iface)
     x = translation(entry, direction)
     established = entry.has("SEEN_REPLY") or direction == ct.REPLY
     return FlowView(
-        proto=entry.proto, in_iface=in_iface, out_iface=out_iface,
+        proto=entry.proto, in_iface=devices.in_iface, out_iface=devices.out_iface,
+        bridged=devices.bridged, physdev_in=devices.physdev_in, physdev_out=devices.physdev_out,
         src=wire.src, dst=wire.dst, sport=wire.sport, dport=wire.dport,
         xsrc=x.src, xdst=x.dst, xsport=x.sport, xdport=x.dport,
         ctstate="ESTABLISHED" if established else "NEW",

@@ -25,7 +25,7 @@ A rule is skipped only when one of its matches is decided false for this flow
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from mirror.iptables import BUILTIN_CHAINS, Rule, Ruleset
@@ -230,27 +230,36 @@ def _walk_builtin(prog: _Program, backend: str, table: str, hook: str, pkt: Hook
 
 
 def hook_packets(flow: FlowView, host: HostView) -> Dict[Tuple[str, str], HookPacket]:
-    """The packet as each (hook, table) sees it."""
+    """The packet as each (hook, table) sees it.
+
+    A bridged frame (br_netfilter) meets the same hooks: PREROUTING from
+    br_nf_pre_routing() with -i the bridge, FORWARD from br_nf_forward_ip()
+    with -i and -o the bridge, POSTROUTING from br_nf_post_routing() with no
+    input device and -o the bridge.  Its egress port (physdev-out, and with
+    it physdev-is-bridged/-is-out) is only known from FORWARD on: br_netfilter
+    records it there."""
     src, dst, xdst = ip_int(flow.src), ip_int(flow.dst), ip_int(flow.xdst)
     o, r = flow.orig, flow.reply
     common = dict(
         proto=flow.proto, sport=flow.sport, ctdir=flow.ctdir.upper(),
         ctstatus=frozenset(s.upper() for s in flow.ctstatus), ctmark=flow.ctmark, ctproto=flow.proto,
         orig=(ip_int(o[0]), ip_int(o[1]), o[2], o[3]), reply=(ip_int(r[0]), ip_int(r[1]), r[2], r[3]),
-        mark=flow.mark, bridged=flow.bridged, physdev_in=flow.physdev_in, physdev_out=flow.physdev_out,
+        mark=flow.mark, bridged=flow.bridged, physdev_in=flow.physdev_in,
         local_addrs=frozenset(ip_int(a) for a in host.local_addrs),
         broadcast_addrs=frozenset(ip_int(a) for a in host.broadcast_addrs))
     states = frozenset({flow.ctstate.upper()}) | frozenset(n.upper() for n in flow.nat)
     raw = HookPacket(src=src, dst=dst, dport=flow.dport, in_iface=flow.in_iface, out_iface="",
-                     has_ct=False, ctstates=frozenset({"INVALID"}), **common)
+                     has_ct=False, ctstates=frozenset({"INVALID"}), physdev_out="", **common)
     pre = HookPacket(src=src, dst=dst, dport=flow.dport, in_iface=flow.in_iface, out_iface="",
-                     has_ct=True, ctstates=states, **common)
-    # ip_output passes the input device as indev to POSTROUTING of forwarded packets
+                     has_ct=True, ctstates=states, physdev_out="", **common)
     fwd = HookPacket(src=src, dst=xdst, dport=flow.xdport, in_iface=flow.in_iface,
-                     out_iface=flow.out_iface, has_ct=True, ctstates=states, **common)
+                     out_iface=flow.out_iface, has_ct=True, ctstates=states, physdev_out=flow.physdev_out, **common)
+    # ip_output passes the input device as indev to POSTROUTING of forwarded
+    # packets; br_nf_post_routing() passes none.
+    post = replace(fwd, in_iface="") if flow.bridged else fwd
     return {("PREROUTING", "raw"): raw, ("PREROUTING", "mangle"): pre,
             ("FORWARD", "mangle"): fwd, ("FORWARD", "filter"): fwd, ("FORWARD", "security"): fwd,
-            ("POSTROUTING", "mangle"): fwd}
+            ("POSTROUTING", "mangle"): post}
 
 
 def _ruleset_problem(backend: str, prog: _Program) -> Optional[str]:

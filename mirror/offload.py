@@ -115,17 +115,17 @@ class Offloader:
             self.stats["no_entry"] += 1
             return
         direction = entry.direction(key.wire)
-        why = flows.kernel_keeps(entry, direction)
+        why = flows.kernel_keeps(entry, direction, key.bridged)
         if why is not None:
             self.stats["kernel_keeps"] += 1
             log.debug("flow %s stays with the kernel: %s", key, why)
             return
         if not event.oif:
             return  # the datapath found no egress: nothing to decide for
-        in_link, out_link = state.links.get(key.ifindex), state.links.get(event.oif)
-        if in_link is None or out_link is None:
+        devices = flows.flow_devices(state, key, event.oif)
+        if devices is None:
             return  # a link event is on its way; the next packet asks again
-        view = flows.flow_view(entry, direction, key.wire, in_link.name, out_link.name)
+        view = flows.flow_view(entry, direction, key.wire, devices.in_iface, devices.out_iface, devices)
         verdict = nfverdict.flow_verdict(state.nf_rulesets, view, host)
         flow = flows.flow_entry(verdict, state.nf_gen, event.oif, entry, direction)
         if verdict.action == "PUNT":
@@ -177,6 +177,7 @@ class Offloader:
 def _dump_row(key, flow, packets, nbytes, verdict, kernel, names):
     row = {"proto": {flows.TCP: "tcp", flows.UDP: "udp"}.get(key.proto, key.proto),
            "in": names.get(key.ifindex, key.ifindex), "out": names.get(flow.oif, flow.oif),
+           "bridged": key.bridged,  # switched between the two ports in/out (br_netfilter)
            "wire": f"{key.saddr}:{key.sport} -> {key.daddr}:{key.dport}",
            "translated": f"{flow.nat_saddr}:{flow.nat_sport} -> {flow.nat_daddr}:{flow.nat_dport}",
            "verdict": verdict.action, "rule": verdict.rule, "reason": verdict.reason,

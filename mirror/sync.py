@@ -96,15 +96,10 @@ class Codec:
         return self.t["ports"].Key(ifindex)
 
     def port_leaf(self, e: PortEntry):
-        leaf = self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
-        if e.peer_mac:
-            ctypes.memmove(leaf.peer_mac, mac_to_bytes(e.peer_mac), 6)
-        return leaf
+        return self.t["ports"].Leaf(e.bridge, e.flags, e.punt, e.ipv4_punt, e.up_punt)
 
     def decode_port(self, k, v):
-        peer = bytes_to_mac(v.peer_mac)
-        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt,
-                                  None if peer == "00:00:00:00:00:00" else peer)
+        return k.value, PortEntry(v.bridge, v.flags, v.punt, v.ipv4_punt, v.up_punt)
 
     # fdb: (bridge, MAC) <-> lm_fdb_key, FdbTarget <-> lm_fdb
     def fdb_key(self, key):
@@ -124,7 +119,8 @@ class Codec:
     # flows: FlowKey <-> lm_flow_key, FlowEntry <-> lm_flow (ports in network byte order, like addresses)
     def flow_key(self, k: FlowKey):
         return self.t["flows"].Key(ifindex=k.ifindex, saddr=ip_to_u32(k.saddr), daddr=ip_to_u32(k.daddr),
-                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto)
+                                   sport=socket.htons(k.sport), dport=socket.htons(k.dport), proto=k.proto,
+                                   bridged=int(k.bridged))
 
     def flow_leaf(self, e: FlowEntry, packets=0, nbytes=0):
         return self.t["flows"].Leaf(
@@ -135,7 +131,7 @@ class Codec:
     @staticmethod
     def decode_flow_key(k) -> FlowKey:
         return FlowKey(k.ifindex, u32_to_ip(k.saddr), u32_to_ip(k.daddr), socket.ntohs(k.sport),
-                       socket.ntohs(k.dport), k.proto)
+                       socket.ntohs(k.dport), k.proto, bool(k.bridged))
 
     def decode_flow(self, k, v):
         key = self.decode_flow_key(k)

@@ -74,7 +74,7 @@ class PortEntry:
     punt: int = 0  # every frame arriving on the port punts with this
     ipv4_punt: int = 0  # bridged IPv4 punts with this (br_netfilter)
     up_punt: int = 0  # frames for the bridge's own MAC punt with this
-    peer_mac: Optional[str] = None  # veth port: the peer's MAC (redirect_peer only to it)
+    # (A veth port's peer MAC is its LinkEntry's: one source for both paths.)
 
 
 @dataclass(frozen=True)
@@ -276,13 +276,23 @@ def port_entry(state: m.KernelState, index: int, ok) -> Optional[PortEntry]:
     flags |= PORT_LEARNING if port.learning else 0
     flags |= PORT_ISOLATED if port.isolated else 0
     info = bridge.bridge or m.BridgeInfo(vlan_filtering=True)  # unknown: punt
-    call_iptables = state.bridge_sysctls.call_iptables or info.nf_call_iptables
-    flags |= PORT_NF_IPV4 if call_iptables else 0  # br_netfilter validates bridged IPv4
+    call_iptables = bridge_calls_iptables(state, bridge)
+    # br_netfilter validates bridged IPv4 and hands it to the IPv4 hooks:
+    # with rules there (stateful mode) it takes the conntrack path as
+    # routed IPv4 does; rules the agent cannot evaluate punt it.  (The VLAN
+    # sysctls, filter-vlan-tagged and pass-vlan-input-dev, only concern
+    # tagged frames, which always punt.)
+    flags |= PORT_NF_IPV4 if call_iptables else 0
     return PortEntry(
         bridge=bridge.index, flags=flags, punt=_port_punt(state, bridge, info, port),
-        ipv4_punt=R["NETFILTER"] if call_iptables and state.netfilter_impact else 0,
-        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0,
-        peer_mac=_peer_mac(_peer_of(state, link)))
+        ipv4_punt=R["NETFILTER"] if call_iptables and netfilter_punt(state) is not None else 0,
+        up_punt=R["BR_UNSUPPORTED"] if bridge.index in state.ingress_tc else 0)
+
+
+def bridge_calls_iptables(state: m.KernelState, bridge: m.Link) -> bool:
+    """br_nf_pre_routing(): bridge-nf-call-iptables, or the bridge's own
+    nf_call_iptables option, hands the bridge's IPv4 frames to iptables."""
+    return state.bridge_sysctls.call_iptables or bool(bridge.bridge and bridge.bridge.nf_call_iptables)
 
 
 def _peer_of(state: m.KernelState, link: m.Link) -> Optional[m.Peer]:

@@ -210,9 +210,9 @@ class Maps:
         out, self._events[:] = list(self._events), []
         return out
 
-    def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int):
+    def flow_key(self, ifindex: int, saddr: str, daddr: str, sport: int, dport: int, proto: int, bridged=0):
         return self.flows.Key(ifindex=ifindex, saddr=ip4(saddr), daddr=ip4(daddr),
-                              sport=socket.htons(sport), dport=socket.htons(dport), proto=proto)
+                              sport=socket.htons(sport), dport=socket.htons(dport), proto=proto, bridged=bridged)
 
     def flow(self, key, action: int, oif: int, nat: Tuple[str, str, int, int], gen: int = 0,
              ct_mark: int = 0, ct_status: int = 0):
@@ -252,11 +252,9 @@ class Maps:
     def del_link(self, ifindex: int):
         del self.links[self.links.Key(ifindex)]
 
-    def port(self, ifindex: int, bridge: int, flags: int, punt: int = 0, ipv4_punt: int = 0, up_punt: int = 0,
-             peer_mac=None):
+    def port(self, ifindex: int, bridge: int, flags: int, punt: int = 0, ipv4_punt: int = 0, up_punt: int = 0):
         self.ports[self.ports.Key(ifindex)] = self.ports.Leaf(
-            bridge=bridge, flags=flags, punt=punt, ipv4_punt=ipv4_punt, up_punt=up_punt,
-            peer_mac=_mac_arr(peer_mac or "00:00:00:00:00:00"))
+            bridge=bridge, flags=flags, punt=punt, ipv4_punt=ipv4_punt, up_punt=up_punt)
 
     def _fdb_key(self, bridge: int, m):
         k = self.fdb_t.Key()

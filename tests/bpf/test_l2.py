@@ -20,7 +20,7 @@ from scapy.packet import Raw
 
 from lm_bpfrun import TC_ACT_REDIRECT
 from test_tc_ingress import (CLIENT_MAC, FWD, GW_MAC, H7_MAC, IN0_MAC, OUT0_MAC, P2_MAC, PEER, UP, Case, R,
-                             base_state, check_priority, forwarded, punt, run_case, udp)
+                             base_state, check_ctx, check_priority, forwarded, punt, run_case, udp)
 
 BRIDGE = 1 << 5
 PFWD, PLEARN, PISOLATED, PNF = 1, 2, 4, 8
@@ -36,7 +36,7 @@ def bridge_state(m, t):
     m.link(BR, BR_MAC, UP | FWD | BRIDGE)
     for port in (t.in0, t.out0):
         m.port(port, BR, PFWD | PLEARN)
-    m.port(t.out1, BR, PFWD | PLEARN, peer_mac=P2_MAC)
+    m.port(t.out1, BR, PFWD | PLEARN)  # its peer's MAC: the link's (base_state)
     m.fdb(BR, CLIENT_MAC, t.in0)
     m.fdb(BR, MOVED_MAC, t.in0)
     m.fdb(BR, H7_MAC, t.out0)
@@ -64,9 +64,9 @@ def port(name, flags, **punts):
     return f
 
 
-def link(name, flags, mtu=1500):
+def link(name, flags, mtu=1500, peer_mac="00:00:00:00:00:00"):
     def f(m, t):
-        m.link(getattr(t, name), getattr(t, name + "_mac"), flags, mtu)
+        m.link(getattr(t, name), getattr(t, name + "_mac"), flags, mtu, peer_mac=peer_mac)
     return f
 
 
@@ -81,6 +81,13 @@ def check_source_used(m, t, res):
     assert 0 <= m.now_jiffies() - m.get_fdb(BR, CLIENT_MAC).used <= m.hz
 
 
+def hold(reason):
+    """config.punt_forward_reason = reason, as the agent or the change signal sets it."""
+    def f(m, t):
+        m.set_config(60, punt_forward_reason=R[reason])
+    return f
+
+
 def not_a_port(m, t):
     del m.ports[m.ports.Key(t.in0)]
 
@@ -93,10 +100,10 @@ L2_CASES = [
     # --- switched within the bridge ----------------------------------------
     switched("known unicast to another port: redirected unchanged", l2(), ctx={"priority": 5},
              check=lambda m, t, res: (check_priority(5)(m, t, res), check_source_used(m, t, res))),
-    switched("to a veth port: redirect_peer, priority 0 as veth_xmit", l2(dst=P2_MAC), ctx={"priority": 5},
-             check=check_priority(0)),
+    switched("to a veth port: redirect_peer, priority and mark 0 as veth_xmit's scrub", l2(dst=P2_MAC),
+             ctx={"priority": 5, "mark": 7}, check=check_ctx(priority=0, mark=0)),
     switched("to a veth port, not the peer's MAC: plain redirect (veth_xmit sets the packet type)",
-             l2(dst=BEHIND_MAC), ctx={"priority": 5}, check=check_priority(5)),
+             l2(dst=BEHIND_MAC), ctx={"priority": 5, "mark": 7}, check=check_ctx(priority=5, mark=7)),
     switched("learning off: source need not be known", l2(src="02:aa:00:00:00:42"),
              setup=port("in0", PFWD)),
     switched("only the egress port isolated", l2(), setup=port("out0", PFWD | PLEARN | PISOLATED)),
@@ -141,8 +148,23 @@ L2_CASES = [
     punt("bridge setting not modelled (vlan_filtering)", l2(), "BR_UNSUPPORTED",
          setup=port("in0", PFWD | PLEARN, punt=R["BR_UNSUPPORTED"])),
     punt("bridge-family netfilter chains", l2(), "NETFILTER", setup=port("in0", PFWD | PLEARN, punt=R["NETFILTER"])),
-    punt("bridge-nf-call-iptables with FORWARD rules", l2(), "NETFILTER",
-         setup=port("in0", PFWD | PLEARN, ipv4_punt=R["NETFILTER"])),
+    punt("bridge-nf-call-iptables with rules the agent cannot evaluate", l2(), "NETFILTER",
+         setup=port("in0", PFWD | PLEARN | PNF, ipv4_punt=R["NETFILTER"])),
+    punt("bridge-nf-call-iptables during a netfilter change (the forwarding hold)", l2(), "NETFILTER_CHANGING",
+         setup=steps(port("in0", PFWD | PLEARN | PNF), hold("NETFILTER_CHANGING"))),
+    punt("bridge-nf-call-iptables, rules unreadable (global NETFILTER)", l2(), "NETFILTER",
+         setup=steps(port("in0", PFWD | PLEARN | PNF), hold("NETFILTER"))),
+    switched("without br_netfilter the netfilter hold does not apply", l2(), setup=hold("NETFILTER_CHANGING")),
+    switched("br_netfilter, policy routing punts routed traffic only", l2(),
+             setup=steps(port("in0", PFWD | PLEARN | PNF), hold("POLICY_ROUTING"))),
+    punt("bridge-nf-call-iptables: larger than the egress MTU (br_nf_dev_queue_xmit fragments)",
+         Ether(src=CLIENT_MAC, dst=H7_MAC) / IP(src="10.0.0.5", dst="10.0.0.7") / UDP() / (b"j" * 1473),
+         "MTU_EXCEEDED", setup=port("in0", PFWD | PLEARN | PNF)),
+    switched("bridge-nf-call-iptables: exactly the egress MTU",
+             Ether(src=CLIENT_MAC, dst=H7_MAC) / IP(src="10.0.0.5", dst="10.0.0.7") / UDP() / (b"j" * 1472),
+             setup=port("in0", PFWD | PLEARN | PNF)),
+    punt("bridge-nf-call-iptables: a fragment (conntrack would reassemble it)", l2(flags="MF"), "IP_FRAGMENT",
+         setup=port("in0", PFWD | PLEARN | PNF)),
     punt("to a port's own MAC (local, not the bridge's)", l2(dst=IN0_MAC), "BR_LOCAL"),
     punt("unicast ARP between ports (arptables)", Ether(src=CLIENT_MAC, dst=H7_MAC) / ARP(op=2, psrc="10.0.0.5",
          pdst="10.0.0.7"), "NOT_IP"),
@@ -181,7 +203,7 @@ L2_CASES = [
     punt("routed out of a bridge whose egress is busy (no UP)", udp(dst="10.5.0.9"), "EGRESS_UNMANAGED",
          setup=steps(not_a_port, lambda m, t: m.link(BR, BR_MAC, FWD | BRIDGE))),
     punt("routed out of a bridge, port MTU below the packet", udp(dst="10.5.0.9", payload=b"m" * 1000),
-         "MTU_EXCEEDED", setup=steps(not_a_port, link("out1", UP | FWD | PEER, mtu=1000))),
+         "MTU_EXCEEDED", setup=steps(not_a_port, link("out1", UP | FWD | PEER, mtu=1000, peer_mac=P2_MAC))),
 ]
 
 

@@ -352,10 +352,12 @@ def test_every_reason_is_exercised():
     bridge cases of test_l2.py, or the conntrack cases of test_ct.py, which
     need kernel conntrack entries)."""
     from test_ct import COVERED, UNREACHABLE
+    from test_ct_bridge import COVERED as BRIDGED_CT
     from test_fib_kernel import COVERED as FIB_COVERED, UNREACHABLE as FIB_UNREACHABLE
     from test_l2 import L2_CASES
 
-    covered = {c.reason for c in CASES + L2_CASES} | COVERED | UNREACHABLE | FIB_COVERED | FIB_UNREACHABLE
+    covered = ({c.reason for c in CASES + L2_CASES} | COVERED | BRIDGED_CT | UNREACHABLE
+               | FIB_COVERED | FIB_UNREACHABLE)
     assert covered == set(R), f"no case for {sorted(set(R) - covered)}"
 
 
@@ -366,7 +368,9 @@ def test_program_is_small(datapath):
     lookup, status/extension checks, both tuple directions, the flow
     verdict and event, four checksum updates) add ~630, run only in
     LM_NF_STATEFUL; the bridge stages (l2.h: port, FDB and learning checks
-    on ingress, the FDB port choice on egress) ~480.  Explain runs
+    on ingress, the FDB port choice on egress) ~480.  Bridged frames under
+    br_netfilter reuse the one copy of the parse, conntrack and verdict
+    stages (the pipeline jumps past routing), so they add only the branches.  Explain runs
     (explain.h) add ~95: ~55 that run only in an explain run (trace slot,
     verdict, route) or are never-taken branches at the side-effect sites,
     and one constant move per exit edge for p.ran.  The kernel FIB lookup

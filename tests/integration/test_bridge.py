@@ -161,7 +161,7 @@ def test_four_pods_on_one_bridge_mostly_fast_path(one_bridge, agent):
     srv.wait(timeout=10)
     usrv.wait(timeout=10)
     assert tcp["end"]["sum_received"]["bytes"] >= 0.9 * tcp["end"]["sum_sent"]["bytes"]  # the report may trail
-    assert udp["end"]["sum"]["lost_percent"] < 5
+    assert udp["end"]["sum"]["lost_percent"] < 5, delta(counters(a), c0)
     d = delta(counters(a), c0)
     assert d["FORWARDED"] / sum(d.values()) > 0.9, d
 
@@ -239,10 +239,11 @@ def test_br_netfilter_forward_rule_drops_exactly_as_the_kernel(one_bridge, agent
     c0 = counters(a)
     assert (ping_ok(topo, 1, 2), ping_ok(topo, 1, 3)) == kernel
     d = delta(counters(a), c0)
-    assert d.get("NETFILTER", 0) >= 4 and "FORWARDED" not in d, d
+    # Stateful mode: bridged ICMP is the kernel's (conntrack stage: not TCP/UDP).
+    assert d.get("CT_PROTO", 0) >= 4 and "FORWARDED" not in d, d
 
     topo.sysctl("node", "net.bridge.bridge-nf-call-iptables", 0)
-    wait_for(lambda: "NETFILTER" not in json.dumps(topo.run("node", ["loxi-mirror", "dump", "links", "--json"]).stdout),
+    wait_for(lambda: "br_netfilter" not in topo.run("node", ["loxi-mirror", "dump", "links", "--json"]).stdout,
              5, "sysctl change not mirrored")
     c0 = counters(a)
     assert ping_ok(topo, 1, 2)  # the kernel alone also bridges it: the rule no longer applies

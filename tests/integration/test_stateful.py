@@ -213,21 +213,26 @@ def both(topo, agent, rules, scenario, **agent_kw):
 
 
 # -- (2) stateful FORWARD policy --------------------------------------------
+def policy_scenario(t, a):
+    """iperf3 pod1 -> pod2:5201, a connection pod2 -> pod1:5201, ping pod1 ->
+    pod2: what got through, and the counters of the iperf3 run."""
+    c0 = counters(a)
+    got = iperf(t, t.pod2_ip, 5201, seconds=3)
+    d = delta(counters(a), c0)
+    back = server(t, "pod1", "tcp-echo", 5201)
+    reverse = result(talk(t, "pod2", t.pod1_ip, 5201, 0.3))
+    t.kill(back)
+    ping = t.run("pod1", ["ping", "-c", "2", "-i", "0.2", "-W", "1", t.pod2_ip], check=False).returncode
+    return {"allowed_bytes": got > 1_000_000, "reverse_connects": reverse["error"] is None, "ping": ping == 0}, d
+
+
 def test_stateful_forward_policy(routed_topology, agent):
     t = routed_topology
     t.run("pod1", ["ping", "-c", "1", "-W", "1", t.gw1_ip])  # warm ARP on the node side
 
     def scenario(a):
         t.run("pod2", ["ping", "-c", "1", "-W", "1", t.gw2_ip])
-        c0 = counters(a)
-        got = iperf(t, t.pod2_ip, 5201, seconds=3)
-        d = delta(counters(a), c0)
-        back = server(t, "pod1", "tcp-echo", 5201)
-        reverse = result(talk(t, "pod2", t.pod1_ip, 5201, 0.3))
-        t.kill(back)
-        ping = t.run("pod1", ["ping", "-c", "2", "-i", "0.2", "-W", "1", t.pod2_ip], check=False).returncode
-        return {"allowed_bytes": got > 1_000_000, "reverse_connects": reverse["error"] is None,
-                "ping": ping == 0}, d
+        return policy_scenario(t, a)
 
     (alone, _), (mirrored, d), a = both(t, agent, STATEFUL, scenario)
     assert alone == {"allowed_bytes": True, "reverse_connects": False, "ping": False}
@@ -323,24 +328,31 @@ def test_kube_proxy_service_with_three_endpoints(routed_topology, agent):
 
 
 # -- (7) a rule inserted mid-flow drops the very next packet -------------------
+def rule_inserted_mid_flow(t, a, rule):
+    """UDP pod1 -> pod2:7000 every ms; `rule` (iptables -I arguments) is
+    inserted 1.5 s in: which datagrams arrived that were sent after it, and
+    the counters just before the insert."""
+    sink = t.popen("pod2", [PY, "-u", FLOWIO, "udp-sink", "7000", "5"], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    src = t.popen("pod1", [PY, FLOWIO, "udp-source", t.pod2_ip, "7000", "3", "0.001"],
+                  stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    c0 = counters(a)
+    t.run("node", ["iptables", "-I", *rule])
+    inserted = time.time()
+    sent = json.loads(src.communicate(timeout=10)[0])
+    got = result(sink)
+    t.run("node", ["iptables", "-D", *rule])
+    late = [seq for seq, at, _ in got if at > inserted + 0.002]  # sent after the rule was in
+    before = [seq for seq, at, _ in got if at <= inserted - 0.5]
+    return {"late": late, "before": len(before) > 100, "sent_after": sum(at > inserted for _, at in sent) > 100}, c0
+
+
 def test_rule_inserted_mid_flow_drops_the_next_packet(routed_topology, agent):
     t = routed_topology
 
     def scenario(a):
-        sink = t.popen("pod2", [PY, "-u", FLOWIO, "udp-sink", "7000", "5"], stdout=subprocess.PIPE, text=True)
-        assert sink.stdout.readline().strip() == "ready"
-        src = t.popen("pod1", [PY, FLOWIO, "udp-source", t.pod2_ip, "7000", "3", "0.001"],
-                      stdout=subprocess.PIPE, text=True)
-        time.sleep(1.5)
-        c0 = counters(a)
-        t.run("node", ["iptables", "-I", "FORWARD", "-s", t.pod1_ip, "-j", "DROP"])
-        inserted = time.time()
-        sent = json.loads(src.communicate(timeout=10)[0])
-        got = result(sink)
-        t.run("node", ["iptables", "-D", "FORWARD", "-s", t.pod1_ip, "-j", "DROP"])
-        late = [seq for seq, at, _ in got if at > inserted + 0.002]  # sent after the rule was in
-        before = [seq for seq, at, _ in got if at <= inserted - 0.5]
-        return {"late": late, "before": len(before) > 100, "sent_after": sum(at > inserted for _, at in sent) > 100}, c0
+        return rule_inserted_mid_flow(t, a, ["FORWARD", "-s", t.pod1_ip, "-j", "DROP"])
 
     (alone, _), (mirrored, c0), a = both(t, agent, STATEFUL, scenario)
     assert alone == {"late": [], "before": True, "sent_after": True}

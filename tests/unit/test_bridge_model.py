@@ -46,7 +46,8 @@ def test_bridge_and_ports_are_managed_ports_attached():
     assert d.links[BR].flags == LINK_UP | LINK_FORWARDING | LINK_BRIDGE and d.links[BR].mac == BR_MAC
     assert d.links[V1].flags == LINK_UP | LINK_REDIRECT_PEER
     # bridge-nf-call-iptables=1 (the default): br_netfilter validates bridged IPv4.
-    assert d.ports[V1] == PortEntry(BR, PORT_FORWARDING | PORT_LEARNING | PORT_NF_IPV4, peer_mac=POD1)
+    assert d.ports[V1] == PortEntry(BR, PORT_FORWARDING | PORT_LEARNING | PORT_NF_IPV4)
+    assert d.links[V1].peer_mac == POD1
     assert d.fdb == {(BR, POD1): FdbTarget(V1), (BR, POD2): FdbTarget(V2), (BR, BR_MAC): FdbTarget(BR, local=True),
                      (BR, "02:00:00:00:00:01"): FdbTarget(V1, local=True)}
 
@@ -57,7 +58,7 @@ def test_bridge_messages_keep_the_link_kind():
     st = bridged()
     apply(st, bridge_port_event(V1, "v1", BR, state=m.BR_STATE_BLOCKING, learning=0))
     assert st.links[V1].kind == "veth" and st.links[V1].port.state == m.BR_STATE_BLOCKING
-    assert translate(st).ports[V1] == PortEntry(BR, PORT_NF_IPV4, peer_mac=POD1)
+    assert translate(st).ports[V1] == PortEntry(BR, PORT_NF_IPV4)
     apply(st, bridge_port_event(V1, "v1", BR, event="RTM_DELLINK"))
     assert V1 in st.links and st.links[V1].port is None and st.links[V1].master == 0
     assert (BR, POD1, 0) not in st.fdb  # the kernel flushes the port's entries
@@ -106,6 +107,19 @@ def test_br_netfilter_off_lets_bridged_ipv4_through_forward_rules():
     assert translate(st).ports[V1].ipv4_punt == R["NETFILTER"]
 
 
+def test_evaluable_rules_send_bridged_ipv4_through_conntrack_not_to_the_kernel():
+    """iptables rules the agent can evaluate: stateful mode, and br_netfilter
+    ports carry bridged IPv4 through the conntrack stages (no ipv4_punt);
+    rules it cannot evaluate punt bridged IPv4 as they punt forwarding."""
+    st = bridged(netfilter_impact="filter FORWARD: 1 rule", netfilter_unsupported=None, ct_sysctls=m.CtSysctls())
+    d = translate(st)
+    assert d.nf.nf_mode == 1 and d.punt_forward_reason != R["NETFILTER"]
+    assert d.ports[V1].ipv4_punt == 0 and d.ports[V1].flags & PORT_NF_IPV4
+    st.netfilter_unsupported = "nft: native table inet filter"
+    d = translate(st)
+    assert d.nf.nf_mode == 0 and d.ports[V1].ipv4_punt == R["NETFILTER"] == d.punt_forward_reason
+
+
 def test_isolated_port_and_stp_states():
     st = apply(bridged(), port_link(V2, "v2", BR, isolated=1, state=m.BR_STATE_LEARNING))
     assert translate(st).ports[V2].flags == PORT_LEARNING | PORT_ISOLATED | PORT_NF_IPV4
@@ -133,15 +147,15 @@ def test_dump_reads_ports_and_fdb_from_bridge_messages():
     assert st.links[V3].port.state == m.BR_STATE_DISABLED and st.ports_of(BR) == [V3]
 
 
-def test_peer_macs_reach_the_port_entries():
+def test_peer_macs_reach_the_ports_link_entries():
     st = bridged()
     st.take_changes()
     st.set_peer((0, V1 + 100), m.Peer("02:aa:00:00:00:09", xdp=False))  # the pod's MAC changed
     st.set_peer((0, V2 + 100), None)  # gone from view
     assert V1 in st.take_changes().links
-    assert translate(st).ports[V1].peer_mac == "02:aa:00:00:00:09" and translate(st).ports[V2].peer_mac is None
+    assert translate(st).links[V1].peer_mac == "02:aa:00:00:00:09" and translate(st).links[V2].peer_mac is None
     st.set_peer((0, V1 + 100), m.Peer("02:aa:00:00:00:09", xdp=True))  # veth_xmit() would run its XDP
-    assert translate(st).ports[V1].peer_mac is None
+    assert translate(st).links[V1].peer_mac is None
 
 
 def test_veth_peer_location_is_parsed():

@@ -3,7 +3,8 @@
 import pytest
 
 from mirror import conntrack as ct
-from mirror.flows import VERDICT_BITS, FlowEntry, flow_entry, flow_view, kernel_keeps, translation
+from mirror.flows import (VERDICT_BITS, Devices, FlowEntry, FlowKey, flow_devices, flow_entry, flow_view, kernel_keeps,
+                          translation)
 from mirror.nfverdict import Verdict
 from mirror.reasons import BY_NAME as R
 
@@ -99,3 +100,51 @@ def test_host_view_lists_own_and_broadcast_addresses():
     st.set_route(m.Route(m.TABLE_LOCAL, "10.1.0.1", 32, type=m.RTN_LOCAL, nexthops=(m.Nexthop(3),)))
     h = host_view(st)
     assert h.local_addrs == {"10.1.0.1"} and h.broadcast_addrs == {"10.1.0.255"}
+
+
+# --------------------------------------------------------------------------- bridge ports
+
+def bridge_state(call_iptables=True, bridge_option=False):
+    """br0 (2) with ports vethA (3) and vethB (4); eth1 (5) a plain device."""
+    from mirror import model as m
+
+    st = m.KernelState(bridge_sysctls=m.BridgeSysctls(call_iptables=call_iptables))
+    def link(index, name, kind, **kw):
+        st.links[index] = m.Link(index=index, name=name, kind=kind, mac="02:00:00:00:00:0%d" % index, mtu=1500,
+                                 flags=0, **kw)
+    link(2, "br0", "bridge", bridge=m.BridgeInfo(nf_call_iptables=bridge_option))
+    link(3, "vethA", "veth", master=2, port=m.BridgePort())
+    link(4, "vethB", "veth", master=2, port=m.BridgePort())
+    link(5, "eth1", "veth")
+    return st
+
+
+def key(ifindex, bridged=False):
+    return FlowKey(ifindex, "10.0.0.2", "10.0.0.3", 40000, 80, 6, bridged)
+
+
+def test_bridged_flow_sees_the_bridge_as_i_and_o_and_the_ports_as_physdev():
+    assert flow_devices(bridge_state(), key(3, True), 4) == Devices("br0", "br0", True, "vethA", "vethB")
+    # the bridge's own nf_call_iptables option does it too
+    assert flow_devices(bridge_state(False, True), key(3, True), 4) == Devices("br0", "br0", True, "vethA", "vethB")
+    # no br_netfilter for this bridge: the datapath would not have asked
+    assert flow_devices(bridge_state(False), key(3, True), 4) is None
+    # an egress that is not a port of the same bridge: inconsistent, wait for events
+    assert flow_devices(bridge_state(), key(3, True), 5) is None
+
+
+def test_routed_from_a_port_keeps_its_physdev_in_only_under_br_netfilter():
+    assert flow_devices(bridge_state(), key(3), 5) == Devices("br0", "eth1", False, "vethA", "")
+    assert flow_devices(bridge_state(False), key(3), 5) == Devices("br0", "eth1")
+    assert flow_devices(bridge_state(), key(5), 2) == Devices("eth1", "br0")  # routed into the bridge
+    assert flow_devices(bridge_state(), key(9), 2) is None
+
+
+def test_bridged_flow_view_and_nat():
+    d = Devices("br0", "br0", True, "vethA", "vethB")
+    plain = entry(status=EST)
+    v = flow_view(plain, ct.ORIGINAL, ORIG, "x", "y", d)
+    assert (v.in_iface, v.out_iface, v.bridged, v.physdev_in, v.physdev_out) == ("br0", "br0", True, "vethA", "vethB")
+    assert kernel_keeps(plain, ct.ORIGINAL, bridged=True) is None
+    assert "NAT" in kernel_keeps(entry(), ct.ORIGINAL, bridged=True)
+    assert kernel_keeps(entry(), ct.ORIGINAL) is None  # routed NAT is the fast path's

@@ -346,6 +346,52 @@ def test_physdev_for_bridged_traffic():
                    to_port).action == "ACCEPT"
 
 
+BRIDGED = flow(in_iface="br0", out_iface="br0", bridged=True, physdev_in="vethA", physdev_out="vethB")
+
+
+@pytest.mark.parametrize("table,chain,rule,action", [
+    # br_nf_pre_routing(): -i is the bridge, the output port is not known yet
+    ("raw", "PREROUTING", "-i br0 -j DROP", "DROP"),
+    ("raw", "PREROUTING", "-i vethA -j DROP", "ACCEPT"),
+    ("mangle", "PREROUTING", "-m physdev --physdev-in vethA -j DROP", "DROP"),
+    ("mangle", "PREROUTING", "-m physdev --physdev-is-bridged -j DROP", "ACCEPT"),
+    ("mangle", "PREROUTING", "-m physdev --physdev-out vethB -j DROP", "ACCEPT"),
+    ("mangle", "PREROUTING", "-m physdev --physdev-is-in -j DROP", "DROP"),
+    # br_nf_forward_ip(): -i and -o the bridge, physdev both ports
+    ("filter", "FORWARD", "-i br0 -o br0 -m physdev --physdev-is-bridged -j DROP", "DROP"),
+    ("filter", "FORWARD", "-o vethB -j DROP", "ACCEPT"),
+    ("mangle", "FORWARD", "-m physdev --physdev-out vethB -j DROP", "DROP"),
+    # br_nf_post_routing(): no input device, -o the bridge
+    ("mangle", "POSTROUTING", "-i br0 -j DROP", "ACCEPT"),
+    ("mangle", "POSTROUTING", "! -i br0 -o br0 -m physdev --physdev-is-out -j DROP", "DROP"),
+])
+def test_bridged_frames_meet_the_hooks_as_br_netfilter_hands_them_on(table, chain, rule, action):
+    rs = forward_rules(rule, policy="ACCEPT", table=table, chain=chain)
+    assert verdict(rs, BRIDGED).action == action
+
+
+def test_routed_postrouting_keeps_the_input_device():
+    rs = forward_rules("-i veth1 -j DROP", policy="ACCEPT", table="mangle", chain="POSTROUTING")
+    assert verdict(rs).action == "DROP"
+
+
+def test_docker28_pod_to_pod_on_the_bridge_is_accepted_by_docker_ct():
+    """Docker 28's chains, pods on bridge1: established traffic between two
+    of its ports is -i bridge1 -o bridge1 and DOCKER-CT accepts it; the
+    user's DOCKER-USER or a physdev rule decides before it."""
+    rs = load("docker28-usernet-portmap.rules")
+    pods = flow(in_iface="bridge1", out_iface="bridge1", bridged=True, physdev_in="veth1", physdev_out="veth2",
+                src="192.0.2.2", dst="192.0.2.3", xsrc="192.0.2.2", xdst="192.0.2.3",
+                orig=("192.0.2.2", "192.0.2.3", 40000, 80), reply=("192.0.2.3", "192.0.2.2", 80, 40000))
+    v = verdict(rs, pods)
+    assert (v.action, v.rule) == ("ACCEPT", "iptables-nft filter DOCKER-CT #2")
+    assert verdict(rs, reply_of(pods)).action == "ACCEPT"
+    text = (DATA / "docker28-usernet-portmap.rules").read_text()
+    user = parse_save(text.replace("-A FORWARD -j DOCKER-FORWARD\n", "-A FORWARD -j DOCKER-FORWARD\n"
+                                   "-A DOCKER-USER -m physdev --physdev-in veth1 -j DROP\n"))
+    assert verdict(user, pods).action == "DROP" and verdict(user, reply_of(pods)).action == "ACCEPT"
+
+
 def test_addrtype_local():
     local_dst = flow(dst="198.51.100.1", xdst="198.51.100.1")
     assert verdict(forward_rules("-m addrtype --dst-type LOCAL -j ACCEPT"), local_dst).action == "ACCEPT"
