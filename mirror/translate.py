@@ -460,6 +460,32 @@ def _local_action(rtype: int) -> int:
     return R["ROUTE_UNSUPPORTED"]
 
 
+RTN_NAMES = {4: "anycast", 5: "multicast", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw",
+             10: "nat", 11: "xresolve"}
+
+
+def route_punt_why(state: m.KernelState, prefix) -> Optional[str]:
+    """Why the prefix's entry is ROUTE_UNSUPPORTED, in words (for the agent's
+    one-time log line); None when the main-table routes are not the cause."""
+    routes = [r for r in _routes_of(state, prefix) if r.table == m.TABLE_MAIN]
+    if not routes:
+        return None
+    if any(r.tos for r in routes):
+        return "a route with TOS: the choice depends on the packet's TOS"
+    route = min(routes, key=lambda r: r.priority)
+    if route.type != m.RTN_UNICAST:
+        return f"{RTN_NAMES.get(route.type, route.type)} route" if route.type != m.RTN_LOCAL else None
+    if route.unsupported:
+        return "attributes not mirrored: " + ", ".join(route.unsupported)
+    if len(route.nexthops) != 1:
+        return f"{len(route.nexthops)} next hops (multipath)"
+    if not route.nexthops[0].oif:
+        return "next hop without an output interface"
+    if route.nexthops[0].flags & m.RTNH_F_DEAD:
+        return "dead next hop"
+    return None
+
+
 def _main_entry(routes, links) -> RouteEntry:
     """The route the kernel would pick among same-prefix routes, as an entry:
     the lowest metric, and of routes sharing that key the first.  If that
