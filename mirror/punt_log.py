@@ -33,4 +33,4 @@ class PuntLog:
                 seen[obj] = why
 
     def _emit(self, kind, obj, why):
-        self.log.warning("unsupported %s %s: %s (punted to the kernel)", kind, obj, why)
+        self.log.warning("unsupported %s %s: %s", kind, obj, why)
