@@ -14,7 +14,7 @@ import pytest
 
 import faults_check as fc
 from nstest import skip_unless_root, wait_for
-from test_routing import counters, delta, send_one, silence, warm_neighbors
+from test_routing import HERE, PY, counters, delta, send_one, silence, warm_neighbors
 
 pytestmark = skip_unless_root
 
@@ -139,3 +139,53 @@ def test_full_maps_punt_new_entries_and_recover(routed_topology, agent, monkeypa
     assert [(row["interface"], row["ip"]) for row in dump("neighbors")] == [(topo.node_if2, topo.pod2_ip)]
     assert a.status()["ready"]
 
+
+
+def test_interface_churn_under_traffic(routed_topology, agent, tmp_path):
+    """veth pairs created, given the route under traffic, then deleted,
+    renamed or moved to another namespace as fast as `ip` can; then the
+    namespace's last interfaces vanish.  The agent stays up, no probe
+    reaches an interface after it was gone, its maps equal a fresh
+    translation, and it holds no more file descriptors than before."""
+    topo = routed_topology
+    peer_ns, move_ns = topo.nsname("node") + "-peers", topo.nsname("node") + "-moved"
+    for ns in (peer_ns, move_ns):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        a = agent(topo)
+        warm_neighbors(topo)
+        fds = fc.held_by(a.proc.pid)["fds"]
+        c0 = counters(a)
+        arrivals = subprocess.Popen(["ip", "netns", "exec", peer_ns, PY, f"{HERE}/probes.py", "arrivals", "8"],
+                                    stdout=subprocess.PIPE, text=True)
+        assert arrivals.stdout.readline().strip() == "ready"
+        sender = topo.popen("pod1", [PY, f"{HERE}/probes.py", "send", topo.pod1_if, topo.pod1_mac, topo.node_mac1,
+                                     topo.pod1_ip, "10.201.0.5", "5.5"], stdout=subprocess.PIPE, text=True)
+        churn = json.loads(topo.run("node", [PY, f"{HERE}/churn.py", peer_ns, move_ns, "5"], timeout=120).stdout)
+        sent = int(sender.communicate(timeout=30)[0])
+        got = json.loads(arrivals.communicate(timeout=30)[0].splitlines()[-1])
+        gone = churn["gone"]
+        late = [(name, seq, t - gone[name]) for name, seq, t in got if name in gone and t > gone[name]]
+        print(f"{churn['cycles']} interfaces churned in 5 s; {sent} probes sent, {len(got)} arrived on churned "
+              f"interfaces, {len(late)} after their interface was gone")
+        assert late == [], late[:10]
+        assert churn["cycles"] >= 20 and len(got) > 0
+        st = a.status()
+        assert st["ready"] and a.running()
+        assert delta(counters(a), c0).get("FORWARDED", 0) > 0  # the fast path carried probes to churned ones
+        quiet = tmp_path / "quiet.batch"
+        quiet.write_text("link show dev lo\n")
+        check = [PY, f"{HERE}/resync_check.py", str(quiet), "10", "--all"]
+        result = json.loads(topo.run("node", check, timeout=60).stdout)
+        assert result["ms"] is not None, result
+        assert fc.held_by(a.proc.pid)["fds"] == fds
+        # The namespace's last interfaces (lo aside) vanish.
+        for dev in (topo.node_if1, topo.node_if2):
+            topo.run("node", ["ip", "link", "del", dev])
+        wait_for(lambda: a.status()["interfaces"] == [], 5, "interfaces still listed after they vanished")
+        result = json.loads(topo.run("node", check, timeout=60).stdout)
+        assert result["ms"] is not None, result
+        assert a.status()["ready"] and a.running()
+    finally:
+        for ns in (peer_ns, move_ns):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
