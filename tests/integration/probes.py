@@ -1,16 +1,18 @@
 """Sequence-numbered probes and where they arrived, for the fault tests:
 
     probes.py send IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS [INTERVAL]
-    probes.py arrivals SECONDS      (any interface of this namespace)
+    probes.py arrivals SECONDS      (any interface of this namespace; SIGTERM ends it early)
 
 `send` sends UDP probes to DST_IP:9 whose payload is b"lmprobe" + an 8-byte
-sequence number, every INTERVAL s (default 0.001), and prints how many.
+sequence number, every INTERVAL s (default 0.001), and prints how many
+(SIGTERM ends it early).
 `arrivals` prints {"ready"} at once, then a JSON list of [interface name,
 sequence, kernel receive time in CLOCK_REALTIME ns] for every probe received.
 """
 
 import json
 import select
+import signal
 import socket
 import struct
 import sys
@@ -39,8 +41,10 @@ def frame(src_mac, dst_mac, src_ip, dst_ip, seq):
 def send(iface, src_mac, dst_mac, src_ip, dst_ip, seconds, interval=0.001):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
+    done = []
+    signal.signal(signal.SIGTERM, lambda *_: done.append(True))
     seq, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not done:
         s.send(frame(src_mac, dst_mac, src_ip, dst_ip, seq))
         seq += 1
         time.sleep(interval)
@@ -50,12 +54,16 @@ def send(iface, src_mac, dst_mac, src_ip, dst_ip, seconds, interval=0.001):
 def arrivals(seconds):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    done = []
+    signal.signal(signal.SIGTERM, lambda *_: done.append(True))
     print("ready", flush=True)
     out, end = [], time.monotonic() + seconds
-    while True:
+    while not done:
         left = end - time.monotonic()
-        if left <= 0 or not select.select([s], [], [], left)[0]:
+        if left <= 0:
             break
+        if not select.select([s], [], [], min(left, 0.05))[0]:
+            continue
         data, anc, _, addr = s.recvmsg(2048, 64)
         at = data.find(MAGIC)
         if addr[2] == 4 or at < 0:  # outgoing, or not a probe
