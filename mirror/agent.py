@@ -30,7 +30,7 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
+                        MAP_TABLES, PORT_FORWARDING, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, SELECTION_SKIP, Selection,
                         bridge_egress_punt, custom_rules, netfilter_punt, route_punt_why, skipped_devices, translate,
                         translate_changes)
 
@@ -349,7 +349,8 @@ class Agent:
             self.punt_log.update("route", {p: why for p, why in routes.items() if why})
         else:
             self.punt_log.change("route", routes)
-        self.punt_log.update("interface", skipped_devices(self.state, self.selection))
+        self.punt_log.update("interface", {name: why for name, why in skipped_devices(self.state, self.selection).items()
+                                           if name != "lo" and why != SELECTION_SKIP})  # not unsupported
         self.punt_log.update("policy rule", {f"pref {r.priority} table {r.table}": f"{how} rule: policy routing "
                                             "is not mirrored, all forwarded traffic punts"
                                             for how, r in custom_rules(self.state)})

@@ -115,6 +115,9 @@ class Selection:
         return not (self.exclude and re.fullmatch(self.exclude, name))
 
 
+SELECTION_SKIP = "left out by --include/--exclude"
+
+
 def eligible(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_after=frozenset()) -> bool:
     """An Ethernet device of a kind the fast path handles, not enslaved."""
     return skip_reason(link, selection, stacked_on, tc_after) is None
@@ -141,7 +144,7 @@ def skip_reason(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_a
     if not link.mac:
         return "no MAC address"
     if not selection.allows(link.name):
-        return "left out by --include/--exclude"
+        return SELECTION_SKIP
     return None
 
 
