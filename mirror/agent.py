@@ -77,6 +77,7 @@ class Agent:
         self.state_lock = threading.Lock()
         self.punt_log = PuntLog(log)  # one line per unsupported object
         self.full_tables = set()  # maps whose refusal of an entry was logged
+        self.rules_to_log = None  # netfilter rulesets whose punting rules are not logged yet
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -144,6 +145,7 @@ class Agent:
         self._refresh_sysctls()
         self._reconcile()
         self._release_after_dump()
+        self._log_rule_punts()
         if self.attach_failed and not self.attacher.attached:
             # Not one interface took the program: clsact/cls_bpf missing,
             # no CAP_NET_ADMIN ...  Say so instead of idling.
@@ -267,6 +269,7 @@ class Agent:
         self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
         if resync:
             self._release_after_dump()
+        self._log_rule_punts()
 
     def _reread_tc(self, indexes):
         busy = netlink.read_egress_tc(self.netlink.requests, indexes)
@@ -363,6 +366,14 @@ class Agent:
             self.punt_log.update("setting", {"forwarding": f"all forwarded traffic punts: {why}"} if why else {})
         self.full_tables &= {name for name, pending in self.sync.unwritten.items() if pending}
 
+    def _log_rule_punts(self):
+        """The one-time line per iptables rule that punts, once the new
+        ruleset is in the maps (compiling thousands of rules takes a while)."""
+        if self.rules_to_log is not None:
+            rulesets, self.rules_to_log = self.rules_to_log, None
+            self.punt_log.update("iptables rule", {f"{r.backend} {r.table} {r.chain} {r.rule!r}": r.reason
+                                                   for r in nfverdict.classify(rulesets) if r.status == "punt"})
+
     def _map_full(self, table, key):
         """The reconciler could not write an entry: the map is full."""
         if table not in self.full_tables:
@@ -403,9 +414,7 @@ class Agent:
             log.info("netfilter: %s", f"all forwarded traffic punts: {unsupported}" if unsupported
                      else "stateful: established flows get per-flow verdicts")
         self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
-        self.punt_log.update("iptables rule", {
-            f"{r.backend} {r.table} {r.chain} {r.rule!r}": r.reason
-            for r in nfverdict.classify(nf_state.rulesets) if r.status == "punt"})
+        self.rules_to_log = nf_state.rulesets
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
