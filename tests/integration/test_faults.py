@@ -31,7 +31,7 @@ def test_sigstop_falls_back_to_the_kernel_and_recovers(routed_topology, agent):
     """A hung agent: its heartbeat expires, traffic goes to the kernel (which
     also decides a route changed meanwhile); after SIGCONT it catches up."""
     topo = routed_topology
-    a = agent(topo)
+    a = agent(topo, timeout=60)
     warm_neighbors(topo)
     silence(topo)
     arrived, d = send_one(topo, a)
@@ -57,7 +57,7 @@ def test_sigstop_falls_back_to_the_kernel_and_recovers(routed_topology, agent):
 def test_restart_is_ready_again_without_duplicates(routed_topology, agent, how):
     topo = routed_topology
     before = fc.snapshot(topo)
-    first = agent(topo)
+    first = agent(topo, timeout=60)
     held = fc.held_by(first.proc.pid)
     if how == "stop":
         first.stop()
@@ -65,7 +65,7 @@ def test_restart_is_ready_again_without_duplicates(routed_topology, agent, how):
     else:
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(timeout=5)
-    second = agent(topo)
+    second = agent(topo, timeout=60)
     assert fc.our_filters(fc.tc_view(topo)) == {topo.node_if1: 1, topo.node_if2: 1}
     assert not (held["progs"] | held["maps"]) & (fc.live_ids(fc.BPF_PROG_GET_NEXT_ID) | fc.live_ids(fc.BPF_MAP_GET_NEXT_ID))
     if how == "kill -9":
@@ -84,7 +84,7 @@ def test_start_stop_cycles_leak_nothing(routed_topology, agent):
     before = fc.snapshot(topo)
     fds = []
     for _ in range(CYCLES):
-        a = agent(topo)
+        a = agent(topo, timeout=60)
         held = fc.held_by(a.proc.pid)
         fds.append(held["fds"])
         assert a.stop() == 0
@@ -117,7 +117,7 @@ def test_full_maps_punt_new_entries_and_recover(routed_topology, agent, monkeypa
     topo = routed_topology
     warm_neighbors(topo)
     monkeypatch.setenv("LOXI_MIRROR_CFLAGS", "-DLM_MAX_NEIGHBORS=1 -DLM_MAX_LINKS=1")
-    a = agent(topo)
+    a = agent(topo, timeout=60)
     st = a.status()
     assert st["unwritten"] == {"links": 1, "neighbors": 1}, st["unwritten"]
     c0 = counters(a)
@@ -153,7 +153,7 @@ def test_interface_churn_under_traffic(routed_topology, agent, tmp_path):
     for ns in (peer_ns, move_ns):
         subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        a = agent(topo)
+        a = agent(topo, timeout=60)
         warm_neighbors(topo)
         fds = fc.held_by(a.proc.pid)["fds"]
         c0 = counters(a)
@@ -198,7 +198,7 @@ def test_change_storms_never_forward_after_the_agent_applied_them(routed_topolog
     probe traffic.  The old state may decide until the agent has applied the
     change (tools/faults measures that window); after it, never."""
     topo = routed_topology
-    a = agent(topo)
+    a = agent(topo, timeout=60)
     routes = storm.route_storm(topo, a.proc.pid, changes=20000)
     print("route storm:", routes)
     assert routes["window_ms"] is not None, routes  # the maps did stop deciding
