@@ -26,8 +26,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
+from faults_check import held_by  # noqa: E402
 from mirror.bpfsys import NR_BPF, _bpf, _libc, map_lookup  # noqa: E402
 from mirror.reasons import FORWARDED  # noqa: E402
 
@@ -45,22 +46,16 @@ class _InfoAttr(ctypes.Structure):
 
 
 def agent_maps(pid):
-    """{map name: fd} of the maps process `pid` holds (its own fds, by id)."""
+    """{map name: fd} of the maps process `pid` holds (opened by their ids)."""
     out = {}
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            text = open(f"/proc/{pid}/fdinfo/{fd}").read()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("map_id:"):
-                attr = _IdAttr(id=int(line.split()[1]))
-                mfd = _libc.syscall(NR_BPF, BPF_MAP_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
-                if mfd < 0:
-                    continue
-                info = ctypes.create_string_buffer(80)
-                _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=mfd, info_len=80, info=ctypes.addressof(info)), "map info")
-                out[info.raw[24:40].split(b"\0")[0].decode()] = mfd
+    for map_id in held_by(pid)["maps"]:
+        attr = _IdAttr(id=map_id)
+        fd = _libc.syscall(NR_BPF, BPF_MAP_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+        if fd < 0:
+            continue  # gone meanwhile
+        info = ctypes.create_string_buffer(80)  # struct bpf_map_info: name[16] at offset 24
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=80, info=ctypes.addressof(info)), "map info")
+        out[info.raw[24:40].split(b"\0")[0].decode()] = fd
     return out
 
 
@@ -71,7 +66,9 @@ class DecisionWatch(threading.Thread):
     def __init__(self, pid, dst=PROBE_DST, interval=0.0002):
         super().__init__(daemon=True)
         maps = agent_maps(pid)
-        self.routes, self.config = maps["routes"], maps["config"]
+        self.routes, self.config = maps.pop("routes"), maps.pop("config")
+        for fd in maps.values():
+            os.close(fd)  # held, they would keep the agent's maps alive after it exits
         self.key = struct.pack("=I4s", 32, socket.inet_aton(dst))
         self.interval = interval
         self.changes = []  # (CLOCK_REALTIME ns, deciding)
@@ -95,8 +92,11 @@ class DecisionWatch(threading.Thread):
             time.sleep(self.interval)
 
     def stop(self):
-        self.halt.set()
-        self.join()
+        if self.is_alive():
+            self.halt.set()
+            self.join()
+        os.close(self.routes)
+        os.close(self.config)
 
     def stopped_for_good(self):
         """When it last went from deciding to not (None: still decides)."""
@@ -147,7 +147,6 @@ def route_storm(topo, pid, changes=20000, tmp="/tmp"):
     topo.run("node", ["ip", "route", "replace", PROBE_NET, "via", topo.pod2_ip])
     topo.run("pod1", ["ping", "-c", "1", "-W", "1", topo.pod2_ip], check=False)  # neighbours resolved
     watch = DecisionWatch(pid)
-    _wait(watch.deciding, 10)
     half = changes // 2
     names = [f"10.100.{i >> 8}.{i & 255}/32" for i in range(half)]
     adds, dels = os.path.join(tmp, f"storm-add-{os.getpid()}"), os.path.join(tmp, f"storm-del-{os.getpid()}")
@@ -159,6 +158,7 @@ def route_storm(topo, pid, changes=20000, tmp="/tmp"):
     sender = _sender(topo, PROBE_DST, 300)
     watch.start()
     try:
+        _wait(watch.deciding, 10)
         time.sleep(0.5)  # probes fast-pathed before the storm
         storm = topo.popen("node", ["ip", "-batch", adds], stdout=subprocess.DEVNULL)
         time.sleep(0.15)  # amid the adds:
@@ -192,7 +192,6 @@ def nf_storm(topo, pid, rules=5000, tmp="/tmp"):
     """Probes pod1 -> pod2 UDP/9; the restored ruleset's last rule drops them."""
     topo.run("pod1", ["ping", "-c", "1", "-W", "1", topo.pod2_ip], check=False)
     watch = DecisionWatch(pid, dst=topo.pod2_ip)
-    _wait(watch.deciding, 10)
     path = os.path.join(tmp, f"storm-rules-{os.getpid()}")
     with open(path, "w") as f:
         f.write("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n")
@@ -203,6 +202,7 @@ def nf_storm(topo, pid, rules=5000, tmp="/tmp"):
     sender = _sender(topo, topo.pod2_ip, 300)
     watch.start()
     try:
+        _wait(watch.deciding, 10)
         time.sleep(0.5)
         t0 = time.time_ns()
         with open(path) as f:
