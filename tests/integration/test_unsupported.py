@@ -154,3 +154,21 @@ def test_unsupported_configuration_punts_and_is_logged_once(node, case):
     finally:
         for cmd in undo:
             run(topo, cmd)
+
+
+def test_a_resync_does_not_repeat_the_lines(routed_topology, agent, monkeypatch):
+    """Lost events (a tiny netlink buffer and a burst) make the agent re-dump
+    and re-translate everything: what it logged stays logged once."""
+    topo = routed_topology
+    monkeypatch.setenv("LOXI_MIRROR_NETLINK_RCVBUF", "4096")
+    topo.run("node", ["ip", "route", "add", "blackhole", "10.77.0.0/16"])
+    topo.run("node", ["ip", "tuntap", "add", "mode", "tun", "name", "lmt-tun"])
+    a = agent(topo, timeout=60)
+    burst = [f"route add 10.{100 + i // 256}.{i % 256}.0/24 via {topo.pod2_ip}" for i in range(3000)]
+    burst += [line.replace("add", "del", 1).split(" via ")[0] for line in burst]
+    for _ in range(2):
+        topo.run("node", ["ip", "-batch", "-"], input="\n".join(burst) + "\n")
+    wait_for(lambda: a.status()["resyncs"] >= 1 and a.status()["tables"]["routes"] < 100, 20, "no resync")
+    log = a.log_tail(5000)
+    for line in ("unsupported route 10.77.0.0/16: blackhole route", "unsupported interface lmt-tun: not an Ethernet"):
+        assert log.count(line) == 1, f"{line!r} logged {log.count(line)} times"
