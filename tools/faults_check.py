@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
@@ -38,12 +39,21 @@ def live_ids(cmd):
         attr.start_id = attr.next_id
 
 
+def steady_fds(pid, samples=5, interval=0.1):
+    """The process's fd count without transient ones (pipes of an
+    iptables-save it is running ...): the least of a few samples."""
+    counts = []
+    for _ in range(samples):
+        counts.append(len(os.listdir(f"/proc/{pid}/fd")))
+        time.sleep(interval)
+    return min(counts)
+
+
 def held_by(pid):
-    """{"progs": ids, "maps": ids, "fds": count} of a process, from /proc/PID/fdinfo."""
-    progs, maps, fds = set(), set(), 0
+    """{"progs": ids, "maps": ids, "fds": steady count} of a process, from /proc/PID/fdinfo."""
+    progs, maps = set(), set()
     base = f"/proc/{pid}/fdinfo"
     for fd in os.listdir(base):
-        fds += 1
         try:
             text = open(f"{base}/{fd}").read()
         except OSError:
@@ -52,7 +62,7 @@ def held_by(pid):
             m = re.search(rf"^{kind}:\s*(\d+)", text, re.M)
             if m:
                 found.add(int(m.group(1)))
-    return {"progs": progs, "maps": maps, "fds": fds}
+    return {"progs": progs, "maps": maps, "fds": steady_fds(pid)}
 
 
 def tc_view(topo, ns="node"):
