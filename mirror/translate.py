@@ -468,24 +468,33 @@ RTN_NAMES = {4: "anycast", 5: "multicast", 6: "blackhole", 7: "unreachable", 8: 
 
 
 def route_punt_why(state: m.KernelState, prefix) -> Optional[str]:
-    """Why the prefix's entry is ROUTE_UNSUPPORTED, in words (for the agent's
-    one-time log line); None when the main-table routes are not the cause."""
-    routes = [r for r in _routes_of(state, prefix) if r.table == m.TABLE_MAIN]
-    if not routes:
+    """Why the prefix's main-table routes make its entry ROUTE_UNSUPPORTED, in
+    words (for the agent's one-time log line); None when they do not decide it."""
+    routes = _routes_of(state, prefix)
+    main = [r for r in routes if r.table == m.TABLE_MAIN]
+    if not main or any(r.table == m.TABLE_LOCAL for r in routes):
         return None
+    return _main_unsupported(main)
+
+
+def _main_unsupported(routes) -> Optional[str]:
+    """Why the fast path cannot take the route the kernel picks among these
+    same-prefix main-table routes (None: it can, or it is local/broadcast)."""
     if any(r.tos for r in routes):
         return "a route with TOS: the choice depends on the packet's TOS"
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
-        return f"{RTN_NAMES.get(route.type, route.type)} route" if route.type != m.RTN_LOCAL else None
+        if route.type in (m.RTN_LOCAL, m.RTN_BROADCAST):
+            return None
+        return f"{RTN_NAMES.get(route.type, route.type)} route"  # blackhole, throw ...
     if route.unsupported:
-        return "attributes not mirrored: " + ", ".join(route.unsupported)
+        return "attributes not mirrored: " + ", ".join(route.unsupported)  # nexthop objects, encap ...
     if len(route.nexthops) != 1:
         return f"{len(route.nexthops)} next hops (multipath)"
     if not route.nexthops[0].oif:
         return "next hop without an output interface"
     if route.nexthops[0].flags & m.RTNH_F_DEAD:
-        return "dead next hop"
+        return "dead next hop"  # the kernel would try the next route
     return None
 
 
@@ -493,16 +502,12 @@ def _main_entry(routes, links) -> RouteEntry:
     """The route the kernel would pick among same-prefix routes, as an entry:
     the lowest metric, and of routes sharing that key the first.  If that
     one cannot be used (dead next hop ...) the kernel tries the next: punt."""
-    if any(r.tos for r in routes):
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
+    if _main_unsupported(routes):
+        return RouteEntry(R["ROUTE_UNSUPPORTED"])
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
-        return RouteEntry(_local_action(route.type))  # local, broadcast; blackhole, throw ... unsupported
-    if route.unsupported or len(route.nexthops) != 1:
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # multipath, nexthop objects, encap
+        return RouteEntry(_local_action(route.type))  # local, broadcast
     nh = route.nexthops[0]
-    if not nh.oif or nh.flags & m.RTNH_F_DEAD:
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])
     link = links.get(nh.oif)
     mtu = route.mtu or (link.mtu if link else 0)
     return RouteEntry(R["FORWARDED"], oif=nh.oif, gateway=nh.gateway, mtu=mtu)
