@@ -86,6 +86,13 @@ int lm_tc_ingress(struct __sk_buff *skb)
 	__u32 reason;
 
 	p.trace = lm_explain_begin(skb);
+#ifdef LM_FAULT_VERIFIER
+	/* Fault injection for the loader's failure path only (tests/integration/
+	 * test_faults.py, LOXI_MIRROR_CFLAGS=-DLM_FAULT_VERIFIER): the verifier
+	 * rejects this read through a pointer it cannot prove valid. */
+	if (*(volatile __u32 *)(long)skb->mark)
+		return TC_ACT_SHOT;
+#endif
 	LM_STAGE(reason, lm_gate(skb, &p));
 	LM_STAGE(reason, lm_l2_ingress(skb, &p));
 	/* Switched within a bridge: only br_netfilter's IPv4 goes on, through

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import control, conntrack, ifcounters, netfilter, netlink, netns, nfverdict, offload, tc, xfrm
+from .punt_log import PuntLog
 from . import model as m
 from .datapath import COMMON_H, Datapath, DatapathError
 from .observe.latency import Histogram
@@ -29,9 +30,10 @@ from .reasons import BY_NAME as REASON_NAMES
 from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
-                        MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4, Selection,
-                        bridge_calls_iptables, bridge_egress_punt, netfilter_punt, policy_routing_punt, skipped_devices,
-                        translate, translate_changes)
+                        MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4,
+                        SELECTION_SKIP, Selection, bridge_calls_iptables, bridge_egress_punt, custom_rules,
+                        netfilter_punt, policy_routing_punt, route_punt_why, skipped_devices, translate,
+                        translate_changes)
 
 log = logging.getLogger("loxi-mirror")
 
@@ -48,6 +50,7 @@ RECONCILED_MAPS = MAP_TABLES + ("config", "flows", "counters")
 GIL_SWITCH_INTERVAL = 0.0001  # s
 QUIET_BEFORE_REDUMP = 0.05  # s without route events before uncertain prefixes are dumped again
 R_RESYNC = REASON_NAMES["RESYNC"]
+R_ROUTE_UNSUPPORTED = REASON_NAMES["ROUTE_UNSUPPORTED"]
 
 
 class Agent:
@@ -74,6 +77,9 @@ class Agent:
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
+        self.punt_log = PuntLog(log)  # one line per unsupported object
+        self.full_tables = set()  # maps whose refusal of an entry was logged
+        self.rules_to_log = None  # netfilter rulesets whose punting rules are not logged yet
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
@@ -91,6 +97,7 @@ class Agent:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in RECONCILED_MAPS},
                                beat=self.datapath.beat, hz=self.datapath.measure_hz())
+        self.sync.on_full = self._map_full
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
@@ -140,6 +147,7 @@ class Agent:
         self._refresh_sysctls()
         self._reconcile()
         self._release_after_dump()
+        self._log_rule_punts()
         if self.attach_failed and not self.attacher.attached:
             # Not one interface took the program: clsact/cls_bpf missing,
             # no CAP_NET_ADMIN ...  Say so instead of idling.
@@ -263,6 +271,7 @@ class Agent:
         self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
         if resync:
             self._release_after_dump()
+        self._log_rule_punts()
 
     def _reread_tc(self, indexes):
         busy = netlink.read_egress_tc(self.netlink.requests, indexes)
@@ -323,6 +332,7 @@ class Agent:
         else:
             desired = translate_changes(self.state, self.state.take_changes(), self.selection)
         changes = self.sync.apply(desired, full=full)
+        self._log_punts(desired, full)
         for ifindex, name in desired.attach.items():
             if ifindex not in self.attacher.attached:
                 self._attach(ifindex, name)
@@ -334,6 +344,44 @@ class Agent:
                     self.attacher.forget(ifindex)
         if changes:
             log.debug("applied %d map changes", changes)
+
+    def _log_punts(self, desired, full):
+        """The one-time log line for each object that newly makes traffic punt."""
+        routes = {f"{dst}/{plen}": (route_punt_why(self.state, (dst, plen)) or REASONS[R_ROUTE_UNSUPPORTED].description)
+                  if e is not None and e.action == R_ROUTE_UNSUPPORTED else None
+                  for (dst, plen), e in desired.routes.items()}
+        if full:
+            self.punt_log.update("route", {p: why for p, why in routes.items() if why})
+        else:
+            self.punt_log.change("route", routes)
+        self.punt_log.update("interface", {name: why for name, why in skipped_devices(self.state, self.selection).items()
+                                           if name != "lo" and why != SELECTION_SKIP})  # not unsupported
+        self.punt_log.update("policy rule", {f"pref {r.priority} table {r.table}": f"{how} rule: policy routing "
+                                            "is not mirrored, all forwarded traffic punts"
+                                            for how, r in custom_rules(self.state)})
+        self.punt_log.update("veth peer", {
+            link.name: "an XDP program on the peer: bpf_redirect instead of redirect_peer"
+            for link in self.state.links.values()
+            if link.peer_key is not None and getattr(self.state.peers.get(link.peer_key), "xdp", False)})
+        if not (self.sync.held or self.sync.holding):  # transient holds are not configuration
+            why = self._punt_forward_explanation()
+            self.punt_log.update("setting", {"forwarding": f"all forwarded traffic punts: {why}"} if why else {})
+        self.full_tables &= {name for name, pending in self.sync.unwritten.items() if pending}
+
+    def _log_rule_punts(self):
+        """The one-time line per iptables rule that punts, once the new
+        ruleset is in the maps (compiling thousands of rules takes a while)."""
+        if self.rules_to_log is not None:
+            rulesets, self.rules_to_log = self.rules_to_log, None
+            self.punt_log.update("iptables rule", {f"{r.backend} {r.table} {r.chain} {r.rule!r}": r.reason
+                                                   for r in nfverdict.classify(rulesets) if r.status == "punt"})
+
+    def _map_full(self, table, key):
+        """The reconciler could not write an entry: the map is full."""
+        if table not in self.full_tables:
+            self.full_tables.add(table)
+            log.warning("the %s map is full (%d entries): new entries are not written, their traffic punts "
+                        "(status: unwritten)", table, self.datapath.table(table).max_entries)
 
     def _attach(self, ifindex, name):
         link = self.state.links.get(ifindex)
@@ -368,6 +416,7 @@ class Agent:
             log.info("netfilter: %s", f"all forwarded traffic punts: {unsupported}" if unsupported
                      else "stateful: established flows get per-flow verdicts")
         self.state.set_netfilter(nf_state.forward_impact, unsupported, nf_state.rulesets)
+        self.rules_to_log = nf_state.rulesets
 
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
@@ -484,6 +533,7 @@ class Agent:
         out["netfilter_hints"] = self.nf_watch.hint_summary()
         out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
         out["map_resyncs"] = self.sync.resyncs
+        out["unwritten"] = {name: len(pending) for name, pending in self.sync.unwritten.items() if pending}
         out["resyncs"] = self.resyncs
         return out
 

@@ -5,7 +5,9 @@ Every command acts on the network namespace it runs in; use
 """
 
 import json
+import os
 import re
+import shlex
 import sys
 import time
 
@@ -62,12 +64,17 @@ def start(include, exclude, verbose, log_format, metrics_address, ebpf):
     from .datapath import DatapathError
     from .translate import Selection
 
+    # Extra C flags for the datapath, for tests only (small table sizes such as
+    # -DLM_MAX_NEIGHBORS=4, or -DLM_FAULT_VERIFIER to make loading fail).
+    cflags = shlex.split(os.environ.get("LOXI_MIRROR_CFLAGS", ""))
     try:
-        code = Agent(Selection(include, exclude), metrics_address=metrics_address).run()
+        code = Agent(Selection(include, exclude), cflags=cflags, metrics_address=metrics_address).run()
     except control.AlreadyRunning as e:
         _fail(f"another agent is already running in this network namespace ({e})")
     except DatapathError as e:
-        _fail(f"BPF/TC unavailable: {e}")
+        if verbose and e.detail:
+            click.echo(e.detail.strip("\n"), err=True)
+        _fail(f"BPF/TC unavailable: {e}" + ("" if verbose or not e.detail else " (-v shows the full output)"))
     except PermissionError as e:
         _fail(f"permission denied ({e}); run as root (CAP_BPF and CAP_NET_ADMIN)")
     sys.exit(code)

@@ -103,7 +103,27 @@ class FlowEvent(ctypes.Structure):
 
 
 class DatapathError(RuntimeError):
-    """The datapath could not be compiled or loaded; the message says why."""
+    """The datapath could not be compiled or loaded; the message says why in
+    one line, `detail` holds the compiler's or verifier's own output."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+# Verifier log lines that are statistics, not the cause.
+_VERIFIER_STATS = ("processed ", "verification time", "stack depth", "max_states_per_insn", "mark_precise")
+
+
+def _first_error(text: str) -> str:
+    """The line that says what went wrong: the compiler's first error, or
+    the verifier's last complaint before its statistics."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in lines:
+        if "error:" in line:
+            return line.rsplit("/", 1)[-1]  # file:line:col: error: ..., without the directory
+    complaints = [l for l in lines if not l.startswith(_VERIFIER_STATS) and not l.startswith("HINT")]
+    return complaints[-1] if complaints else ""
 
 
 def _flatten(path: Path, seen: set, out: List[str]) -> None:
@@ -272,7 +292,8 @@ class Datapath:
         self._bpf, failed = _captured(lambda: BPF(text=self.text.encode(), cflags=self.cflags))
         if failed:
             exc, text = failed
-            raise DatapathError(f"compiling {entry} failed: {exc}{_headers_hint()}{_tail(text)}") from exc
+            raise DatapathError(f"compiling {Path(entry).name} failed{_headers_hint()}: {_first_error(text) or exc}",
+                                detail=_tail(text)) from exc
         self._fn = self._heartbeat = None
         #: {kfunc name: call instructions patched} in the program
         self.kfunc_calls = self._patch(prog)
@@ -285,7 +306,8 @@ class Datapath:
             self._bpf.cleanup()
             self._bpf = None
             hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
-            raise DatapathError(f"loading {prog} failed: {exc}{hint}{_tail(text, int(os.environ.get('LM_VERIFIER_LINES', 40)))}") from exc
+            raise DatapathError(f"loading {prog} failed: {exc}{hint}: {_first_error(text)}",
+                                detail=_tail(text, int(os.environ.get('LM_VERIFIER_LINES', 40)))) from exc
 
     def _patch(self, func: str) -> Dict[str, int]:
         """Patch the kfunc placeholders of one compiled function in BCC's

@@ -8,7 +8,9 @@ routes still go first so removed paths stop being used as early as possible.
 """
 
 import ctypes
+import errno
 import logging
+import os
 import socket
 import struct
 import threading
@@ -23,6 +25,17 @@ from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, Route
 log = logging.getLogger(__name__)
 
 FDB_LOCAL = 1 << 0  # LM_FDB_LOCAL
+# BCC reports a failed update only as text: a full hash map says E2BIG, a full LPM trie ENOSPC.
+MAP_FULL_ERRORS = tuple(os.strerror(e) for e in (errno.E2BIG, errno.ENOSPC))
+# Tables whose entries may simply stay unwritten when the map is full: a
+# missing entry already punts (neighbour: NO_NEIGHBOR, link: IFACE_UNMANAGED /
+# EGRESS_UNMANAGED, FDB: BR_UNKNOWN_UNICAST / BR_LEARN).  A port entry is the
+# exception that needs its link gone too (without it, a port is routed).
+BOUNDED_TABLES = ("links", "ports", "neighbors", "fdb")
+
+
+def is_map_full(exc: Exception) -> bool:
+    return any(text in str(exc) for text in MAP_FULL_ERRORS)
 
 
 def ip_to_u32(ip: str) -> int:
@@ -172,6 +185,11 @@ class Reconciler:
         self.slots = ifcounters.SlotAllocator(self._counters.max_entries // len(REASONS)
                                               if self._counters is not None else 1)
         self.retired = [(0, 0)] * len(REASONS)
+        # Entries the translator wants but a full map refused: table -> {key: value}.
+        # They are absent from the map (and the shadow), so they punt; retried after
+        # every apply, once deletes may have made room.
+        self.unwritten = {name: {} for name in BOUNDED_TABLES}
+        self.on_full = lambda table, key: None  # the agent logs the first refusal per table
         self._write_config()
 
     # -- maps ------------------------------------------------------------
@@ -195,6 +213,7 @@ class Reconciler:
         for table in TABLES:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
+            gone.update((k, None) for k in self.unwritten.get(table, ()) if k not in want)
             setattr(delta, table, {**want, **gone})
         return delta
 
@@ -209,16 +228,15 @@ class Reconciler:
         changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
         changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
         links = {k: v and replace(v, slot=self._slot_of(k)) for k, v in delta.links.items()}
-        changes += self._upsert(t["links"], cur.links, links, c.link_key, c.link_leaf)
-        changes += self._upsert(t["ports"], cur.ports, delta.ports, c.port_key, c.port_leaf)
-        changes += self._upsert(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key, c.neigh_leaf)
-        changes += self._upsert(t["fdb"], cur.fdb, delta.fdb, c.fdb_key, c.fdb_leaf)
+        for name in BOUNDED_TABLES:
+            changes += self._upsert_bounded(name, links if name == "links" else getattr(delta, name))
         changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
         changes += self._delete(t["ports"], cur.ports, delta.ports, c.port_key)
         changes += self._delete(t["links"], cur.links, links, c.link_key)
         for ifindex in (k for k, v in links.items() if v is None):
             self._retire(self.slots.release(ifindex))
+        changes += self._retry_unwritten()
         if not tighter:
             changes += self._set_config(delta.punt_forward_reason, delta.nf, delta.fib_flags)
         return changes
@@ -232,6 +250,59 @@ class Reconciler:
                 current[key] = value
                 n += 1
         return n
+
+    def _upsert_bounded(self, name, delta) -> int:
+        """_upsert for a table whose entries may be refused when the map is
+        full: a refused entry stays absent (it punts) and is remembered."""
+        table, current, unwritten = self.tables[name], getattr(self.shadow, name), self.unwritten[name]
+        key_fn, leaf_fn = self._key_fn(name), self._leaf_fn(name)
+        n = 0
+        for key, value in delta.items():
+            unwritten.pop(key, None)
+            if value is None or current.get(key) == value:
+                continue
+            if name == "links" and key in self.unwritten["ports"]:
+                unwritten[key] = value  # a bridge port without its port entry would be routed
+                continue
+            try:
+                table[key_fn(key)] = leaf_fn(value)
+            except Exception as e:
+                if not is_map_full(e) or key in current:
+                    raise
+                unwritten[key] = value
+                self.on_full(name, key)
+                if name == "ports":
+                    self._drop_link(key)
+                continue
+            current[key] = value
+            n += 1
+        return n
+
+    def _drop_link(self, ifindex) -> None:
+        """The port entry of `ifindex` did not fit: its link entry goes too
+        (the gate then punts IFACE_UNMANAGED), until both fit."""
+        value = self.shadow.links.pop(ifindex, None) or self.unwritten["links"].get(ifindex)
+        if value is not None:
+            self.unwritten["links"][ifindex] = value
+            try:
+                del self.tables["links"][self.codec.link_key(ifindex)]
+            except KeyError:
+                pass
+
+    def _retry_unwritten(self) -> int:
+        """Deletes may have made room: try refused entries again (ports
+        before links, so a link is written only once its port entry is)."""
+        n = 0
+        for name in ("ports", "links", "neighbors", "fdb"):
+            pending = self.unwritten[name]
+            if pending:
+                self.unwritten[name] = {}
+                n += self._upsert_bounded(name, pending)
+        return n
+
+    def _leaf_fn(self, name):
+        c = self.codec
+        return {"neighbors": c.neigh_leaf, "links": c.link_leaf, "ports": c.port_leaf, "fdb": c.fdb_leaf}[name]
 
     @staticmethod
     def _delete(table, current, delta, key_fn) -> int:
@@ -248,6 +319,7 @@ class Reconciler:
 
     def _load_shadow(self):
         t = self.tables
+        self.unwritten = {name: {} for name in BOUNDED_TABLES}  # a full apply follows
         self.shadow = Desired(**{name: dict(self._decoder(name)(k, v) for k, v in t[name].items())
                                  for name in TABLES})
         self.slots.reset({ifindex: e.slot for ifindex, e in self.shadow.links.items()})

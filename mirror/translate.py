@@ -128,6 +128,9 @@ class Selection:
         return not (self.exclude and re.fullmatch(self.exclude, name))
 
 
+SELECTION_SKIP = "left out by --include/--exclude"
+
+
 def eligible(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_after=frozenset()) -> bool:
     """An Ethernet device of a kind the fast path handles, not enslaved."""
     return skip_reason(link, selection, stacked_on, tc_after) is None
@@ -154,7 +157,7 @@ def skip_reason(link: m.Link, selection: Selection, stacked_on=frozenset(), tc_a
     if not link.mac:
         return "no MAC address"
     if not selection.allows(link.name):
-        return "left out by --include/--exclude"
+        return SELECTION_SKIP
     return None
 
 
@@ -548,27 +551,59 @@ def _local_action(rtype: int) -> int:
     return R["ROUTE_UNSUPPORTED"]
 
 
+RTN_NAMES = {4: "anycast", 5: "multicast", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw",
+             10: "nat", 11: "xresolve"}
+
+
+def route_punt_why(state: m.KernelState, prefix) -> Optional[str]:
+    """Why the prefix's main-table routes make its entry ROUTE_UNSUPPORTED, in
+    words (for the agent's one-time log line); None when they do not decide it."""
+    routes = _routes_of(state, prefix)
+    main = [r for r in routes if r.table == m.TABLE_MAIN]
+    if not main or any(r.table == m.TABLE_LOCAL for r in routes):
+        return None
+    return _main_unsupported(main)
+
+
+def _main_unsupported(routes) -> Optional[str]:
+    """Why the fast path cannot take the route the kernel picks among these
+    same-prefix main-table routes (None: it can, or another reason decides:
+    local/broadcast, nexthop objects)."""
+    if any(r.tos for r in routes):
+        return "a route with TOS: the choice depends on the packet's TOS"
+    route = min(routes, key=lambda r: r.priority)
+    if route.type != m.RTN_UNICAST:
+        if route.type in (m.RTN_LOCAL, m.RTN_BROADCAST):
+            return None
+        return f"{RTN_NAMES.get(route.type, route.type)} route"  # blackhole, throw ...
+    if route.unsupported:
+        return "attributes not mirrored: " + ", ".join(route.unsupported)  # encap, realms, mtu lock ...
+    if route.nhid:
+        return None  # NEXTHOP_UNSUPPORTED or compiled (_nexthop_object_entry)
+    if len(route.nexthops) > 1:
+        return "every next hop is dead" if all(nh.flags & m.RTNH_F_DEAD for nh in route.nexthops) else None
+    if not route.nexthops or not route.nexthops[0].oif:
+        return "next hop without an output interface"
+    if route.nexthops[0].flags & m.RTNH_F_DEAD:
+        return "dead next hop"  # the kernel would try the next route
+    return None
+
+
 def _main_entry(routes, links, nexthops=None) -> RouteEntry:
     """The route the kernel would pick among same-prefix routes, as an entry:
     the lowest metric, and of routes sharing that key the first.  If that
     one cannot be used (dead next hop ...) the kernel tries the next: punt.
     Several next hops (multipath, a nexthop group): the kernel's own lookup
     picks one per packet (ROUTE_KERNEL)."""
-    if any(r.tos for r in routes):
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # TOS-dependent choice
+    if _main_unsupported(routes):
+        return RouteEntry(R["ROUTE_UNSUPPORTED"])
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
-        return RouteEntry(_local_action(route.type))  # local, broadcast; blackhole, throw ... unsupported
-    if route.unsupported:
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])  # encap, realms, mtu lock ...
+        return RouteEntry(_local_action(route.type))  # local, broadcast
     if route.nhid:
         return _nexthop_object_entry(route, (nexthops or {}).get(route.nhid), nexthops or {}, links)
     if len(route.nexthops) > 1:
-        if all(nh.flags & m.RTNH_F_DEAD for nh in route.nexthops):
-            return RouteEntry(R["ROUTE_UNSUPPORTED"])
         return RouteEntry(ROUTE_KERNEL, mtu=route.mtu)
-    if len(route.nexthops) != 1:
-        return RouteEntry(R["ROUTE_UNSUPPORTED"])
     nh = route.nexthops[0]
     return _gateway_entry(route, nh.oif, nh.gateway, nh.flags, links)
 

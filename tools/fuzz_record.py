@@ -28,11 +28,16 @@ def render(summary, args):
 
 
 def record(path, summary, args):
+    replace_block(path, render(summary, args))
+
+
+def replace_block(path, block, begin=BEGIN, end=END):
+    """Put `block` (which starts with `begin` and ends with `end`) in place of
+    the text between those markers, or at the end of the file."""
     text = open(path).read() if os.path.exists(path) else ""
-    block = render(summary, args)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     with open(path, "w") as f:

@@ -2,7 +2,9 @@
 translation of the kernel's state, key by key, until they are equal.
 
 Run inside the agent's namespace:
-    resync_check.py BATCH_FILE TIMEOUT
+    resync_check.py BATCH_FILE TIMEOUT [--all]
+
+--all compares the links (which interfaces) and neighbours maps as well.
 
 Runs `ip -batch BATCH_FILE` (the storm), translates a fresh netlink dump of
 the kernel (mirror.netlink.dump + mirror.translate, no agent involved) and
@@ -27,17 +29,35 @@ from mirror.translate import translate
 
 def agent_routes():
     rows = control.request({"cmd": "dump", "table": "routes"})["entries"]
-    return {r["prefix"]: (r["action"], r["oif"], r["gateway"], r["mtu"]) for r in rows}
+    out = {r["prefix"]: (r["action"], r["oif"], r["gateway"], r["mtu"]) for r in rows}
+    if ALL:
+        out.update(agent_links_and_neighbors())
+    return out
+
+
+def agent_links_and_neighbors():
+    links = control.request({"cmd": "dump", "table": "links"})["entries"]
+    neighbors = control.request({"cmd": "dump", "table": "neighbors"})["entries"]
+    out = {f"link {r['name']}": True for r in links}
+    out.update({f"neighbor {r['interface']} {r['ip']}": r["mac"] for r in neighbors})
+    return out
 
 
 def fresh_routes(ipr):
     state = netlink.dump(ipr)
     names = {i: link.name for i, link in state.links.items()}
+    desired = translate(state)
     out = {}
-    for (dst, plen), e in translate(state).routes.items():
+    for (dst, plen), e in desired.routes.items():
         action = "forward" if e.action == FORWARDED else f"punt:{REASONS[e.action].name}"
         out[f"{dst}/{plen}"] = (action, names.get(e.oif, e.oif) if e.oif else None, e.gateway, e.mtu or None)
+    if ALL:
+        out.update({f"link {names[i]}": True for i in desired.links})
+        out.update({f"neighbor {names[i]} {ip}": mac for (i, ip), mac in desired.neighbors.items()})
     return out
+
+
+ALL = "--all" in sys.argv
 
 
 def main(batch, timeout):
