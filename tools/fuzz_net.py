@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 
 from topology import Agent, Netns, in_netns
 
+import fuzz_bridge
 import fuzz_gen as g
 
 ETH_P_ALL = 0x0003
@@ -34,8 +35,9 @@ SECOND_LOOK = 0.4  # s more to wait for stragglers before a difference counts (a
 class Twin(Netns):
     ROLES = tuple(f"{c}-{r}" for c in COPIES for r in ["node"] + [f"pod{i}" for i in range(1, g.PODS + 1)])
 
-    def __init__(self, prefix="lmf"):
+    def __init__(self, prefix="lmf", features=("routed",)):
         super().__init__(prefix, ipv6=False)
+        self.features = tuple(features)
         self.socks: Dict[Tuple[str, int], socket.socket] = {}
         self.agent = None
         self.cases_applied = 0
@@ -43,6 +45,8 @@ class Twin(Netns):
 
     def _build(self):
         for c in COPIES:
+            if "bridge" in self.features:
+                self.run(f"{c}-node", ["ip", "link", "add", g.BRIDGE, "type", "bridge"])
             for i in range(1, g.PODS + 1):
                 self._veth(f"{c}-node", f"veth{i}", g.node_mac(i), f"{c}-pod{i}", "eth0", g.pod_mac(i))
                 self.run(f"{c}-pod{i}", ["ip", "link", "set", "eth0", "mtu", str(g.POD_MTU), "up"])
@@ -75,27 +79,43 @@ class Twin(Netns):
     # ---- one case ------------------------------------------------------
     def apply(self, t: g.Topology, timeout=10.0):
         """Configure both copies for topology t; return once B's agent has
-        caught up (it shows this case's sentinel route)."""
+        caught up (it shows this case's sentinel route, and with netfilter
+        features this case's ruleset)."""
         self.cases_applied += 1
         n = self.cases_applied
         sentinel = f"198.{18 + (n >> 16) % 2}.{(n >> 8) & 255}.{n & 255}"
-        procs = {}  # (copy, what) -> process
+        netfilter = "filter" in t.features or "nat" in t.features
+        nf_gen = self._agent_nf_gen() if netfilter and self.agent is not None else None
+        # In stages, both copies at once: links and addresses; the bridge's
+        # ports and FDB; conntrack flushed; last the sentinel route, so that
+        # the agent (one netlink socket, in order) has seen all before it.
+        stages = [{}, {}, {}]
         for c in COPIES:
             write_sysctls(self.nsname(f"{c}-node"), g.node_sysctls(t))
-            procs[c, "node"] = self._batch(f"{c}-node", g.node_commands(t, sentinel))
+            stages[0][c, "node"] = lambda c=c: self._batch(f"{c}-node", g.node_commands(t, None))
             for i in range(1, g.PODS + 1):
-                procs[c, f"pod{i}"] = self._batch(f"{c}-pod{i}", g.pod_commands(t, i))
-            if "filter" in t.features:
-                procs[c, "iptables"] = self._restore(f"{c}-node", g.iptables_restore(t))
-        errors = {key: p.communicate(timeout=30)[1] for key, p in procs.items()}
+                stages[0][c, f"pod{i}"] = lambda c=c, i=i: self._batch(f"{c}-pod{i}", g.pod_commands(t, i))
+            if netfilter:
+                stages[0][c, "iptables"] = lambda c=c: self._restore(f"{c}-node", g.iptables_restore(t, f"case-{n}"))
+                stages[1][c, "conntrack"] = lambda c=c: self._feed(
+                    ["ip", "netns", "exec", self.nsname(f"{c}-node"), "conntrack", "-F", "-q"], "")
+            if "bridge" in t.features:
+                stages[1][c, "bridge"] = lambda c=c: self._feed(
+                    ["bridge", "-n", self.nsname(f"{c}-node"), "-force", "-batch", "-"],
+                    "\n".join(fuzz_bridge.bridge_commands(t)) + "\n")
+            stages[2][c, "sentinel"] = lambda c=c: self._batch(f"{c}-node", [f"route add blackhole {sentinel}/32"])
+        errors = {}
+        for stage in stages:
+            procs = {key: start() for key, start in stage.items()}
+            errors.update({key: p.communicate(timeout=30)[1] for key, p in procs.items()})
         # The oracle holds only if both copies ended up configured alike.
         self.diverged = [f"configuring {what}: kernel copy said {errors['a', what]!r}, "
                          f"loxi-mirror copy said {errors['b', what]!r}"
-                         for c, what in procs if c == "a" and errors["a", what] != errors["b", what]]
+                         for c, what in errors if c == "a" and errors["a", what] != errors["b", what]]
         if self.agent is not None:
             self._wait_agent_route(f"{sentinel}/32", timeout)
-            if "filter" in t.features:
-                self._wait_agent_netfilter(g.affects_forwarding(t), timeout)
+            if nf_gen is not None:
+                self._wait_agent_netfilter(nf_gen, timeout)
 
     def snapshot(self) -> str:
         """Both nodes' kernel state and B's agent tables, for a mismatch report."""
@@ -126,15 +146,23 @@ class Twin(Netns):
         p.stdin = None  # communicate() must not flush it again
         return p
 
-    def _wait_agent_netfilter(self, punting, timeout):
-        """The netfilter watcher is its own thread: wait until the agent's
-        view (forwarding punted because of netfilter, or not) is this case's."""
+    def _agent_status(self):
         from mirror import control
+        with in_netns(self.nsname("b-node")):
+            return control.request({"cmd": "status"})
+
+    def _agent_nf_gen(self):
+        return self._agent_status().get("offload", {}).get("nf_gen")
+
+    def _wait_agent_netfilter(self, before, timeout):
+        """The netfilter watcher is its own thread: wait until the agent has
+        read this case's rules (a new ruleset generation: every case's rules
+        differ by their marker) and no change holds forwarding any more."""
         deadline = time.monotonic() + timeout
         while True:
-            with in_netns(self.nsname("b-node")):
-                why = control.request({"cmd": "status"}).get("forwarding_punted_because") or ""
-            if why.startswith("netfilter") == punting:
+            st = self._agent_status()
+            why = st.get("forwarding_punted_because") or ""
+            if st.get("offload", {}).get("nf_gen") != before and "change is under way" not in why:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"agent's netfilter view not updated within {timeout} s ({why!r})")
@@ -153,17 +181,27 @@ class Twin(Netns):
                                    f"(reply {reply}); log:\n{self.agent.log_tail()}")
             time.sleep(0.002)
 
-    def exchange(self, frames: List[bytes], senders: List[int]) -> Dict[str, List[Tuple[int, bytes]]]:
-        """Send the frames from their pods in both copies; {copy: [(pod, frame), ...]}
-        of everything the pods received afterwards, in arrival order per pod."""
+    def exchange(self, frames: List[bytes], senders: List[int], pauses=None) -> Dict[str, List[Tuple[int, bytes]]]:
+        """Send the frames from their pods in both copies (waiting pauses[i]
+        s before frame i); {copy: [(pod, frame), ...]} of everything the pods
+        received afterwards, in arrival order per pod.  The sender stays on
+        one CPU: each frame enters its node through that CPU's backlog, so
+        the frames of a flow reach the node in the order they were sent."""
         for s in self.socks.values():
             _drain(s)
-        for f, sender in zip(frames, senders):
-            for c in COPIES:
-                try:
-                    self.socks[(c, sender)].send(f)
-                except OSError:
-                    pass  # too short/long for AF_PACKET: the same in both copies
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cpus)})
+        try:
+            for f, sender, pause in zip(frames, senders, pauses or [0.0] * len(frames)):
+                if pause:
+                    time.sleep(pause)
+                for c in COPIES:
+                    try:
+                        self.socks[(c, sender)].send(f)
+                    except OSError:
+                        pass  # too short/long for AF_PACKET: the same in both copies
+        finally:
+            os.sched_setaffinity(0, cpus)
         time.sleep(SETTLE)
         return self.collect(QUIET)
 
@@ -232,8 +270,8 @@ def outcome(captured: List[Tuple[int, bytes]], node_nets, n_packets: int, tag: i
     out = Outcome()
     own = _Own(node_nets)
     for pod, f in captured:
-        if _is_node_arp_request(f):
-            continue  # its count depends on neighbour timers, not on the packets
+        if _is_node_arp_request(f) or _is_node_igmp(f, own):
+            continue  # its count depends on neighbour or multicast timers, not on the packets
         f = _normalize(f, own)
         owner = _owner(f, own, n_packets, tag)
         if owner == "late":  # an earlier case's straggler: its own case already judged it
@@ -252,14 +290,35 @@ def _is_node_arp_request(f: bytes) -> bool:
     return len(f) >= 22 and f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x01"
 
 
+def _is_node_igmp(f: bytes, own) -> bool:
+    """The node's IGMP reports (a bridge's address joins groups): sent after
+    a random delay."""
+    return _ipv4(f) and f[23] == 2 and f[26:30] in own
+
+
 def _ipv4(f: bytes) -> bool:
     return len(f) >= 34 and f[12:14] == b"\x08\x00"
+
+
+def _node_sent(f: bytes, own) -> bool:
+    """A frame the node's own stack sent (ICMP errors and replies, RSTs,
+    anything but TCP/UDP/echo requests) from one of its addresses; TCP, UDP
+    and echo requests from its addresses are forwarded frames it translated
+    (SNAT/MASQUERADE) or a pod spoofed, and keep the sender's IP id."""
+    if not _ipv4(f) or f[26:30] not in own:
+        return False
+    proto, l4 = f[23], 14 + (f[14] & 0xF) * 4
+    if proto == 17:
+        return False
+    if proto == 6:
+        return bool(len(f) > l4 + 13 and f[l4 + 13] & 0x04)  # RST
+    return not (proto == 1 and len(f) > l4 and f[l4] == 8)
 
 
 def _normalize(f: bytes, own) -> bytes:
     """Frames the node itself sends (ICMP errors, echo replies, RSTs) get an
     IP id from a randomised generator: blank it and the header checksum."""
-    if _ipv4(f) and f[26:30] in own:
+    if _node_sent(f, own):
         b = bytearray(f)
         b[18:20] = b"\0\0"
         b[24:26] = b"\0\0"
@@ -276,7 +335,7 @@ def _owner(f: bytes, own, n_packets: int, tag: int):
     if not _ipv4(f):
         return None
     ident = int.from_bytes(f[18:20], "big")
-    if f[26:30] in own:
+    if _node_sent(f, own):
         ihl = (f[14] & 0xF) * 4
         icmp = 14 + ihl
         if f[23] != 1 or len(f) < icmp + 8 + 20 or f[icmp] not in ICMP_ERRORS:
@@ -342,7 +401,7 @@ def exchange_and_compare(twin: Twin, case: g.Case, tolerated=None) -> List[str]:
     """Send the case's frames in both copies as they are configured now; compare."""
     tag = twin.cases_applied
     frames = case.frames(tag)
-    got = twin.exchange(frames, [p.sender for p in case.packets])
+    got = twin.exchange(frames, [p.sender for p in case.packets], [p.pause for p in case.packets])
     nets = case.topology.node_nets()
 
     def judge(counts):
