@@ -147,14 +147,26 @@ def flows(draw, t: g.Topology, known=()):
     direct = st.tuples(st.sampled_from([u for u in used if u != client]).map(lambda i: t.link(i).pod_ip),
                        st.sampled_from(SERVER_PORTS + (2222,)))
     dst, dport = draw(st.one_of(st.sampled_from(services), direct) if services else direct)
-    server, sdst, sport_s, ssrc = server_view(t, client, proto, dst, dport)
     k = draw(st.integers(0, 15))   # which flow: its own source port and sequence space
-    sport = 62000 + k * 7 + (ord(proto[0]) & 1)  # above the base generator's source ports
     data = draw(st.lists(st.tuples(st.sampled_from([0, 0, 1]), st.sampled_from([1, 40, 100, 512, 1400])),
                          min_size=1, max_size=6))
-    data[0] = (0, data[0][1])  # the client speaks first (a reply first would be a flow the other way)
     end = draw(st.sampled_from(["fin", "none", "rst", "rst_server"])) if proto == "tcp" else "none"
     deviation = draw(st.one_of(st.none(), st.tuples(st.integers(0, len(data) - 1), _deviations(known, proto))))
+    return flow_frames(t, proto, client, dst, dport, data, end, k, deviation, known)
+
+
+def tcp_flow(t: g.Topology, client: int, dst: str, dport: int, data, end="fin", k=0):
+    return flow_frames(t, "tcp", client, dst, dport, data, end, k)
+
+
+def flow_frames(t: g.Topology, proto, client, dst, dport, data, end="none", k=0, deviation=None, known=()):
+    """The frames of one flow from `client` to dst:dport: data is
+    [(direction 0 client->server | 1 back, payload bytes)]; end fin, rst
+    (client), rst_server or none; deviation (data step, Packet fields)."""
+    server, _, sport_s, ssrc = server_view(t, client, proto, dst, dport)
+    sport = 62000 + k * 7 + (ord(proto[0]) & 1)  # above the base generator's source ports
+    data = list(data)
+    data[0] = (0, data[0][1])  # the client speaks first (a reply first would be a flow the other way)
 
     def frame_of(direction, l4, **kw):
         if direction == 0 or server is None:
