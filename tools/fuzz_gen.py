@@ -10,8 +10,9 @@ sysctls, neighbour entries and main-table routes (on-link, via gateways,
 multipath, blackhole/unreachable/prohibit/throw, route MTUs, metrics).
 
 Features (`--feature`): a Feature adds its own strategies and commands to a
-case; "routed" is the base.  Bridges, iptables filter/NAT ... become further
-Feature entries in FEATURES as the fast path learns them.
+case; "routed" is the base, "filter" adds FORWARD rules, "bridge"
+(fuzz_bridge.py) a bridge with some pods as ports, "nat" (fuzz_nat.py) nat
+and stateful FORWARD rules with TCP/UDP flows through them.
 """
 
 import dataclasses
