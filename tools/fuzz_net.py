@@ -301,14 +301,17 @@ def _ipv4(f: bytes) -> bool:
 
 
 def _node_sent(f: bytes, own) -> bool:
-    """A frame the node's own stack sent (ICMP errors and replies, RSTs,
-    anything but TCP/UDP/echo requests) from one of its addresses; TCP, UDP
-    and echo requests from its addresses are forwarded frames it translated
-    (SNAT/MASQUERADE) or a pod spoofed, and keep the sender's IP id."""
-    if not _ipv4(f) or f[26:30] not in own:
+    """A frame the node's own stack sent: every ICMP error (whatever its
+    source: NAT rewrites the source of an error about a translated flow, e.g.
+    to the service address), and from one of its addresses anything but TCP
+    without RST, UDP and echo requests: those are forwarded frames it
+    translated (SNAT/MASQUERADE) or a pod spoofed, and keep the sender's IP id."""
+    if not _ipv4(f):
         return False
     proto, l4 = f[23], 14 + (f[14] & 0xF) * 4
-    if proto == 17:
+    if proto == 1 and len(f) > l4 and f[l4] in ICMP_ERRORS:
+        return True
+    if f[26:30] not in own or proto == 17:
         return False
     if proto == 6:
         return _is_rst(f)
@@ -341,8 +344,7 @@ def _owner(f: bytes, own, n_packets: int, tag: int):
         return None
     ident = int.from_bytes(f[18:20], "big")
     if _node_sent(f, own):
-        ihl = (f[14] & 0xF) * 4
-        icmp = 14 + ihl
+        icmp = 14 + (f[14] & 0xF) * 4
         if f[23] != 1 or len(f) < icmp + 8 + 20 or f[icmp] not in ICMP_ERRORS:
             return None
         ident = int.from_bytes(f[icmp + 8 + 4:icmp + 8 + 6], "big")  # the quoted header's id

@@ -106,3 +106,15 @@ def test_translated_frames_from_a_node_address_keep_their_id_node_rsts_do_not():
     rst = bytes(Ether() / IP(src="10.2.0.1", dst="10.1.0.2", id=0) / TCP(sport=22, dport=62000, flags="RA"))
     assert fuzz_net._node_sent(rst, own)
     assert fuzz_net._owner(rst, own, 8, 5) is None
+
+
+def test_an_icmp_error_is_the_nodes_whatever_its_source_and_belongs_to_the_quoted_packet():
+    """NAT rewrites the source of an error about a translated flow (here to
+    the service address): still the node's, owned by the quoted packet's id."""
+    from scapy.layers.inet import ICMP
+    own = fuzz_net._Own([g.ipaddress.ip_network("10.2.0.1/32")])
+    quoted = IP(src="10.1.0.2", dst="10.96.0.10", id=(5 << 5) | 4, ttl=1) / UDP(sport=62001, dport=80)
+    error = bytes(Ether() / IP(src="10.96.0.10", dst="10.1.0.2", id=4242) / ICMP(type=11, code=0) / quoted)
+    assert fuzz_net._node_sent(error, own)
+    assert fuzz_net._owner(error, own, 8, 5) == 4
+    assert fuzz_net._normalize(error, own)[18:20] == b"\0\0"
