@@ -30,6 +30,7 @@ COPIES = ("a", "b")
 SETTLE = 0.08    # s after the last frame: neighbour resolution/failure (30 ms retrans) ends within it
 QUIET = 0.02     # s without a frame before a capture counts as finished
 SECOND_LOOK = 0.4  # s more to wait for stragglers before a difference counts (a loaded machine)
+HARNESS_STEPS = {"conntrack", "sentinel"}  # must succeed (a case's own commands may fail, alike in both copies)
 
 
 class Twin(Netns):
@@ -98,7 +99,7 @@ class Twin(Netns):
             if netfilter:
                 stages[0][c, "iptables"] = lambda c=c: self._restore(f"{c}-node", g.iptables_restore(t, f"case-{n}"))
                 stages[1][c, "conntrack"] = lambda c=c: self._feed(
-                    ["ip", "netns", "exec", self.nsname(f"{c}-node"), "conntrack", "-F", "-q"], "")
+                    ["ip", "netns", "exec", self.nsname(f"{c}-node"), "conntrack", "-F"], "")
             if "bridge" in t.features:
                 stages[1][c, "bridge"] = lambda c=c: self._feed(
                     ["bridge", "-n", self.nsname(f"{c}-node"), "-force", "-batch", "-"],
@@ -108,6 +109,10 @@ class Twin(Netns):
         for stage in stages:
             procs = {key: start() for key, start in stage.items()}
             errors.update({key: p.communicate(timeout=30)[1] for key, p in procs.items()})
+            failed = [f"{c}: {errors[c, what]}" for (c, what), p in procs.items()
+                      if what in HARNESS_STEPS and p.returncode != 0]
+            if failed:  # not the case's configuration: the harness itself
+                raise RuntimeError(f"harness step failed: {failed}")
         # The oracle holds only if both copies ended up configured alike.
         self.diverged = [f"configuring {what}: kernel copy said {errors['a', what]!r}, "
                          f"loxi-mirror copy said {errors['b', what]!r}"
