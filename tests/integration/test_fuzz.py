@@ -155,3 +155,22 @@ def test_the_nat_comparison_sees_a_difference(bridge_twin):
                     "POSTROUTING", "-o", "veth2", "-j", "MASQUERADE"], check=True)
     diffs = fuzz_net.exchange_and_compare(bridge_twin, case)
     assert any(d.startswith("packet 0: kernel pod2") for d in diffs), diffs
+
+
+@pytest.mark.xfail(strict=True, reason="known difference ct-liberal (README, Known differences: window tracking)")
+def test_ct_liberal_same_as_the_kernel(bridge_twin):
+    """The ct-liberal family: the server's 1,400-byte segment is longer than
+    the node-side MTU of its veth (576) and never reaches conntrack; the
+    client then ACKs it.  The kernel alone marks that ACK INVALID (dropped by
+    `--ctstate INVALID DROP`); loxi-mirror took the flow over with
+    BE_LIBERAL and forwards it."""
+    links = tuple(g.Link(i, i in (1, 2), 24, 576 if i == 2 else 1500, 1, 0, "permanent")
+                  for i in range(1, g.PODS + 1))
+    nat = fuzz_nat.Nat(dnat=(fuzz_nat.Dnat("tcp", "10.96.0.10", 80, 2, 8080),))
+    t = g.Topology(links, (), 1, 0, features=("nat",), nat=nat, forward_policy="DROP",
+                   forward_rules=("-m conntrack --ctstate INVALID -j DROP",
+                                  "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                                  "-m conntrack --ctstate DNAT -j ACCEPT"))
+    flow = fuzz_nat.flow_frames(t, "tcp", 1, "10.96.0.10", 80, ((0, 1), (1, 1400), (0, 1), (0, 1)), "none",
+                                deviation=(1, {"payload": 1400}), known=("ct-liberal",))
+    assert fuzz_net.differences(bridge_twin, g.Case(t, flow)) == []
