@@ -176,7 +176,8 @@ def flow_frames(t: g.Topology, proto, client, dst, dport, data, end="none", k=0,
     # Every frame must fit the node's side of its sender's veth: one lost
     # before conntrack saw it, then ACKed by the peer, is the known
     # ct-liberal difference.
-    room = {0: t.link(client).mtu - 40, 1: t.link(server or client).mtu - 40}
+    # (40: IP and TCP headers; 8 more for a deviation's IP options).
+    room = {0: t.link(client).mtu - 48, 1: t.link(server or client).mtu - 48}
     data = [(d, min(n, room[d])) for d, n in data]
     if (deviation is not None and deviation[1].get("payload", 0) > room[data[deviation[0]][0]]
             and (proto == "tcp" and "ct-liberal" not in known)):
