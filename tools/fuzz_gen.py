@@ -10,8 +10,9 @@ sysctls, neighbour entries and main-table routes (on-link, via gateways,
 multipath, blackhole/unreachable/prohibit/throw, route MTUs, metrics).
 
 Features (`--feature`): a Feature adds its own strategies and commands to a
-case; "routed" is the base.  Bridges, iptables filter/NAT ... become further
-Feature entries in FEATURES as the fast path learns them.
+case; "routed" is the base, "filter" adds FORWARD rules, "bridge"
+(fuzz_bridge.py) a bridge with some pods as ports, "nat" (fuzz_nat.py) nat
+and stateful FORWARD rules with TCP/UDP flows through them.
 """
 
 import dataclasses
@@ -35,6 +36,9 @@ def pod_mac(i: int) -> str:
 
 
 FOREIGN_MAC = "02:00:0b:99:99:99"
+BRIDGE = "br0"                 # feature "bridge": the node's bridge (made once per twin)
+BRIDGE_NET = "10.100.0.0/24"   # its subnet: the node is .1, bridged pod i is .(10+i)
+BRIDGE_IP = "10.100.0.1"
 
 
 # ---------------------------------------------------------------- topology --
@@ -50,20 +54,32 @@ class Link:
     rp_filter: int
     neigh: str                  # node's entry for the pod: a NUD state, "foreign" (permanent, wrong MAC) or none
     second_net: bool = False    # node also has 10.N.1.1/24 here: a subnet nobody answers in
+    bridged: bool = False       # feature "bridge": vethN is a port of br0, the pod is in BRIDGE_NET
 
     @property
     def net(self) -> ipaddress.IPv4Network:
+        if self.bridged:
+            return ipaddress.ip_network(BRIDGE_NET)
         return ipaddress.ip_network(f"10.{self.index}.0.0/{self.plen}", strict=False)
 
     @property
     def node_ip(self) -> str:
+        if self.bridged:
+            return BRIDGE_IP
         hosts = _hosts(self.net)
         return str(hosts[0])
 
     @property
     def pod_ip(self) -> str:
+        if self.bridged:
+            return f"10.100.0.{10 + self.index}"
         hosts = _hosts(self.net)
         return str(hosts[1])
+
+    @property
+    def dev(self) -> str:
+        """The node's L3 device towards the pod."""
+        return BRIDGE if self.bridged else f"veth{self.index}"
 
 
 def _hosts(net):
@@ -91,6 +107,8 @@ class Topology:
     features: Tuple[str, ...] = ("routed",)
     forward_policy: str = "ACCEPT"      # feature "filter": the FORWARD chain
     forward_rules: Tuple[str, ...] = ()  # iptables -A FORWARD arguments
+    bridge: Optional["fuzz_bridge.Bridge"] = None  # feature "bridge"
+    nat: Optional["fuzz_nat.Nat"] = None           # feature "nat"
 
     def link(self, i: int) -> Link:
         return self.links[i - 1]
@@ -100,7 +118,8 @@ class Topology:
         return [l for l in self.links if l.used]
 
     def node_ips(self) -> List[str]:
-        return [l.node_ip for l in self.used] + [f"10.{l.index}.1.1" for l in self.used if l.second_net]
+        ips = [l.node_ip for l in self.used] + [f"10.{l.index}.1.1" for l in self.used if l.second_net]
+        return sorted(set(ips), key=ips.index)
 
     def node_nets(self) -> List[ipaddress.IPv4Network]:
         """Where the node's own packets come from: its addresses and local routes."""
@@ -115,17 +134,23 @@ def node_commands(t: Topology, sentinel: str) -> List[str]:
     for l in t.links:
         cmds += [f"addr flush dev veth{l.index}", f"neigh flush dev veth{l.index} nud all",
                  f"link set veth{l.index} mtu {l.mtu} {'up' if l.used else 'down'}"]
+        if "bridge" in t.features:
+            cmds.append(f"link set veth{l.index} {'master ' + BRIDGE if l.bridged else 'nomaster'}")
+    if t.bridge is not None:
+        cmds += fuzz_bridge.node_commands(t)
     for l in t.used:
-        cmds.append(f"addr add {l.node_ip}/{l.plen} dev veth{l.index}")
-        if l.second_net:
+        if not l.bridged:
+            cmds.append(f"addr add {l.node_ip}/{l.plen} dev veth{l.index}")
+        if l.second_net and not l.bridged:
             cmds.append(f"addr add 10.{l.index}.1.1/24 dev veth{l.index}")
     for l in t.used:
         if l.neigh == "foreign":
-            cmds.append(f"neigh replace {l.pod_ip} lladdr {FOREIGN_MAC} dev veth{l.index} nud permanent")
+            cmds.append(f"neigh replace {l.pod_ip} lladdr {FOREIGN_MAC} dev {l.dev} nud permanent")
         elif l.neigh != "none":
-            cmds.append(f"neigh replace {l.pod_ip} lladdr {pod_mac(l.index)} dev veth{l.index} nud {l.neigh}")
+            cmds.append(f"neigh replace {l.pod_ip} lladdr {pod_mac(l.index)} dev {l.dev} nud {l.neigh}")
     cmds += [route_command(t, r) for r in t.routes]
-    cmds.append(f"route add blackhole {sentinel}/32")
+    if sentinel:
+        cmds.append(f"route add blackhole {sentinel}/32")
     return cmds
 
 
@@ -134,16 +159,17 @@ def route_command(t: Topology, r: Route) -> str:
         f" mtu {'lock ' if r.lock else ''}{r.mtu}" if r.mtu else "")
     if r.kind in ("blackhole", "unreachable", "prohibit", "throw"):
         return f"route append {r.kind} {r.prefix}{tail}"
+    dev = t.link(r.pods[0]).dev
     if r.kind == "local":  # AnyIP: the node answers for the whole prefix
-        return f"route append local {r.prefix} dev veth{r.pods[0]} table local"
+        return f"route append local {r.prefix} dev {dev} table local"
     if r.kind == "dev":
-        return f"route append {r.prefix} dev veth{r.pods[0]}{tail}"
+        return f"route append {r.prefix} dev {dev}{tail}"
     if r.kind == "onlink":  # a gateway no pod owns: ARP fails
-        return f"route append {r.prefix} via 10.{r.pods[0]}.255.254 dev veth{r.pods[0]} onlink{tail}"
+        return f"route append {r.prefix} via 10.{r.pods[0]}.255.254 dev {dev} onlink{tail}"
     if r.kind == "multipath":
-        hops = " ".join(f"nexthop via {t.link(p).pod_ip} dev veth{p}" for p in r.pods)
+        hops = " ".join(f"nexthop via {t.link(p).pod_ip} dev {t.link(p).dev}" for p in r.pods)
         return f"route append {r.prefix}{tail} {hops}"
-    return f"route append {r.prefix} via {t.link(r.pods[0]).pod_ip} dev veth{r.pods[0]}{tail}"
+    return f"route append {r.prefix} via {t.link(r.pods[0]).pod_ip} dev {dev}{tail}"
 
 
 def node_sysctls(t: Topology) -> List[Tuple[str, int]]:
@@ -152,14 +178,23 @@ def node_sysctls(t: Topology) -> List[Tuple[str, int]]:
     for l in t.links:
         out += [(f"net.ipv4.conf.veth{l.index}.forwarding", l.forwarding),
                 (f"net.ipv4.conf.veth{l.index}.rp_filter", l.rp_filter)]
+    if t.bridge is not None:
+        out += fuzz_bridge.sysctls(t.bridge)
     return out
 
 
-def iptables_restore(t: Topology) -> str:
-    """The node's whole filter table for `iptables-restore` (replaces the last case's)."""
+def iptables_restore(t: Topology, marker: str = "") -> str:
+    """The node's whole filter (and, for feature "nat", nat) table for
+    `iptables-restore` (replaces the last case's).  `marker` names the case in
+    a chain no packet reaches: the agent's ruleset generation changes with
+    every case, which tells when it has read this one."""
     rules = "".join(f"-A FORWARD {r}\n" for r in t.forward_rules)
-    return (f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD {t.forward_policy} [0:0]\n:OUTPUT ACCEPT [0:0]\n"
-            f"{rules}COMMIT\n")
+    sync = f":LMF-SYNC - [0:0]\n-A LMF-SYNC -m comment --comment {marker} -j RETURN\n" if marker else ""
+    text = (f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD {t.forward_policy} [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            f"{sync}{rules}COMMIT\n")
+    if t.nat is not None:
+        text += fuzz_nat.nat_table(t)
+    return text
 
 
 def affects_forwarding(t: Topology) -> bool:
@@ -170,7 +205,7 @@ def pod_commands(t: Topology, i: int) -> List[str]:
     l = t.link(i)
     cmds = ["addr flush dev eth0"]
     if l.used:
-        cmds.append(f"addr add {l.pod_ip}/{l.plen} dev eth0")
+        cmds.append(f"addr add {l.pod_ip}/{l.net.prefixlen} dev eth0")
     return cmds
 
 
@@ -187,8 +222,9 @@ NODE_FIXED_SYSCTLS = [
     ("net.ipv4.conf.all.send_redirects", 0),
 ] + [(f"net.ipv4.conf.veth{i}.send_redirects", 0) for i in range(1, PODS + 1)] + [
     # Unresolvable next hops fail (ICMP host unreachable) within ~30 ms.
-    (f"net.ipv4.neigh.veth{i}.{k}", v) for i in range(1, PODS + 1)
-    for k, v in (("retrans_time_ms", 30), ("mcast_solicit", 1), ("ucast_solicit", 1))]
+    (f"net.ipv4.neigh.{dev}.{k}", v) for dev in [f"veth{i}" for i in range(1, PODS + 1)] + [BRIDGE]
+    for k, v in (("retrans_time_ms", 30), ("mcast_solicit", 1), ("ucast_solicit", 1))] + [
+    (f"net.ipv4.conf.{BRIDGE}.send_redirects", 0)]  # written only where br0 exists (feature "bridge")
 
 
 # ----------------------------------------------------------------- packets --
@@ -196,7 +232,7 @@ NODE_FIXED_SYSCTLS = [
 @dataclass(frozen=True)
 class Packet:
     sender: int                 # pod index
-    l2: str = "node"            # node|bcast|mcast|foreign|other_node
+    l2: str = "node"            # node|bcast|mcast|foreign|other_node; bridge: see dst_mac()
     kind: str = "ipv4"          # ipv4|ipv6|arp|vlan|qinq|lldp
     src: Tuple = ("self",)      # ("self",)|("pod", i)|("node", i)|("addr", a)
     dst: Tuple = ("pod", 2)     # ("pod", i)|("node", i)|("route", k, host)|("bcast", i)|("addr", a)
@@ -208,6 +244,9 @@ class Packet:
     options: str = "none"       # none|rr|ra|nop
     payload: int = 32
     mangle: Tuple = ("none",)   # see mangle()
+    l2_arg: int = 0             # which pod/port/MAC an l2 of "pod", "port", "unknown", "linklocal" means
+    l4: Tuple = ()              # flows (feature "nat"): (sport, dport[, tcp flags, seq, ack])
+    pause: float = 0.0          # s to wait before sending it (a flow's takeover by the agent)
 
 
 def resolve_addr(t: Topology, spec: Tuple, sender: int) -> str:
@@ -237,8 +276,7 @@ def frame(t: Topology, p: Packet, ident: int) -> bytes:
     from scapy.packet import Raw
 
     src_mac = pod_mac(p.sender)
-    dst_mac = {"node": node_mac(p.sender), "bcast": "ff:ff:ff:ff:ff:ff", "mcast": "01:00:5e:00:00:05",
-               "foreign": FOREIGN_MAC, "other_node": node_mac(p.sender % PODS + 1)}[p.l2]
+    dst_mac = frame_dst_mac(t, p)
     src = resolve_addr(t, p.src, p.sender)
     dst = resolve_addr(t, p.dst, p.sender)
     body = bytes((ident + k) & 0xFF for k in range(p.payload))
@@ -260,8 +298,11 @@ def frame(t: Topology, p: Packet, ident: int) -> bytes:
         frag = 100
     ip = IP(src=src, dst=dst, ttl=p.ttl, tos=p.tos, id=ident, flags=flags, frag=frag, options=options)
     l4 = {
-        "udp": lambda: UDP(sport=1024 + ident % 60000, dport=9) / body,
-        "tcp": lambda: TCP(sport=1024 + ident % 60000, dport=80, flags="S", seq=ident) / body,
+        "udp": lambda: UDP(sport=p.l4[0], dport=p.l4[1]) / body if p.l4 else UDP(sport=1024 + ident % 60000,
+                                                                                 dport=9) / body,
+        "tcp": lambda: TCP(sport=p.l4[0], dport=p.l4[1], flags=p.l4[2], seq=p.l4[3], ack=p.l4[4],
+                           window=65535) / body if p.l4 else TCP(sport=1024 + ident % 60000, dport=80,
+                                                                 flags="S", seq=ident) / body,
         "icmp": lambda: ICMP(type=8, id=ident, seq=1) / body,
         "gre": lambda: Raw(b"\x00\x00\x08\x00" + bytes(IP(src="192.0.2.1", dst="192.0.2.2") / body)),
         "ipip": lambda: IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=7, dport=7) / body,
@@ -277,6 +318,34 @@ def frame(t: Topology, p: Packet, ident: int) -> bytes:
     else:
         out = Ether(src=src_mac, dst=dst_mac) / pkt
     return mangle(bytes(out), p.mangle, 14 if p.kind == "ipv4" else None)
+
+
+def frame_dst_mac(t: Topology, p: Packet) -> str:
+    """The destination MAC: the node (the bridge's MAC for a bridged sender),
+    broadcast/multicast, a MAC nobody has, another node port, and for
+    bridges a pod's MAC, a port's MAC, a MAC only static FDB entries know
+    and the 01:80:c2:00:00:0X link-local group."""
+    if p.l2 == "node":
+        if t.bridge is not None and t.link(p.sender).bridged:
+            return t.bridge.mac
+        return node_mac(p.sender)
+    if p.l2 == "bridge":
+        return t.bridge.mac if t.bridge is not None else FOREIGN_MAC
+    if p.l2 == "pod":
+        return pod_mac(p.l2_arg)
+    if p.l2 == "port":
+        return node_mac(p.l2_arg)
+    if p.l2 == "unknown":
+        return unknown_mac(p.l2_arg)
+    if p.l2 == "linklocal":
+        return f"01:80:c2:00:00:{p.l2_arg:02x}"
+    return {"bcast": "ff:ff:ff:ff:ff:ff", "mcast": "01:00:5e:00:00:05", "foreign": FOREIGN_MAC,
+            "other_node": node_mac(p.sender % PODS + 1)}[p.l2]
+
+
+def unknown_mac(k: int) -> str:
+    """MACs no pod has: unknown unicast, or known through a static FDB entry."""
+    return f"02:00:0b:77:77:{k:02x}"
 
 
 def _ip_csum(hdr: bytes) -> int:
@@ -349,6 +418,12 @@ def links(draw):
 # Case families with a known, reported difference: generated only on request
 # (tools/fuzz --known FAMILY), so that CI's "0 mismatches" covers the rest.
 KNOWN = {
+    "ct-liberal": "TCP flows (feature nat) with a segment the kernel drops before conntrack sees it (bad IP "
+                  "checksum), then the peer's ACK of it: the kernel alone marks that ACK INVALID (beyond what it "
+                  "saw), loxi-mirror's copy made the flow BE_LIBERAL when it took it over (README, Known differences)",
+    "ct-l4csum": "flows (feature nat) with a bad TCP/UDP checksum after takeover: the kernel marks the packet "
+                 "INVALID (nf_conntrack_checksum=1), the fast path does not verify payload checksums "
+                 "(README, Known differences)",
     "route-alias": "two main-table routes with the same prefix, metric and TOS (`ip route append`): "
                    "the kernel uses the first, loxi-mirror's model keeps only the last one notified "
                    "(routes are keyed by table/prefix/TOS/metric)",
@@ -397,7 +472,7 @@ def topologies(draw, features=("routed",), known=()):
                  features=tuple(features))
     for name in features:
         if FEATURES[name].topology is not None:
-            t = draw(FEATURES[name].topology(t))
+            t = draw(FEATURES[name].topology(t, known))
     return t
 
 
@@ -505,18 +580,23 @@ def split_ident(ident: int) -> Tuple[int, int]:
 
 @dataclass
 class Feature:
-    """What a --feature adds to the base routed case: `topology(t)` returns a
-    strategy for t with the feature's part filled in (Topology fields that
-    fuzz_net applies and the reproducer prints).  Bridges, VXLAN and NAT
-    become entries here."""
+    """What a --feature adds to the base routed case: `topology(t, known)`
+    returns a strategy for t with the feature's part filled in (Topology
+    fields that fuzz_net applies and the reproducer prints); `stream(t, known)`
+    a strategy of packet sequences (one frame, or a whole flow) mixed into the
+    case's stream beside the base routed packets; `prelude(t, known)` frames
+    that start the case.  VXLAN becomes an entry here."""
     name: str
     doc: str
     topology: Optional[Callable] = None
+    stream: Optional[Callable] = None
+    prelude: Optional[Callable] = None  # (t, known) -> frames sent first; the frame after waits for the agent
 
 
 FEATURES: Dict[str, Feature] = {
     "routed": Feature("routed", "veth pods around a routing node: routes, MTUs, sysctls, neighbours"),
-    "filter": Feature("filter", "iptables filter FORWARD rules and policy in the node", forward_filter),
+    "filter": Feature("filter", "iptables filter FORWARD rules and policy in the node",
+                      lambda t, known: forward_filter(t)),
 }
 
 
@@ -524,5 +604,23 @@ FEATURES: Dict[str, Feature] = {
 def cases(draw, features=("routed",), max_packets=24, known=()):
     t = draw(topologies(features, known))
     count = draw(st.integers(1, min(max_packets, MAX_PACKETS)))  # shrinks towards one packet
-    pkts = draw(st.lists(packets(t), min_size=count, max_size=count))
-    return Case(t, tuple(pkts))
+    chunks = [packets(t).map(lambda p: (p,))] + [FEATURES[f].stream(t, known) for f in features
+                                                  if FEATURES[f].stream is not None]
+    pkts = []
+    for f in features:
+        if FEATURES[f].prelude is not None:
+            pkts += draw(FEATURES[f].prelude(t, known))
+    start = len(pkts)
+    while len(pkts) < start + count:
+        pkts += draw(st.one_of(*chunks))
+    if start and len(pkts) > start:
+        pkts[start] = dataclasses.replace(pkts[start], pause=max(pkts[start].pause, PRELUDE_PAUSE))
+    return Case(t, tuple(pkts[:MAX_PACKETS]))
+
+
+PRELUDE_PAUSE = 0.05  # s: the agent mirrors what the prelude's frames changed (a bridge's FDB)
+
+
+# The feature modules use the definitions above and add themselves to FEATURES.
+import fuzz_bridge  # noqa: E402
+import fuzz_nat  # noqa: E402
