@@ -91,7 +91,8 @@
 	X(BR_UNSUPPORTED, 48, "bridge or port setting not modelled (vlan_filtering, locked, MAB, tc on the bridge)") \
 	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)") \
 	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read") \
-	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state")
+	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state") \
+	X(ROUTE_OVERFLOW, 52, "a more specific route did not fit in the route map: the kernel decides")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -301,7 +302,14 @@ struct lm_trace {
 };
 
 /* The maps. */
-BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* main + local table, one LPM */
+/*
+ * Routes (main + local table, one LPM trie): the agent creates the trie at
+ * the size the table needs and swaps a bigger one into slot 0 of `routes`
+ * when it must grow (mirror/routemap.py).  routes_trie is only the type
+ * template the outer map is declared with.
+ */
+BPF_LPM_TRIE(routes_trie, struct lm_route_key, struct lm_route, LM_MAX_ROUTES);
+BPF_ARRAY_OF_MAPS(routes, "routes_trie", 1);
 /*
  * The hash maps are not preallocated: a preallocated element that the agent
  * replaces goes straight back to the free list and may be reused for another
@@ -323,5 +331,14 @@ BPF_TABLE("lru_hash", struct lm_flow_key, struct lm_flow, flows, LM_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct lm_flow_key, __u64, flow_asked, 16384); /* key -> jiffies of the last event */
 BPF_RINGBUF_OUTPUT(flow_events, 64);                   /* struct lm_flow_event, 64 pages */
 BPF_PERCPU_ARRAY(explain_trace, struct lm_trace, 1);  /* explain runs only (explain.h) */
+
+/* The route for the key's address (the longest prefix), or NULL. */
+static __always_inline struct lm_route *lm_route_lookup(struct lm_route_key *key)
+{
+	int slot = 0;
+	void *trie = routes.lookup(&slot);
+
+	return trie ? bpf_map_lookup_elem(trie, key) : NULL;
+}
 
 #endif /* LM_COMMON_H */

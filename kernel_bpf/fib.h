@@ -13,7 +13,7 @@
 static __always_inline __u32 lm_fib_route(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	struct lm_route_key key = { .prefixlen = 32, .addr = p->daddr };
-	struct lm_route *rt = routes.lookup(&key);
+	struct lm_route *rt = lm_route_lookup(&key);
 
 	/* No route we mirror: the kernel answers ICMP unreachable, or has a
 	 * route the agent has not (yet) compiled. */
@@ -37,7 +37,7 @@ static __always_inline __u32 lm_fib_route(struct __sk_buff *skb, struct lm_pkt *
 static __always_inline __u32 lm_fib_source(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	struct lm_route_key key = { .prefixlen = 32, .addr = p->iph->saddr };
-	struct lm_route *src = routes.lookup(&key);
+	struct lm_route *src = lm_route_lookup(&key);
 	__u16 flags = p->in_link->flags;
 
 	/* A source address of our own: fib_validate_source() rejects it as a

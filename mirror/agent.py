@@ -47,6 +47,9 @@ RECONCILED_MAPS = MAP_TABLES + ("config", "flows")
 GIL_SWITCH_INTERVAL = 0.0001  # s
 QUIET_BEFORE_REDUMP = 0.05  # s without route events before uncertain prefixes are dumped again
 R_RESYNC = REASON_NAMES["RESYNC"]
+# The route map's first capacity (it grows when the routes need it) and
+# whether it may grow; tests force a small, fixed one to exercise overflow.
+ROUTE_CAPACITY_ENV, ROUTE_GROWTH_ENV = "LOXI_MIRROR_ROUTE_CAPACITY", "LOXI_MIRROR_ROUTE_GROWTH"
 
 
 class Agent:
@@ -78,7 +81,9 @@ class Agent:
     def run(self) -> int:
         server = control.Server(self.handle_request)  # AlreadyRunning
         try:
-            self.datapath = Datapath(cflags=self.cflags)  # DatapathError
+            capacity = os.environ.get(ROUTE_CAPACITY_ENV)
+            sizes = {"LM_MAX_ROUTES": int(capacity)} if capacity else None
+            self.datapath = Datapath(cflags=self.cflags, sizes=sizes)  # DatapathError
             try:
                 return self._run(server)
             finally:
@@ -89,7 +94,8 @@ class Agent:
     def _run(self, server) -> int:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in RECONCILED_MAPS},
-                               beat=self.datapath.beat, hz=self.datapath.measure_hz())
+                               beat=self.datapath.beat, hz=self.datapath.measure_hz(),
+                               grow_routes=os.environ.get(ROUTE_GROWTH_ENV, "1") != "0")
         removed = tc.cleanup_leftovers()
         if removed:
             log.info("removed leftovers of an earlier agent on %d interface(s)", removed)
@@ -485,6 +491,9 @@ class Agent:
         out["bridges"] = self._bridges_status()
         out["netfilter_hints"] = self.nf_watch.hint_summary()
         out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
+        out["route_map"] = {"capacity": self.sync.route_capacity, "growths": self.sync.route_growths,
+                            "memlock_bytes": self.datapath.routes.memlock()}
+        out["route_overflow"] = self.sync.route_overflow()
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs
         return out

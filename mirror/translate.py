@@ -432,6 +432,30 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
     return entry
 
 
+def overflow_covers(unwritten, present) -> Dict[Tuple[str, int], RouteEntry]:
+    """For routes the map has no room for: the entries that must punt so no
+    lookup falls through to a less specific route than the kernel's.  For
+    each unwritten prefix that is the longest shorter prefix in the map
+    (present(prefix)); where there is none, 0.0.0.0/0 (a lookup miss would
+    punt NO_ROUTE, but the source check would pass a missing local address)."""
+    punt = RouteEntry(R["ROUTE_OVERFLOW"])
+    out = {}
+    for dst, plen in unwritten:
+        n = _ip_int(dst)
+        for length in range(plen - 1, 0, -1):
+            cover = (_int_ip(n >> (32 - length) << (32 - length)), length)
+            if present(cover):
+                break
+        else:
+            cover = ("0.0.0.0", 0)
+        out[cover] = punt
+    return out
+
+
+def _int_ip(n: int) -> str:
+    return socket.inet_ntoa(n.to_bytes(4, "big"))
+
+
 def _routes_of(state: m.KernelState, prefix):
     """Every route for the prefix, those sharing a key in the kernel's order
     (so min() by priority picks the first of a key, as fib_table_lookup())."""
