@@ -36,9 +36,9 @@ class RouteLeaf(ctypes.Structure):
 
 
 def headroom(needed: int) -> int:
-    """The capacity for a table that must hold `needed` entries: twice that
-    (room for the table to double before the next growth), at least the default."""
-    return max(DEFAULT_CAPACITY, 2 * needed)
+    """The capacity for a table that must hold `needed` entries: twice that,
+    room for the table to double before the next growth."""
+    return 2 * needed
 
 
 class RouteTable:

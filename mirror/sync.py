@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 FDB_LOCAL = 1 << 0  # LM_FDB_LOCAL
 _U32 = struct.Struct("=I")
 _ZERO4 = bytes(4)
+FORWARDED = BY_NAME["FORWARDED"]
 # Errors of a write that found no room for a new entry.
 NO_ROOM = (errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
 # Route map slots kept free for the cover of last resort (0.0.0.0/0 punting
@@ -266,9 +267,10 @@ class Reconciler:
         reserved = sum(1 for v in self.covered.values() if v is None)
         room = self._route_room(len(cur) - len(deletes) - reserved, len(new))
         if len(new) > room:
-            # The least specific first: a missing /24 costs the /16 that
-            # covers it, a missing /16 could cost the default route.
-            new.sort(key=lambda k: k[1])
+            # Punting entries (local addresses ...) first, then the least
+            # specific: a missing /24 costs the /16 that covers it, a missing
+            # /16 could cost the default route.
+            new.sort(key=lambda k: (writes[k].action == FORWARDED, k[1]))
             for key in new[max(room, 0):]:
                 self.unwritten[key] = writes.pop(key)
         gone = set(deletes)
