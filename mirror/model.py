@@ -151,14 +151,15 @@ class Address:
     prefixlen: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Nexthop:
     oif: int
     gateway: Optional[str] = None
     flags: int = 0  # RTNH_F_*
+    weight: int = 1  # rtnh_hops + 1 (multipath)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     table: int
     dst: str
@@ -168,9 +169,10 @@ class Route:
     priority: int = 0
     nexthops: Tuple[Nexthop, ...] = ()
     mtu: int = 0  # RTAX_MTU metric, 0 = none
-    # Attributes the fast path does not implement (nexthop objects, lwtunnel
-    # encap, IPv6 gateway via RTA_VIA ...): their names, for punting.
+    # Attributes the fast path does not implement (lwtunnel encap, IPv6
+    # gateway via RTA_VIA ...): their names, for punting.
     unsupported: Tuple[str, ...] = ()
+    nhid: int = 0  # RTA_NH_ID: the route uses a nexthop object
 
     @property
     def key(self):

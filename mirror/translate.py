@@ -493,7 +493,7 @@ def _main_entry(routes, links) -> RouteEntry:
     route = min(routes, key=lambda r: r.priority)
     if route.type != m.RTN_UNICAST:
         return RouteEntry(_local_action(route.type))  # local, broadcast; blackhole, throw ... unsupported
-    if route.unsupported or len(route.nexthops) != 1:
+    if route.unsupported or route.nhid or len(route.nexthops) != 1:
         return RouteEntry(R["ROUTE_UNSUPPORTED"])  # multipath, nexthop objects, encap
     nh = route.nexthops[0]
     if not nh.oif or nh.flags & m.RTNH_F_DEAD:
