@@ -73,6 +73,7 @@ class Agent:
         self.fdb_refreshed = {}  # (bridge, MAC) -> datapath use stamp at our last NTF_USE
         self.fdb_scan_due = {}  # bridge ifindex -> monotonic time of its next FDB refresh scan
         self.last_route_event = 0.0  # monotonic time of the last route event handled
+        self.first_dump = None  # the state dumped while the datapath compiled
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -81,15 +82,39 @@ class Agent:
     def run(self) -> int:
         server = control.Server(self.handle_request)  # AlreadyRunning
         try:
-            capacity = os.environ.get(ROUTE_CAPACITY_ENV)
-            sizes = {"LM_MAX_ROUTES": int(capacity)} if capacity else None
-            self.datapath = Datapath(cflags=self.cflags, sizes=sizes)  # DatapathError
+            self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
+            self.datapath = self._build_datapath_while_dumping()  # DatapathError
             try:
                 return self._run(server)
             finally:
                 self.datapath.close()
         finally:
             server.close()
+
+    def _build_datapath_while_dumping(self):
+        """Compile and load the datapath (seconds of clang, which releases
+        the GIL) in a thread while this one dumps the kernel's state: with a
+        full routing table both take seconds, so start-up takes the longer
+        of the two instead of their sum."""
+        capacity = os.environ.get(ROUTE_CAPACITY_ENV)
+        sizes = {"LM_MAX_ROUTES": int(capacity)} if capacity else None
+        built = {}
+
+        def build():
+            try:
+                built["datapath"] = Datapath(cflags=self.cflags, sizes=sizes)
+            except BaseException as e:  # noqa: BLE001 - raised again below
+                built["error"] = e
+        compiler = threading.Thread(target=build, name="compile", daemon=True)
+        compiler.start()
+        try:
+            self.first_dump = self.netlink.fresh_dump()
+        finally:
+            compiler.join()
+        if "error" in built:
+            self.netlink.close()
+            raise built["error"]
+        return built["datapath"]
 
     def _run(self, server) -> int:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -103,7 +128,6 @@ class Agent:
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.offloader = offload.Offloader(self.sync)
         self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
-        self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
         # The first sign of a netfilter change stops forwarding in one map write, before
         # anything is re-read: in the kernel for nftables commits (nfswitch), in a
         # child process for iptables-legacy's lock (nfhintd), and on the watcher's
@@ -139,7 +163,7 @@ class Agent:
         return server
 
     def _initial_sync(self):
-        self.state = self.netlink.fresh_dump()
+        self.state, self.first_dump = self.first_dump or self.netlink.fresh_dump(), None
         self._set_netfilter(netfilter.read_state())
         self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
@@ -299,8 +323,10 @@ class Agent:
 
     def _events_lost(self):
         """Reader thread, events just lost: the maps may hold what the
-        kernel no longer has, so nothing is forwarded until the re-dump."""
-        self.sync.hold_punt(R_RESYNC)
+        kernel no longer has, so nothing is forwarded until the re-dump
+        (before the first reconcile nothing is forwarded anyway)."""
+        if hasattr(self, "sync"):
+            self.sync.hold_punt(R_RESYNC)
 
     def _release_after_dump(self):
         """The maps match a dump no lost event predates: forward again,
@@ -492,7 +518,7 @@ class Agent:
         out["netfilter_hints"] = self.nf_watch.hint_summary()
         out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
         out["route_map"] = {"capacity": self.sync.route_capacity, "growths": self.sync.route_growths,
-                            "memlock_bytes": self.datapath.routes.memlock()}
+                            "memlock_bytes": self.datapath.routes.memlock(), "id": self.datapath.routes.map_id()}
         out["route_overflow"] = self.sync.route_overflow()
         out["map_resyncs"] = self.sync.resyncs
         out["resyncs"] = self.resyncs

@@ -303,6 +303,7 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: Optional[SkBuff] = None, repea
     return RunResult(attr.retval, data_out.raw[: attr.data_size_out], ctx_out, attr.duration)
 
 
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 
@@ -339,3 +340,32 @@ def prog_xlated_insns(prog_fd: int) -> bytes:
     info = _BpfProgInfo(xlated_prog_len=len(buf), xlated_prog_insns=ctypes.addressof(buf))
     _prog_info(prog_fd, info)
     return buf.raw[: info.xlated_prog_len]
+
+
+class _BpfMapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+def map_id(map_fd: int) -> int:
+    """The kernel's id of a map (tools can open it with map_fd_by_id)."""
+    info = _BpfMapInfo()
+    attr = _BpfAttrInfo(bpf_fd=map_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return info.id
+
+
+class _BpfAttrGetId(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+def map_fd_by_id(ident: int) -> int:
+    attr = _BpfAttrGetId(id=ident)
+    fd = _libc.syscall(NR_BPF, BPF_MAP_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_MAP_GET_FD_BY_ID: {os.strerror(err)}")
+    return fd

@@ -202,6 +202,10 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _RTA = struct.Struct("=HH")
 _RTNH = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _U32 = struct.Struct("=I")
+# RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF and nothing else, as a dump gives
+# `ip route add P via G` (rtattr length and type before each value).
+_PLAIN = struct.Struct("=HHIHH4sHH4sHHI")
+_PLAIN_LEN = 28 + _PLAIN.size
 _inet_ntoa = socket.inet_ntoa
 # Next-hop tuples are shared: a big table has a handful of distinct ones.
 _HOPS: dict = {}
@@ -215,6 +219,11 @@ def decode_route(buf, offset: int = 0) -> m.Route:
     length = _NLMSG.unpack_from(buf, offset)[0]
     end = offset + length
     _, dst_len, _, tos, table, _, _, rtype, rtm_flags = _RTMSG.unpack_from(buf, offset + 16)
+    if length == _PLAIN_LEN:  # what a full table is made of: one struct call
+        f = _PLAIN.unpack_from(buf, offset + 28)
+        if f[:2] == (8, RTA_TABLE) and f[3:5] == (8, RTA_DST) and f[6:8] == (8, RTA_GATEWAY) and f[9:11] == (8, RTA_OIF):
+            return m.Route(f[2], _inet_ntoa(f[5]), dst_len, rtype, tos, 0,
+                           _shared_hops(((f[11], _inet_ntoa(f[8]), rtm_flags & 0xFF, 1),)))
     dst, oif, gateway, priority, mtu, nhid, hops, unsupported = "0.0.0.0", 0, None, 0, 0, 0, None, []
     pos, has_hop = offset + 28, False
     while pos + 4 <= end:

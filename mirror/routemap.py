@@ -117,6 +117,9 @@ class RouteTable:
         """Bytes the kernel accounts to the trie (its entries), from fdinfo."""
         return fd_memlock(self.fd)
 
+    def map_id(self) -> int:
+        return bpfsys.map_id(self.fd)
+
     def close(self):
         if self.fd >= 0:
             os.close(self.fd)

@@ -180,6 +180,7 @@ class Reconciler:
         # entry there (None: the translator wants none, e.g. 0.0.0.0/0).
         self.covered = {}
         self.route_growths = 0
+        self._leaves = {}  # id(RouteEntry) -> (it, its packed lm_route)
         self._beat = beat
         self.hz = hz
         self.codec = Codec(tables)
@@ -301,7 +302,7 @@ class Reconciler:
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
         old, capacity = table.max_entries, routemap.headroom(needed + ROUTE_SLOTS_RESERVED)
         keys = b"".join(map(c.route_key_bytes, cur))
-        leaves = b"".join(map(c.route_leaf_bytes, cur.values()))
+        leaves = b"".join(map(self._leaf_bytes, cur.values()))
         table.rebuild(capacity, keys, leaves, len(cur))
         self.route_growths += 1
         log.info("route map grown from %d to %d entries (%d routes wanted)", old, capacity, needed)
@@ -345,7 +346,7 @@ class Reconciler:
         done = 0
         if len(items) > 1 and hasattr(table, "update_batch"):
             keys = b"".join([c.route_key_bytes(k) for k, _ in items])
-            leaves = b"".join([c.route_leaf_bytes(v) for _, v in items])
+            leaves = b"".join([self._leaf_bytes(v) for _, v in items])
             try:
                 table.update_batch(keys, leaves, len(items))
                 done = len(items)
@@ -362,6 +363,16 @@ class Reconciler:
                     raise
                 failed.append(key)
         return failed
+
+    def _leaf_bytes(self, entry) -> bytes:
+        """Packed lm_route, computed once per entry object (the translator
+        makes equal entries one object: a big table has a few)."""
+        cached = self._leaves.get(id(entry))
+        if cached is None or cached[0] is not entry:
+            if len(self._leaves) > 65536:
+                self._leaves.clear()
+            cached = self._leaves[id(entry)] = (entry, self.codec.route_leaf_bytes(entry))
+        return cached[1]
 
     def _delete_routes(self, keys) -> int:
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec

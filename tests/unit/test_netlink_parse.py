@@ -162,3 +162,14 @@ def test_route_mtu_lock_is_unsupported_last():
     r = netlink.parse_route(route("10.9.0.0", 16, oif=3, extra=[("RTA_MARK", 1), ("RTA_METRICS", {
         "attrs": [("RTAX_MTU", 1400), ("RTAX_LOCK", 1 << 2)]})]))
     assert r.mtu == 1400 and r.unsupported == ("RTA_MARK", "RTAX_LOCK mtu")
+
+
+def test_route_in_the_kernels_dump_layout_decodes_like_any_other():
+    """`ip route add P via G` as a dump sends it (RTA_TABLE, RTA_DST,
+    RTA_GATEWAY, RTA_OIF): the one-struct fast path gives the same Route."""
+    attrs = struct.pack("=HHI", 8, 15, 254) + struct.pack("=HH4s", 8, 1, bytes([10, 7, 1, 0])) \
+        + struct.pack("=HH4s", 8, 5, bytes([10, 2, 0, 9])) + struct.pack("=HHI", 8, 4, 3)
+    body = struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 3, 0, 1, 0) + attrs
+    fast = netlink.decode_route(struct.pack("=IHHII", 16 + len(body), 24, 2, 1, 0) + body)
+    slow = netlink.parse_route(route("10.7.1.0", 24, oif=3, gateway="10.2.0.9"))
+    assert fast == slow and fast.nexthops is slow.nexthops
