@@ -486,6 +486,21 @@ class KernelState:
         self._index(route)
         self._route_changed(route)
 
+    def load_routes(self, routes):
+        """set_route(APPEND) for every route of a dump, in the kernel's order,
+        without recording changes one by one (a dumped state is translated
+        in full).  The common case of a new prefix is one dict store."""
+        by_prefix, by_oif = self.by_prefix, self.by_oif
+        for route in routes:
+            prefix = (route.dst, route.dst_len)
+            if prefix in by_prefix or route.table == TABLE_LOCAL:
+                self.set_route(route)
+                continue
+            by_prefix[prefix] = [route]
+            for nh in route.nexthops:
+                by_oif[nh.oif] = by_oif.get(nh.oif, 0) + 1
+        self.changes.all_routes = True
+
     def del_route(self, route: Route):
         """Remove the route RTM_DELROUTE describes: the first of its key
         that is the same route (nexthop flags such as LINKDOWN change

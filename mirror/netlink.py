@@ -9,6 +9,7 @@ full resync.
 """
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -599,8 +600,7 @@ def dump(ipr, abort=None) -> m.KernelState:
         state.set_link(parse_link(msg))
     for msg in ipr.get_addr(family=socket.AF_INET):
         state.add_address(parse_address(msg))
-    for route in dump_routes(abort):  # every table, in the kernel's order
-        state.set_route(route)
+    state.load_routes(dump_routes(abort))  # every table, in the kernel's order
     for msg in ipr.get_neighbours(family=socket.AF_INET):
         neigh = parse_neighbor(msg)
         if neigh is not None:
@@ -638,8 +638,9 @@ def dump_routes(abort=None):
         sock.bind((0, 0))
         req = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         sock.send(_NLMSG.pack(16 + len(req), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + req)
-        while True:
-            if abort is not None and abort():
+        for count in itertools.count():
+            # Asked every 64 datagrams: each question reads the event socket.
+            if abort is not None and count % 64 == 0 and abort():
                 raise DumpInterrupted()
             data = sock.recv(RECV_BYTES)
             for kind, _, offset in messages(data):

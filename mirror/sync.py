@@ -9,6 +9,7 @@ routes still go first so removed paths stop being used as early as possible.
 
 import ctypes
 import errno
+import itertools
 import logging
 import socket
 import struct
@@ -223,7 +224,7 @@ class Reconciler:
         for table in TABLES:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
-            setattr(delta, table, {**want, **gone})
+            setattr(delta, table, {**want, **gone} if gone else want)  # no copy of a full table when nothing goes
         return delta
 
     def _apply(self, delta: Desired) -> int:
@@ -342,20 +343,19 @@ class Reconciler:
         """Write entries (batched where the table allows); returns the keys
         that found no room."""
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
-        items = list(writes.items())
         done = 0
-        if len(items) > 1 and hasattr(table, "update_batch"):
-            keys = b"".join([c.route_key_bytes(k) for k, _ in items])
-            leaves = b"".join([self._leaf_bytes(v) for _, v in items])
+        if len(writes) > 1 and hasattr(table, "update_batch"):
+            keys = b"".join(map(c.route_key_bytes, writes))
+            leaves = b"".join(map(self._leaf_bytes, writes.values()))
             try:
-                table.update_batch(keys, leaves, len(items))
-                done = len(items)
+                table.update_batch(keys, leaves, len(writes))
+                cur.update(writes)
+                return []
             except OSError as e:
                 done = getattr(e, "done", 0)  # the rest one by one, below
-        for key, value in items[:done]:
-            cur[key] = value
+        cur.update(itertools.islice(writes.items(), done))
         failed = []
-        for key, value in items[done:]:
+        for key, value in itertools.islice(writes.items(), done, None):
             try:
                 self._write_route(key, value)
             except OSError as e:

@@ -227,6 +227,13 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
     return out
 
 
+def _same_but_prefix(route: m.Route):
+    """Every field of a route but its prefix (next hops by identity: the
+    decoder shares equal tuples): routes with equal keys get one entry."""
+    return (route.table, route.type, route.tos, route.priority, id(route.nexthops), route.nexthops and
+            route.nexthops[0].flags, route.mtu, route.unsupported, route.nhid)
+
+
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
     ok = managed_in(state, selection)
     return {i: l.name for i, l in state.links.items() if attachable(l, ok)}
@@ -417,16 +424,24 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None)
     main, so a local-table route (or an address, even before its local route
     arrives) wins, and so does a shorter local-table prefix covering it.
     entries: a dict that makes equal entries one object (memory)."""
-    entry = _route_entry(state, prefix, local_ips, covering)
+    entry = _route_entry(state, prefix, local_ips, covering, entries)
     return entry if entries is None or entry is None else entries.setdefault(entry, entry)
 
 
-def _route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
+def _route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None) -> Optional[RouteEntry]:
     routes = _routes_of(state, prefix)
     if state.uncertain and prefix in state.uncertain:
         return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
     if len(routes) == 1 and routes[0].table == m.TABLE_MAIN and not (prefix[1] == 32 and prefix[0] in local_ips):
-        entry = _main_entry(routes, state.links)  # the common case, without the lists below
+        # The common case, without the lists below.  _main_entry() does not
+        # look at the prefix: routes equal but for it share its answer.
+        if entries is None:
+            entry = _main_entry(routes, state.links)
+        else:
+            same = _same_but_prefix(routes[0])
+            entry = entries.get(same)
+            if entry is None:
+                entry = entries[same] = _main_entry(routes, state.links)
         return _covered(prefix, covering) or entry
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
