@@ -294,7 +294,10 @@ class Reconciler:
         table = self.tables["routes"]
         capacity = getattr(table, "max_entries", 1 << 32) - ROUTE_SLOTS_RESERVED
         if new > capacity - kept and self.grow_routes and hasattr(table, "rebuild"):
-            self._grow(kept + new)
+            try:
+                self._grow(kept + new)
+            except OSError as e:  # no memory for a bigger trie: what does not fit overflows
+                log.warning("cannot grow the route map beyond %d entries (%s)", table.max_entries, e)
             capacity = table.max_entries - ROUTE_SLOTS_RESERVED
         return capacity - kept
 

@@ -100,3 +100,16 @@ def test_a_cover_keeps_punting_through_translator_updates():
     assert r.shadow.routes[("10.1.0.0", 16)] == OVERFLOW
     r.apply(Desired(routes={("10.1.1.0", 24): None}), full=False)  # the unwritten route is gone
     assert r.shadow.routes[("10.1.0.0", 16)] == fwd(7) and r.route_overflow() is None
+
+
+class RefusingGrowth(FakeRoutes):
+    def rebuild(self, capacity, keys, leaves, count):
+        raise OSError(12, "Cannot allocate memory")
+
+
+def test_a_refused_growth_overflows_instead_of_failing():
+    tables = {"routes": RefusingGrowth(2 + ROUTE_SLOTS_RESERVED), "neighbors": {}, "links": {}, "ports": {},
+              "fdb": {}, "config": FakeConfig()}
+    r = Reconciler(tables, beat=lambda ttl: None, hz=250, grow_routes=True)
+    r.apply(Desired(routes={("10.0.0.0", 8): fwd(1), ("10.1.0.0", 16): fwd(2), ("10.1.1.0", 24): fwd(3)}))
+    assert r.route_overflow()["unwritten"] == 1 and r.shadow.routes[("10.1.0.0", 16)] == OVERFLOW
