@@ -9,6 +9,7 @@ turns the fast path off (the datapath punts once the deadline passes).
 import ctypes
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import queue
@@ -82,6 +83,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
         server = control.Server(self.handle_request)  # AlreadyRunning
+        gc.disable()  # until the first sync: see settle_memory()
         try:
             self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
             self.datapath = self._build_datapath_while_dumping()  # DatapathError
@@ -175,7 +177,7 @@ class Agent:
             # no CAP_NET_ADMIN ...  Say so instead of idling.
             raise DatapathError(next(iter(self.attach_failed.values()))[1])
         self._beat()
-        release_free_memory()
+        settle_memory()
         self.ready_since = time.time()
         log.info("ready: %d interfaces, %d routes, %d neighbours", len(self.attacher.attached),
                  len(self.sync.shadow.routes), len(self.sync.shadow.neighbors))
@@ -276,7 +278,11 @@ class Agent:
         resync |= bool(self.state.uncertain) and (poll or quiet)
         if resync:
             self.resyncs += 1
-            self.state = self._resynced_state()
+            gc.disable()
+            try:
+                self.state = self._resynced_state()
+            finally:
+                gc.enable()
             reread_sysctls = True
         elif tc_changed or poll:
             # tcx programs come and go without an event: the poll catches them.
@@ -294,6 +300,7 @@ class Agent:
         self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
         if resync:
             self._release_after_dump()
+            settle_memory()
 
     def _reread_tc(self, indexes):
         busy = netlink.read_egress_tc(self.netlink.requests, indexes)
@@ -677,10 +684,16 @@ class Agent:
         return None
 
 
-def release_free_memory():
-    """Give the heap's free pages back to the system (glibc malloc_trim):
-    a full table's dump and first translation leave hundreds of MB of
-    freed temporaries that would otherwise stay in the agent's RSS."""
+def settle_memory():
+    """After a full dump: move what survived into the collector's permanent
+    generation (gc.freeze: a million routes are never scanned again, each
+    full collection would stall the event loop for a second), and give the
+    heap's free pages back to the system (glibc malloc_trim: the dump and the
+    first translation leave hundreds of MB of freed temporaries).  The
+    collector is off while a dump builds the state (it would scan the growing
+    heap again and again) and on again here."""
+    gc.freeze()
+    gc.enable()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
