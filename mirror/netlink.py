@@ -263,7 +263,7 @@ def decode_route(buf, offset: int = 0) -> m.Route:
     if unsupported:  # each name once, sorted; the MTU lock last
         names = sorted({u for u in unsupported if u != "RTAX_LOCK mtu"})
         unsupported = tuple(names + ["RTAX_LOCK mtu"] * ("RTAX_LOCK mtu" in unsupported))
-    return m.Route(table, dst, dst_len, rtype, tos, priority, hops, mtu, tuple(unsupported), nhid)
+    return m.Route(table, dst, dst_len, rtype, tos, priority, hops, mtu=mtu, unsupported=tuple(unsupported), nhid=nhid)
 
 
 def _metrics(buf, pos, end):
