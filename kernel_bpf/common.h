@@ -95,15 +95,12 @@
 	X(PEER_MAC, 49, "next hop's MAC is not the veth peer's (redirect_peer would mark it PACKET_HOST)") \
 	X(NETFILTER_CHANGING, 50, "a netfilter change is under way: punt until it is re-read") \
 	X(RESYNC, 51, "kernel events were lost: agent re-reading the kernel state") \
-	X(RESERVED_52, 52, "unused (reserved for another branch)") \
-	X(RESERVED_53, 53, "unused (reserved for another branch)") \
-	X(MULTIPATH_HASH, 54, "multipath route: the kernel's hash for this packet is not reproducible (socket hash, ICMP, protocol, hash policy)") \
-	X(FIB_NOT_FORWARDED, 55, "kernel FIB lookup: not a unicast forward (local, blackhole, unreachable, prohibit, no route)") \
-	X(FIB_UNSUPPORTED, 56, "kernel FIB lookup: a result the fast path does not handle (lwtunnel, IPv6 next hop, MTU, forwarding off)") \
-	X(NEXTHOP_UNSUPPORTED, 57, "route uses a nexthop object the fast path does not handle (blackhole, fdb, encap, unknown id)") \
-	X(RESERVED_58, 58, "slot of another branch (rscale 52-53, rpolicy 54-59): merged later") \
-	X(RESERVED_59, 59, "slot of another branch (rscale 52-53, rpolicy 54-59): merged later") \
-	X(BR_CT_NAT, 60, "bridged flow with NAT in its conntrack entry (br_netfilter would re-route or rewrite it)")
+	X(ROUTE_OVERFLOW, 52, "a more specific route did not fit in the route map: the kernel decides") \
+	X(MULTIPATH_HASH, 53, "multipath route: the kernel's hash for this packet is not reproducible (socket hash, ICMP, protocol, hash policy)") \
+	X(FIB_NOT_FORWARDED, 54, "kernel FIB lookup: not a unicast forward (local, blackhole, unreachable, prohibit, no route)") \
+	X(FIB_UNSUPPORTED, 55, "kernel FIB lookup: a result the fast path does not handle (lwtunnel, IPv6 next hop, MTU, forwarding off)") \
+	X(NEXTHOP_UNSUPPORTED, 56, "route uses a nexthop object the fast path does not handle (blackhole, fdb, encap, unknown id)") \
+	X(BR_CT_NAT, 57, "bridged flow with NAT in its conntrack entry (br_netfilter would re-route or rewrite it)")
 
 /*
  * The reasons that are drops, not punts: the packet is dropped
@@ -336,7 +333,14 @@ struct lm_trace {
 };
 
 /* The maps. */
-BPF_LPM_TRIE(routes, struct lm_route_key, struct lm_route, LM_MAX_ROUTES); /* main + local table, one LPM */
+/*
+ * Routes (main + local table, one LPM trie): the agent creates the trie at
+ * the size the table needs and swaps a bigger one into slot 0 of `routes`
+ * when it must grow (mirror/routemap.py).  routes_trie is only the type
+ * template the outer map is declared with.
+ */
+BPF_LPM_TRIE(routes_trie, struct lm_route_key, struct lm_route, LM_MAX_ROUTES);
+BPF_ARRAY_OF_MAPS(routes, "routes_trie", 1);
 /*
  * The hash maps are not preallocated: a preallocated element that the agent
  * replaces goes straight back to the free list and may be reused for another
@@ -361,5 +365,14 @@ BPF_TABLE("lru_hash", struct lm_flow_key, __u64, flow_asked, 16384); /* key -> j
 BPF_RINGBUF_OUTPUT(flow_events, 64);                   /* struct lm_flow_event, 64 pages */
 BPF_PERCPU_ARRAY(explain_trace, struct lm_trace, 1);  /* explain runs only (explain.h) */
 BPF_PERCPU_ARRAY(fib_answer, struct lm_route, 1);     /* fib.h: this packet's kernel FIB answer */
+
+/* The route for the key's address (the longest prefix), or NULL. */
+static __always_inline struct lm_route *lm_route_lookup(struct lm_route_key *key)
+{
+	int slot = 0;
+	void *trie = routes.lookup(&slot);
+
+	return trie ? bpf_map_lookup_elem(trie, key) : NULL;
+}
 
 #endif /* LM_COMMON_H */

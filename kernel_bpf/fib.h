@@ -186,7 +186,7 @@ static __always_inline __u32 lm_fib_route(struct __sk_buff *skb, struct lm_pkt *
 	 * the kernel's FIB answers, and checks the source the same way. */
 	mp = p->fib_flags & LM_FIB_MP_ANY;
 	if (!(p->fib_flags & LM_FIB_RULES)) {
-		rt = routes.lookup(&key);
+		rt = lm_route_lookup(&key);
 		/* No route we mirror: the kernel answers ICMP unreachable, or
 		 * has a route the agent has not (yet) compiled. */
 		if (!rt)
@@ -215,7 +215,7 @@ static __always_inline __u32 lm_fib_route(struct __sk_buff *skb, struct lm_pkt *
 static __always_inline __u32 lm_fib_source(struct __sk_buff *skb, struct lm_pkt *p)
 {
 	struct lm_route_key key = { .prefixlen = 32, .addr = p->iph->saddr };
-	struct lm_route *src = routes.lookup(&key);
+	struct lm_route *src = lm_route_lookup(&key);
 	__u16 rpf = p->in_link->flags & (LM_LINK_RPF_STRICT | LM_LINK_RPF_LOOSE);
 	int unicast = src && (src->action == LM_FORWARDED || src->action == LM_ROUTE_KERNEL);
 

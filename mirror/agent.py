@@ -6,8 +6,10 @@ reconciled; only then is the heartbeat extended, so a stuck or dead agent
 turns the fast path off (the datapath punts once the deadline passes).
 """
 
+import ctypes
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import queue
@@ -51,6 +53,9 @@ GIL_SWITCH_INTERVAL = 0.0001  # s
 QUIET_BEFORE_REDUMP = 0.05  # s without route events before uncertain prefixes are dumped again
 R_RESYNC = REASON_NAMES["RESYNC"]
 R_ROUTE_UNSUPPORTED = REASON_NAMES["ROUTE_UNSUPPORTED"]
+# The route map's first capacity (it grows when the routes need it) and
+# whether it may grow; tests force a small, fixed one to exercise overflow.
+ROUTE_CAPACITY_ENV, ROUTE_GROWTH_ENV = "LOXI_MIRROR_ROUTE_CAPACITY", "LOXI_MIRROR_ROUTE_GROWTH"
 
 
 class Agent:
@@ -74,6 +79,7 @@ class Agent:
         self.fdb_refreshed = {}  # (bridge, MAC) -> datapath use stamp at our last NTF_USE
         self.fdb_scan_due = {}  # bridge ifindex -> monotonic time of its next FDB refresh scan
         self.last_route_event = 0.0  # monotonic time of the last route event handled
+        self.first_dump = None  # the state dumped while the datapath compiled
         # Held by the main loop while it changes the model, and by control
         # requests that read it (they run in the server thread).
         self.state_lock = threading.Lock()
@@ -84,8 +90,10 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> int:
         server = control.Server(self.handle_request)  # AlreadyRunning
+        gc.disable()  # until the first sync: see settle_memory()
         try:
-            self.datapath = Datapath(cflags=self.cflags)  # DatapathError
+            self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
+            self.datapath = self._build_datapath_while_dumping()  # DatapathError
             try:
                 return self._run(server)
             finally:
@@ -93,10 +101,36 @@ class Agent:
         finally:
             server.close()
 
+    def _build_datapath_while_dumping(self):
+        """Compile and load the datapath (seconds of clang, which releases
+        the GIL) in a thread while this one dumps the kernel's state: with a
+        full routing table both take seconds, so start-up takes the longer
+        of the two instead of their sum."""
+        capacity = os.environ.get(ROUTE_CAPACITY_ENV)
+        sizes = {"LM_MAX_ROUTES": int(capacity)} if capacity else None
+        built = {}
+
+        def build():
+            try:
+                built["datapath"] = Datapath(cflags=self.cflags, sizes=sizes)
+            except BaseException as e:  # noqa: BLE001 - raised again below
+                built["error"] = e
+        compiler = threading.Thread(target=build, name="compile", daemon=True)
+        compiler.start()
+        try:
+            self.first_dump = self.netlink.fresh_dump()
+        finally:
+            compiler.join()
+        if "error" in built:
+            self.netlink.close()
+            raise built["error"]
+        return built["datapath"]
+
     def _run(self, server) -> int:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.sync = Reconciler({name: self.datapath.table(name) for name in RECONCILED_MAPS},
-                               beat=self.datapath.beat, hz=self.datapath.measure_hz())
+                               beat=self.datapath.beat, hz=self.datapath.measure_hz(),
+                               grow_routes=os.environ.get(ROUTE_GROWTH_ENV, "1") != "0")
         self.sync.on_full = self._map_full
         removed = tc.cleanup_leftovers()
         if removed:
@@ -105,7 +139,6 @@ class Agent:
         self.attacher = tc.TcAttacher(self.datapath.fd)
         self.offloader = offload.Offloader(self.sync)
         self.flow_reader = offload.FlowEventReader(self.datapath, self.events.put, self.sync.codec.decode_flow_key)
-        self.netlink = netlink.NetlinkWatcher(self.events.put, on_lost=self._events_lost)
         # The first sign of a netfilter change stops forwarding in one map write, before
         # anything is re-read: in the kernel for nftables commits (nfswitch), in a
         # child process for iptables-legacy's lock (nfhintd), and on the watcher's
@@ -141,7 +174,7 @@ class Agent:
         return server
 
     def _initial_sync(self):
-        self.state = self.netlink.fresh_dump()
+        self.state, self.first_dump = self.first_dump or self.netlink.fresh_dump(), None
         self._set_netfilter(netfilter.read_state())
         self.state.xfrm_impact = xfrm.read()
         self._refresh_sysctls()
@@ -153,6 +186,7 @@ class Agent:
             # no CAP_NET_ADMIN ...  Say so instead of idling.
             raise DatapathError(next(iter(self.attach_failed.values()))[1])
         self._beat()
+        settle_memory()
         self.ready_since = time.time()
         log.info("ready: %d interfaces, %d routes, %d neighbours", len(self.attacher.attached),
                  len(self.sync.shadow.routes), len(self.sync.shadow.neighbors))
@@ -253,7 +287,11 @@ class Agent:
         resync |= bool(self.state.uncertain) and (poll or quiet)
         if resync:
             self.resyncs += 1
-            self.state = self._resynced_state()
+            gc.disable()
+            try:
+                self.state = self._resynced_state()
+            finally:
+                gc.enable()
             reread_sysctls = True
         elif tc_changed or poll:
             # tcx programs come and go without an event: the poll catches them.
@@ -271,6 +309,7 @@ class Agent:
         self.sync.release_hold(self.nf_answered)  # the re-read netfilter state is in the maps now
         if resync:
             self._release_after_dump()
+            settle_memory()
         self._log_rule_punts()
 
     def _reread_tc(self, indexes):
@@ -303,8 +342,10 @@ class Agent:
 
     def _events_lost(self):
         """Reader thread, events just lost: the maps may hold what the
-        kernel no longer has, so nothing is forwarded until the re-dump."""
-        self.sync.hold_punt(R_RESYNC)
+        kernel no longer has, so nothing is forwarded until the re-dump
+        (before the first reconcile nothing is forwarded anyway)."""
+        if hasattr(self, "sync"):
+            self.sync.hold_punt(R_RESYNC)
 
     def _release_after_dump(self):
         """The maps match a dump no lost event predates: forward again,
@@ -532,6 +573,9 @@ class Agent:
         out["bridges"] = self._bridges_status()
         out["netfilter_hints"] = self.nf_watch.hint_summary()
         out["offload"] = dict(self.offloader.stats, nf_gen=self.state.nf_gen)
+        out["route_map"] = {"capacity": self.sync.route_capacity, "growths": self.sync.route_growths,
+                            "memlock_bytes": self.datapath.routes.memlock(), "id": self.datapath.routes.map_id()}
+        out["route_overflow"] = self.sync.route_overflow()
         out["map_resyncs"] = self.sync.resyncs
         out["unwritten"] = {name: len(pending) for name, pending in self.sync.unwritten.items() if pending}
         out["resyncs"] = self.resyncs
@@ -696,6 +740,22 @@ class Agent:
         if table == "fdb" and "mac" in match and "bridge" in match:
             return [(i, match["mac"]) for i, name in names.items() if name == match["bridge"]]
         return None
+
+
+def settle_memory():
+    """After a full dump: move what survived into the collector's permanent
+    generation (gc.freeze: a million routes are never scanned again, each
+    full collection would stall the event loop for a second), and give the
+    heap's free pages back to the system (glibc malloc_trim: the dump and the
+    first translation leave hundreds of MB of freed temporaries).  The
+    collector is off while a dump builds the state (it would scan the growing
+    heap again and again) and on again here."""
+    gc.freeze()
+    gc.enable()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _link_flag_names(flags):

@@ -1,5 +1,6 @@
-"""The bpf() syscall pieces BCC does not expose: BPF_PROG_TEST_RUN, and
-loading a program from raw instructions.
+"""The bpf() syscall pieces BCC does not expose: BPF_PROG_TEST_RUN, loading
+a program from raw instructions, creating maps (the route trie) and writing
+them element by element or in batches without BCC's per-call overhead.
 
 The agent runs lm_heartbeat with it and loads the netfilter change switch
 (mirror/nfswitch.py); the packet tests run the datapath with it.  Linux
@@ -16,8 +17,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321  # x86-64
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
 BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_QUERY = 16
@@ -56,10 +63,14 @@ class BpfAttrElem(ctypes.Structure):
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
+_ELEM_NAMES = {BPF_MAP_LOOKUP_ELEM: "BPF_MAP_LOOKUP_ELEM", BPF_MAP_UPDATE_ELEM: "BPF_MAP_UPDATE_ELEM",
+               BPF_MAP_DELETE_ELEM: "BPF_MAP_DELETE_ELEM", BPF_MAP_GET_NEXT_KEY: "BPF_MAP_GET_NEXT_KEY"}
+
+
 def _elem(cmd: int, map_fd: int, key: bytes, value) -> None:
     k = ctypes.create_string_buffer(key, len(key))
-    attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(value))
-    _bpf(cmd, attr, "BPF_MAP_LOOKUP_ELEM" if cmd == BPF_MAP_LOOKUP_ELEM else "BPF_MAP_UPDATE_ELEM")
+    attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(value) if value is not None else 0)
+    _bpf(cmd, attr, _ELEM_NAMES[cmd])
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytearray:
@@ -70,6 +81,48 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytearray:
 
 def map_update(map_fd: int, key: bytes, value: bytes) -> None:
     _elem(BPF_MAP_UPDATE_ELEM, map_fd, key, ctypes.create_string_buffer(bytes(value), len(value)))
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    """OSError ENOENT when the key is absent."""
+    _elem(BPF_MAP_DELETE_ELEM, map_fd, key, None)
+
+
+def map_keys(map_fd: int, key_size: int):
+    """Every key of the map, as bytes (BPF_MAP_GET_NEXT_KEY from no key)."""
+    out, cur = [], None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        k = ctypes.create_string_buffer(cur, key_size) if cur is not None else None
+        attr = BpfAttrElem(map_fd=map_fd, key=ctypes.addressof(k) if k is not None else 0,
+                           value=ctypes.addressof(nxt))
+        if _libc.syscall(NR_BPF, BPF_MAP_GET_NEXT_KEY, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                return out
+            raise OSError(err, f"BPF_MAP_GET_NEXT_KEY: {os.strerror(err)}")
+        cur = nxt.raw
+        out.append(cur)
+
+
+class BpfAttrCreate(ctypes.Structure):
+    """union bpf_attr, the start of the BPF_MAP_CREATE member."""
+
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               name: bytes = b"") -> int:
+    """A new map; returns its fd (the caller closes it)."""
+    attr = BpfAttrCreate(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
+                         map_flags=flags, map_name=name[:15])
+    fd = _libc.syscall(NR_BPF, BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_MAP_CREATE: {os.strerror(err)}")
+    return fd
 
 
 class BpfAttrBatch(ctypes.Structure):
@@ -95,6 +148,33 @@ def array_lookup_batch(map_fd: int, count: int, value_size: int, start: int = 0)
         if err != errno.ENOENT or attr.count != count:  # ENOENT: the map's end reached
             raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
     return values.raw
+
+
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """Write `count` packed keys and values in one call.  Returns how many
+    were written; on a failure part-way the OSError carries `.done`."""
+    return _batch(BPF_MAP_UPDATE_BATCH, map_fd, keys, values, count)
+
+
+def map_delete_batch(map_fd: int, keys: bytes, count: int) -> int:
+    """Delete `count` packed keys (every one must exist: ENOENT stops it)."""
+    return _batch(BPF_MAP_DELETE_BATCH, map_fd, keys, None, count)
+
+
+def _batch(cmd: int, map_fd: int, keys: bytes, values, count: int) -> int:
+    if not count:
+        return 0
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values)) if values is not None else None
+    attr = BpfAttrBatch(keys=ctypes.addressof(kbuf), values=ctypes.addressof(vbuf) if vbuf is not None else 0,
+                        count=count, map_fd=map_fd)
+    if _libc.syscall(NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        e = OSError(err, f"{'BPF_MAP_UPDATE_BATCH' if values is not None else 'BPF_MAP_DELETE_BATCH'}: "
+                         f"{os.strerror(err)}")
+        e.done = attr.count
+        raise e
+    return attr.count
 
 
 def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL") -> int:
@@ -241,6 +321,7 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: Optional[SkBuff] = None, repea
     return RunResult(attr.retval, data_out.raw[: attr.data_size_out], ctx_out, attr.duration)
 
 
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 
@@ -277,3 +358,32 @@ def prog_xlated_insns(prog_fd: int) -> bytes:
     info = _BpfProgInfo(xlated_prog_len=len(buf), xlated_prog_insns=ctypes.addressof(buf))
     _prog_info(prog_fd, info)
     return buf.raw[: info.xlated_prog_len]
+
+
+class _BpfMapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+def map_id(map_fd: int) -> int:
+    """The kernel's id of a map (tools can open it with map_fd_by_id)."""
+    info = _BpfMapInfo()
+    attr = _BpfAttrInfo(bpf_fd=map_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return info.id
+
+
+class _BpfAttrGetId(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+def map_fd_by_id(ident: int) -> int:
+    attr = _BpfAttrGetId(id=ident)
+    fd = _libc.syscall(NR_BPF, BPF_MAP_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_MAP_GET_FD_BY_ID: {os.strerror(err)}")
+    return fd

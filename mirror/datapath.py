@@ -34,6 +34,7 @@ from . import ifcounters
 from .bpfsys import SkBuff, prog_test_run
 from .btf import STRUCT, VMLINUX, Btf, BtfError
 from .reasons import REASONS
+from .routemap import DEFAULT_CAPACITY, RouteTable
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "kernel_bpf"
 ENTRY = "tc_ingress.c"
@@ -308,6 +309,9 @@ class Datapath:
             hint = " (not root: loading BPF needs CAP_BPF and CAP_NET_ADMIN)" if os.geteuid() != 0 else ""
             raise DatapathError(f"loading {prog} failed: {exc}{hint}: {_first_error(text)}",
                                 detail=_tail(text, int(os.environ.get('LM_VERIFIER_LINES', 40)))) from exc
+        #: the route trie behind the `routes` slot (mirror/routemap.py)
+        self.routes = RouteTable(self._bpf.get_table(b"routes").map_fd,
+                                 int((sizes or {}).get("LM_MAX_ROUTES", DEFAULT_CAPACITY)))
 
     def _patch(self, func: str) -> Dict[str, int]:
         """Patch the kfunc placeholders of one compiled function in BCC's
@@ -350,10 +354,13 @@ class Datapath:
         return self._prog
 
     def table(self, name: str):
-        """The bcc table object for a map of common.h (routes, neighbors,
-        links, config, counters); .Key/.Leaf are its ctypes types."""
+        """The bcc table object for a map of common.h (neighbors, links,
+        config, counters; for routes the RouteTable behind the slot);
+        .Key/.Leaf are its ctypes types."""
         if self._bpf is None:
             raise DatapathError("datapath is closed")
+        if name == "routes":
+            return self.routes
         try:
             return self._bpf.get_table(name.encode() if isinstance(name, str) else name)
         except KeyError as e:
@@ -397,6 +404,7 @@ class Datapath:
         """Release the program and maps (an attached program stays alive in
         the kernel until detached)."""
         if self._bpf is not None:
+            self.routes.close()
             self._bpf.cleanup()
         self._bpf = None
         self._fn = None

@@ -6,6 +6,7 @@ object carries the full state the kernel reported (netlink messages are
 complete upserts), so replaying events over a dump converges.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
@@ -151,7 +152,7 @@ class Address:
     prefixlen: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Nexthop:
     oif: int
     gateway: Optional[str] = None
@@ -180,7 +181,7 @@ class NexthopObject:
     unsupported: Tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     table: int
     dst: str
@@ -306,9 +307,6 @@ class KernelState:
 
     links: Dict[int, Link] = field(default_factory=dict)
     addresses: Set[Address] = field(default_factory=set)
-    # route key -> the routes sharing it, in the kernel's order (`ip route
-    # append/prepend` make several; the kernel uses the first that works).
-    routes: Dict[tuple, List[Route]] = field(default_factory=dict)
     neighbors: Dict[Tuple[int, str], Neighbor] = field(default_factory=dict)
     rules: Set[Rule] = field(default_factory=set)
     sysctls: Dict[str, LinkSysctls] = field(default_factory=dict)  # by ifname
@@ -354,10 +352,15 @@ class KernelState:
     ingress_tc: Dict[int, str] = field(default_factory=dict)
     # VLAN membership of bridge ports (from the bridge's AF_BRIDGE messages).
     port_vlans: Dict[int, Tuple[PortVlan, ...]] = field(default_factory=dict)
-    # Indexes: (dst, len) -> {route key: its routes}; ifindex -> route keys via it;
+    # The routes: (dst, len) -> every route for that prefix (any table,
+    # TOS, metric); those sharing a key (`ip route append/prepend` make
+    # several; the kernel uses the first that works) in the kernel's order.
+    # One list per prefix: a full Internet table has a million of them.
+    by_prefix: Dict[Tuple[str, int], List[Route]] = field(default_factory=dict)
+    # ifindex -> how many route next hops use it (the routes themselves are
+    # found by a scan, when such a link goes down or changes its MTU);
     # ifindex -> its neighbours' keys.
-    by_prefix: Dict[Tuple[str, int], Dict[tuple, List[Route]]] = field(default_factory=dict)
-    by_oif: Dict[int, Set[tuple]] = field(default_factory=dict)
+    by_oif: Dict[int, int] = field(default_factory=dict)
     neighbors_by_link: Dict[int, Set[Tuple[int, str]]] = field(default_factory=dict)
     fdb_by_link: Dict[int, Set[Tuple[int, str, int]]] = field(default_factory=dict)  # bridge and port
     local_short: Set[Tuple[str, int]] = field(default_factory=set)  # local-table prefixes < /32
@@ -365,6 +368,11 @@ class KernelState:
     # off for them until a clean dump (they punt meanwhile).
     uncertain: Set[Tuple[str, int]] = field(default_factory=set)
     changes: Changes = field(default_factory=Changes)
+
+    @property
+    def routes(self) -> "RoutesView":
+        """route key -> the routes sharing it, in the kernel's order (a view)."""
+        return RoutesView(self.by_prefix)
 
     def take_changes(self) -> Changes:
         changes, self.changes = self.changes, Changes()
@@ -438,8 +446,9 @@ class KernelState:
         may have changed, the routes through it need another look."""
         self.changes.links.add(index)
         self.changes.neighbors |= self.neighbors_by_link.get(index, set())
-        if routes:
-            self.changes.prefixes |= {(k[1], k[2]) for k in self.by_oif.get(index, ())}
+        if routes and self.by_oif.get(index):
+            self.changes.prefixes |= {p for p, rs in self.by_prefix.items()
+                                      if any(nh.oif == index for r in rs for nh in r.nexthops)}
 
     def set_sysctls(self, sysctls: Dict[str, LinkSysctls]):
         changed = {n for n in set(sysctls) | set(self.sysctls) if sysctls.get(n) != self.sysctls.get(n)}
@@ -484,65 +493,85 @@ class KernelState:
         sharing its key: after them (APPEND: `ip route append`, dumps, a new
         key), before them (PREPEND: `ip route prepend`), or in place of the
         first of them (REPLACE)."""
-        aliases = self.routes.setdefault(route.key, [])
-        if where == REPLACE and aliases:
-            self._unindex(aliases[0])
-            aliases[0] = route
-        elif where == PREPEND:
-            aliases.insert(0, route)
+        prefix = (route.dst, route.dst_len)
+        routes = self.by_prefix.get(prefix)
+        if routes is None:
+            self.by_prefix[prefix] = [route]
         else:
-            aliases.append(route)
+            key = route.key
+            same = [i for i, r in enumerate(routes) if r.key == key]
+            if where == REPLACE and same:
+                self._unindex(routes[same[0]])
+                routes[same[0]] = route
+            elif where == PREPEND and same:
+                routes.insert(same[0], route)
+            elif same:
+                routes.insert(same[-1] + 1, route)
+            else:
+                routes.append(route)
         self._index(route)
         self._route_changed(route)
+
+    def load_routes(self, routes):
+        """set_route(APPEND) for every route of a dump, in the kernel's order,
+        without recording changes one by one (a dumped state is translated
+        in full).  The common case of a new prefix is one dict store."""
+        by_prefix, by_oif = self.by_prefix, self.by_oif
+        for route in routes:
+            prefix = (route.dst, route.dst_len)
+            if prefix in by_prefix or route.table == TABLE_LOCAL:
+                self.set_route(route)
+                continue
+            by_prefix[prefix] = [route]
+            for nh in route.nexthops:
+                by_oif[nh.oif] = by_oif.get(nh.oif, 0) + 1
+        self.changes.all_routes = True
 
     def del_route(self, route: Route):
         """Remove the route RTM_DELROUTE describes: the first of its key
         that is the same route (nexthop flags such as LINKDOWN change
         without notification, so they do not count)."""
-        aliases = self.routes.get(route.key)
-        if not aliases:
+        prefix, key = (route.dst, route.dst_len), route.key
+        routes = self.by_prefix.get(prefix)
+        same = [i for i, r in enumerate(routes or ()) if r.key == key]
+        if not same:
             return
-        for i, alias in enumerate(aliases):
-            if alias.same_route(route):
-                del aliases[i]
-                self._unindex(alias)
+        for i in same:
+            if routes[i].same_route(route):
+                self._unindex(routes.pop(i))
                 break
         else:
             # Not one we know: the model is off for this key.  Punt it
             # (an unsupported route first in line) until the next dump.
             unknown = Route(route.table, route.dst, route.dst_len, tos=route.tos, priority=route.priority,
                             unsupported=("RTM_DELROUTE of an unknown route",))
-            old, aliases[:] = list(aliases), [unknown]
-            for alias in old:
-                self._unindex(alias)
+            for i in reversed(same):
+                self._unindex(routes.pop(i))
+            routes.insert(same[0], unknown)
             self._index(unknown)
-        if not aliases:
-            del self.routes[route.key]
+        if not routes:
+            del self.by_prefix[prefix]
         self._route_changed(route)
 
     def _index(self, route: Route):
-        self.by_prefix.setdefault((route.dst, route.dst_len), {})[route.key] = self.routes[route.key]
         for nh in route.nexthops:
-            self.by_oif.setdefault(nh.oif, set()).add(route.key)
+            self.by_oif[nh.oif] = self.by_oif.get(nh.oif, 0) + 1
         if route.table == TABLE_LOCAL and route.dst_len < 32:
             self.local_short.add((route.dst, route.dst_len))
 
     def _unindex(self, route: Route):
-        """Drop the indexes that only this alias of its key needed."""
-        prefix, key = (route.dst, route.dst_len), route.key
-        if not any(a is not route for a in self.routes.get(key, ())):
-            self.by_prefix[prefix].pop(key, None)
-            if not self.by_prefix[prefix]:
-                del self.by_prefix[prefix]
-        if not any(r.table == TABLE_LOCAL for aliases in self.by_prefix.get(prefix, {}).values() for r in aliases):
-            self.local_short.discard(prefix)
-        others = {nh.oif for a in self.routes.get(key, ()) if a is not route for nh in a.nexthops}
+        """Drop what the indexes hold for this route (call before or after
+        it left by_prefix)."""
+        prefix = (route.dst, route.dst_len)
         for nh in route.nexthops:
-            keys = self.by_oif.get(nh.oif)
-            if keys is not None and nh.oif not in others:
-                keys.discard(key)
-                if not keys:
-                    del self.by_oif[nh.oif]
+            left = self.by_oif.get(nh.oif, 0) - 1
+            if left > 0:
+                self.by_oif[nh.oif] = left
+            else:
+                self.by_oif.pop(nh.oif, None)
+        if route.table == TABLE_LOCAL and not any(r.table == TABLE_LOCAL and r is not route
+                                                  for r in self.by_prefix.get(prefix, ())):
+            self.local_short.discard(prefix)
 
     def _route_changed(self, route: Route):
         self.changes.prefixes.add((route.dst, route.dst_len))
@@ -558,18 +587,22 @@ class KernelState:
         """What fib_sync_down_dev() + fib_flush() do when the link goes
         down or away: routes all of whose next hops use it are removed,
         multipath routes keep the others and mark these dead."""
-        for key in list(self.by_oif.get(index, ())):
-            for alias in list(self.routes.get(key, ())):
-                if alias.nexthops and all(nh.oif == index for nh in alias.nexthops):
-                    self.del_route(alias)
-                elif any(nh.oif == index for nh in alias.nexthops):
-                    dead = tuple(replace(nh, flags=nh.flags | RTNH_F_DEAD) if nh.oif == index else nh
-                                 for nh in alias.nexthops)
-                    self._replace_alias(alias, replace(alias, nexthops=dead))
+        if not self.by_oif.get(index):
+            return
+        using = [r for rs in self.by_prefix.values() for r in rs if any(nh.oif == index for nh in r.nexthops)]
+        for route in using:
+            if all(nh.oif == index for nh in route.nexthops):
+                self.del_route(route)
+            else:
+                dead = tuple(replace(nh, flags=nh.flags | RTNH_F_DEAD) if nh.oif == index else nh
+                             for nh in route.nexthops)
+                self._replace_alias(route, replace(route, nexthops=dead))
 
     def _replace_alias(self, old: Route, new: Route):
-        aliases = self.routes[old.key]
-        aliases[next(i for i, a in enumerate(aliases) if a is old)] = new
+        routes = self.by_prefix[(old.dst, old.dst_len)]
+        routes[next(i for i, r in enumerate(routes) if r is old)] = new
+        self._unindex(old)
+        self._index(new)
         self._route_changed(new)
 
     # -- nexthop objects ---------------------------------------------------
@@ -583,9 +616,8 @@ class KernelState:
         without a message per route (fib_flush); so does the model."""
         if self.nexthops.pop(nh_id, None) is None:
             return
-        for aliases in list(self.routes.values()):
-            for route in [r for r in aliases if r.nhid == nh_id]:
-                self.del_route(route)
+        for route in [r for rs in self.by_prefix.values() for r in rs if r.nhid == nh_id]:
+            self.del_route(route)
         self.changes.all_routes = True
 
     # -- rules (they only switch forwarding as a whole: nothing to record) --
@@ -658,3 +690,24 @@ def _put(table: dict, key, value) -> bool:
     else:
         table[key] = value
     return True
+
+
+class RoutesView(Mapping):
+    """route key -> [routes sharing it, in the kernel's order], read from
+    KernelState.by_prefix (the one store of routes)."""
+
+    def __init__(self, by_prefix):
+        self._by_prefix = by_prefix
+
+    def __getitem__(self, key):
+        found = [r for r in self._by_prefix.get((key[1], key[2]), ()) if r.key == key]
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self):
+        for routes in self._by_prefix.values():
+            yield from dict.fromkeys(r.key for r in routes)
+
+    def __len__(self):
+        return sum(len({r.key for r in routes}) for routes in self._by_prefix.values())

@@ -9,6 +9,7 @@ full resync.
 """
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -21,6 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from . import bpfsys, nexthop, tc
 from . import model as m
@@ -185,59 +187,132 @@ def parse_address(msg) -> m.Address:
     return m.Address(index=msg["index"], address=addr, prefixlen=msg["prefixlen"])
 
 
-RTA_NH_ID = 30  # pyroute2 leaves it undecoded ("UNKNOWN")
-
-
-def _nh_id(msg) -> int:
-    """RTA_NH_ID's value (0: none), from the raw attribute."""
-    for name, value in msg["attrs"]:
-        if name == "UNKNOWN" and value["header"]["type"] == RTA_NH_ID:
-            return struct.unpack_from("=I", value.data, value.offset + 4)[0]
-    return 0
-
-
 def parse_route(msg) -> m.Route:
-    attrs = dict(msg["attrs"])  # one pass: get_attr() rescans the list each time
-    # Anything else (lwtunnel encap, RTA_VIA, realms, unknown attributes
-    # ...) changes forwarding in ways not mirrored.
-    nhid = _nh_id(msg) if "UNKNOWN" in attrs else 0
-    unsupported = sorted(name for name in attrs if name not in _ROUTE_ATTRS)
-    if nhid and all(n != "UNKNOWN" or v["header"]["type"] == RTA_NH_ID for n, v in msg["attrs"]):
-        unsupported.remove("UNKNOWN")
-    multipath = attrs.get("RTA_MULTIPATH")
-    if multipath:
-        hops = tuple(
-            m.Nexthop(oif=nh["oif"], gateway=nh.get_attr("RTA_GATEWAY"), flags=nh["flags"], weight=nh["hops"] + 1)
-            for nh in multipath
-        )
-        # A hop's own encap, realm, RTA_VIA ...
-        unsupported += sorted({name for nh in multipath for name, _ in nh["attrs"] if name != "RTA_GATEWAY"})
-    elif "RTA_OIF" in attrs or "RTA_GATEWAY" in attrs:
-        hops = (m.Nexthop(oif=attrs.get("RTA_OIF") or 0, gateway=attrs.get("RTA_GATEWAY"),
-                          flags=msg["flags"] & 0xFF),)
-    else:
-        hops = ()
-    mtu = 0
-    metrics = attrs.get("RTA_METRICS")
-    if metrics:
-        metrics = dict(metrics["attrs"])
-        mtu = metrics.get("RTAX_MTU") or 0
-        if metrics.get("RTAX_LOCK", 0) & (1 << RTAX_MTU):
-            # "mtu lock": the kernel then forwards by learned path MTUs
-            # (ip_dst_mtu_maybe_forward), which are not mirrored.
-            unsupported.append("RTAX_LOCK mtu")
-    return m.Route(
-        table=attrs.get("RTA_TABLE") or msg["table"],
-        dst=attrs.get("RTA_DST") or "0.0.0.0",
-        dst_len=msg["dst_len"],
-        type=msg["type"],
-        tos=msg["tos"],
-        priority=attrs.get("RTA_PRIORITY") or 0,
-        nexthops=hops,
-        mtu=mtu,
-        nhid=nhid,
-        unsupported=tuple(unsupported),
-    )
+    """A route from a pyroute2-decoded RTM_NEWROUTE/DELROUTE (its wire bytes
+    are decoded again by decode_route: one decoder for events and dumps)."""
+    return decode_route(msg.data, msg.offset)
+
+
+# Route attribute types (linux/rtnetlink.h) and their names as pyroute2 gives
+# them (types it does not know are "UNKNOWN"), for `unsupported`.
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_METRICS, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 8, 9, 15
+RTA_NH_ID = 30
+RTAX_LOCK = 1
+_RTA_NAMES = tuple(name for name, _ in rtmsg.nla_map)
+_RTA_SUPPORTED = frozenset(i for i, name in enumerate(_RTA_NAMES) if name in _ROUTE_ATTRS) | {RTA_NH_ID}
+_NLMSG = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTA = struct.Struct("=HH")
+_RTNH = struct.Struct("=HBBi")  # len, flags, hops, ifindex
+_U32 = struct.Struct("=I")
+# RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF and nothing else, as a dump gives
+# `ip route add P via G` (rtattr length and type before each value).
+_PLAIN = struct.Struct("=HHIHH4sHH4sHHI")
+_PLAIN_LEN = 28 + _PLAIN.size
+_inet_ntoa = socket.inet_ntoa
+# Next-hop tuples are shared: a big table has a handful of distinct ones.
+_HOPS: dict = {}
+
+
+def decode_route(buf, offset: int = 0) -> m.Route:
+    """The route in the rtnetlink message at `offset` of `buf` (nlmsghdr
+    included), decoded with struct rather than a pyroute2 object per message.
+    Attributes beyond those the translator handles are listed by name in
+    `unsupported`, as is `mtu lock`."""
+    length = _NLMSG.unpack_from(buf, offset)[0]
+    end = offset + length
+    _, dst_len, _, tos, table, _, _, rtype, rtm_flags = _RTMSG.unpack_from(buf, offset + 16)
+    if length == _PLAIN_LEN:  # what a full table is made of: one struct call
+        f = _PLAIN.unpack_from(buf, offset + 28)
+        if f[:2] == (8, RTA_TABLE) and f[3:5] == (8, RTA_DST) and f[6:8] == (8, RTA_GATEWAY) and f[9:11] == (8, RTA_OIF):
+            return m.Route(f[2], _inet_ntoa(f[5]), dst_len, rtype, tos, 0,
+                           _shared_hops(((f[11], _inet_ntoa(f[8]), rtm_flags & 0xFF, 1),)))
+    dst, oif, gateway, priority, mtu, nhid, hops, unsupported = "0.0.0.0", 0, None, 0, 0, 0, None, []
+    pos, has_hop = offset + 28, False
+    while pos + 4 <= end:
+        alen, atype = _RTA.unpack_from(buf, pos)
+        if alen < 4:
+            break
+        atype &= 0x3FFF  # NLA_F_NESTED / NET_BYTEORDER
+        body = pos + 4
+        if atype == RTA_DST:
+            dst = _inet_ntoa(bytes(buf[body:body + 4]))
+        elif atype == RTA_TABLE:
+            table = _U32.unpack_from(buf, body)[0]
+        elif atype == RTA_OIF:
+            oif, has_hop = _U32.unpack_from(buf, body)[0], True
+        elif atype == RTA_GATEWAY:
+            gateway, has_hop = _inet_ntoa(bytes(buf[body:body + 4])), True
+        elif atype == RTA_PRIORITY:
+            priority = _U32.unpack_from(buf, body)[0]
+        elif atype == RTA_NH_ID:
+            nhid = _U32.unpack_from(buf, body)[0]
+        elif atype == RTA_METRICS:
+            mtu, locked = _metrics(buf, body, pos + alen)
+            if locked:
+                # "mtu lock": the kernel then forwards by learned path MTUs
+                # (ip_dst_mtu_maybe_forward), which are not mirrored.
+                unsupported.append("RTAX_LOCK mtu")
+        elif atype == RTA_MULTIPATH:
+            hops = _multipath(buf, body, pos + alen, unsupported)
+        elif atype not in _RTA_SUPPORTED:
+            # Anything else (lwtunnel encap, RTA_VIA, realms ...) changes
+            # forwarding in ways not mirrored.
+            unsupported.append(_RTA_NAMES[atype] if atype < len(_RTA_NAMES) else "UNKNOWN")
+        pos += (alen + 3) & ~3
+    if hops is None:
+        hops = _shared_hops(((oif, gateway, rtm_flags & 0xFF, 1),)) if has_hop else ()
+    if unsupported:  # each name once, sorted; the MTU lock last
+        names = sorted({u for u in unsupported if u != "RTAX_LOCK mtu"})
+        unsupported = tuple(names + ["RTAX_LOCK mtu"] * ("RTAX_LOCK mtu" in unsupported))
+    return m.Route(table, dst, dst_len, rtype, tos, priority, hops, mtu=mtu, unsupported=tuple(unsupported), nhid=nhid)
+
+
+def _metrics(buf, pos, end):
+    """(RTAX_MTU, whether RTAX_LOCK locks the MTU) of an RTA_METRICS nest."""
+    mtu = lock = 0
+    while pos + 4 <= end:
+        alen, atype = _RTA.unpack_from(buf, pos)
+        if alen < 4:
+            break
+        if atype == RTAX_MTU:
+            mtu = _U32.unpack_from(buf, pos + 4)[0]
+        elif atype == RTAX_LOCK:
+            lock = _U32.unpack_from(buf, pos + 4)[0]
+        pos += (alen + 3) & ~3
+    return mtu, bool(lock & (1 << RTAX_MTU))
+
+
+def _multipath(buf, pos, end, unsupported):
+    """The struct rtnexthop list of RTA_MULTIPATH, each with its RTA_GATEWAY;
+    the names of any other hop attribute are added to `unsupported`."""
+    hops = []
+    while pos + _RTNH.size <= end:
+        nh_len, flags, weight, ifindex = _RTNH.unpack_from(buf, pos)
+        if nh_len < _RTNH.size:
+            break
+        gateway, apos = None, pos + _RTNH.size
+        while apos + 4 <= pos + nh_len:
+            alen, atype = _RTA.unpack_from(buf, apos)
+            if alen < 4:
+                break
+            if atype == RTA_GATEWAY:
+                gateway = _inet_ntoa(bytes(buf[apos + 4:apos + 8]))
+            else:  # a hop's own encap, realm, RTA_VIA ...
+                unsupported.append(_RTA_NAMES[atype & 0x3FFF] if atype & 0x3FFF < len(_RTA_NAMES) else "UNKNOWN")
+            apos += (alen + 3) & ~3
+        hops.append((ifindex, gateway, flags, weight + 1))
+        pos += (nh_len + 3) & ~3
+    return _shared_hops(tuple(hops))
+
+
+def _shared_hops(spec):
+    hops = _HOPS.get(spec)
+    if hops is None:
+        if len(_HOPS) > 65536:
+            _HOPS.clear()
+        hops = _HOPS[spec] = tuple(m.Nexthop(oif, gw, flags, weight) for oif, gw, flags, weight in spec)
+    return hops
 
 
 def parse_neighbor(msg) -> Optional[m.Neighbor]:
@@ -269,7 +344,6 @@ def parse_rule(msg) -> m.Rule:
 _OBJECT_EVENTS = {
     "RTM_NEWADDR": (parse_address, m.KernelState.add_address),
     "RTM_DELADDR": (parse_address, m.KernelState.del_address),
-    "RTM_DELROUTE": (parse_route, m.KernelState.del_route),
     "RTM_NEWNEIGH": (parse_neighbor, m.KernelState.set_neighbor),
     "RTM_DELNEIGH": (parse_neighbor, m.KernelState.del_neighbor),
     "RTM_NEWRULE": (parse_rule, m.KernelState.add_rule),
@@ -316,10 +390,14 @@ def apply(state: m.KernelState, msg) -> bool:
         if entry is None:
             return False
         (state.set_fdb if event == "RTM_NEWNEIGH" else state.del_fdb)(entry)
-    elif event == "RTM_NEWROUTE":
+    elif event in ROUTE_EVENTS:
         if msg.get("family") != socket.AF_INET:
             return False
-        state.set_route(parse_route(msg), route_position(msg["header"]["flags"]))
+        route = msg["route"] if "route" in msg else parse_route(msg)
+        if event == "RTM_DELROUTE":
+            state.del_route(route)
+        else:
+            state.set_route(route, route_position(msg["header"]["flags"]))
     elif event in _OBJECT_EVENTS:
         if msg.get("family") != socket.AF_INET:
             return False
@@ -543,8 +621,7 @@ def dump(ipr, abort=None) -> m.KernelState:
         state.add_address(parse_address(msg))
     for nh in nexthop.dump():
         state.set_nexthop(nh)
-    for msg in dump_routes(abort):  # every table, in the kernel's order
-        state.set_route(parse_route(msg))
+    state.load_routes(dump_routes(abort))  # every table, in the kernel's order
     for msg in ipr.get_neighbours(family=socket.AF_INET):
         neigh = parse_neighbor(msg)
         if neigh is not None:
@@ -567,33 +644,46 @@ def dump(ipr, abort=None) -> m.KernelState:
     return state
 
 
-RTM_GETLINK, RTM_GETROUTE = 18, 26
+RTM_GETLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 18, 24, 25, 26
 NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
 NLMSG_DONE, NLMSG_ERROR = 3, 2
 
 
 def dump_routes(abort=None):
-    """The IPv4 routes of every table, read datagram by datagram from a
-    socket of its own (faster than IPRoute.get_routes, and it can stop as
-    soon as abort() says the result would be stale anyway)."""
+    """The IPv4 routes (model Routes) of every table, read datagram by
+    datagram from a socket of its own and decoded by decode_route (it can
+    stop as soon as abort() says the result would be stale anyway)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    marshal = MarshalRtnl()
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, 0))
-        rtmsg = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        sock.send(struct.pack("=IHHII", 16 + len(rtmsg), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + rtmsg)
-        while True:
-            if abort is not None and abort():
+        req = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        sock.send(_NLMSG.pack(16 + len(req), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + req)
+        for count in itertools.count():
+            # Asked every 64 datagrams: each question reads the event socket.
+            if abort is not None and count % 64 == 0 and abort():
                 raise DumpInterrupted()
-            for msg in marshal.parse(sock.recv(RECV_BYTES)):
-                kind = msg["header"]["type"]
+            data = sock.recv(RECV_BYTES)
+            for kind, _, offset in messages(data):
                 if kind == NLMSG_DONE:
                     return
                 if kind == NLMSG_ERROR:
-                    raise OSError(-msg["error"], "route dump failed")
-                yield msg
+                    raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "route dump failed")
+                if kind == RTM_NEWROUTE and data[offset + 16] == socket.AF_INET:
+                    yield decode_route(data, offset)
     finally:
         sock.close()
+
+
+def messages(data):
+    """(type, flags, offset) of each netlink message in a datagram."""
+    pos, end = 0, len(data)
+    while pos + 16 <= end:
+        length, kind, flags, _, _ = _NLMSG.unpack_from(data, pos)
+        if length < 16:
+            return
+        yield kind, flags, pos
+        pos += (length + 3) & ~3
 
 
 ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
@@ -717,18 +807,12 @@ class NetlinkWatcher:
         try:
             msgs = []
             for data, nsid in datagrams:
-                for msg in self.marshal.parse(data):
-                    msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
-                    if nsid is None:
-                        msgs.append(msg)
-                    elif msg["event"] in ("RTM_NEWLINK", "RTM_DELLINK"):
-                        msg["nsid"] = nsid  # another namespace's link: maybe a veth peer
-                        msgs.append(msg)
+                msgs += self._decode(data, nsid)
         except Exception as e:  # undecodable: do not guess, re-dump
             msgs, lost = [], f"decode error {e}"
         for msg in msgs:
-            if msg["event"] in ROUTE_EVENTS and msg.get("family") == socket.AF_INET and "nsid" not in msg:
-                route = parse_route(msg)
+            route = msg.get("route")
+            if route is not None:
                 self._window.add((route.dst, route.dst_len))
                 if route.table == m.TABLE_LOCAL and route.dst_len < 32:
                     self._window_lost = True  # it covers other prefixes: no partial trust
@@ -740,6 +824,27 @@ class NetlinkWatcher:
             self.lost_gen = self.gen
             self.on_lost()
             self.post(("resync", self.gen))
+
+    def _decode(self, data, nsid):
+        """The messages of one datagram: IPv4 routes of this namespace
+        decoded by decode_route (a route event is {"event", "family",
+        "header": {"flags"}, "route"}), everything else by pyroute2."""
+        out = []
+        for kind, flags, offset in messages(data):
+            if kind in (RTM_NEWROUTE, RTM_DELROUTE) and nsid is None:
+                if data[offset + 16] == socket.AF_INET:
+                    out.append({"event": EVENT_NAMES[kind], "family": socket.AF_INET, "header": {"flags": flags},
+                                "route": decode_route(data, offset)})
+                continue
+            length = _NLMSG.unpack_from(data, offset)[0]
+            for msg in self.marshal.parse(data[offset:offset + length]):
+                msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
+                if nsid is None:
+                    out.append(msg)
+                elif msg["event"] in ("RTM_NEWLINK", "RTM_DELLINK"):
+                    msg["nsid"] = nsid  # another namespace's link: maybe a veth peer
+                    out.append(msg)
+        return out
 
     def _discard_queued(self, most=1 << 20):
         """Drop what the socket holds (older than the coming dump) and

@@ -9,6 +9,7 @@ routes still go first so removed paths stop being used as early as possible.
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -17,10 +18,11 @@ import threading
 from dataclasses import asdict, replace
 
 from . import ifcounters
+from . import routemap
 from .flows import FlowEntry, FlowKey
 from .reasons import BY_NAME, REASONS
 from .translate import MAP_TABLES as TABLES
-from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, RouteEntry
+from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, RouteEntry, overflow_covers
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,16 @@ BOUNDED_TABLES = ("links", "ports", "neighbors", "fdb")
 
 def is_map_full(exc: Exception) -> bool:
     return any(text in str(exc) for text in MAP_FULL_ERRORS)
+
+
+_U32 = struct.Struct("=I")
+_ZERO4 = bytes(4)
+FORWARDED = BY_NAME["FORWARDED"]
+# Errors of a write that found no room for a new entry.
+NO_ROOM = (errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
+# Route map slots kept free for the cover of last resort (0.0.0.0/0 punting
+# ROUTE_OVERFLOW) when a route that did not fit has no covering route.
+ROUTE_SLOTS_RESERVED = 1
 
 
 def ip_to_u32(ip: str) -> int:
@@ -69,6 +81,16 @@ class Codec:
     def route_leaf(self, e: RouteEntry):
         gw = ip_to_u32(e.gateway) if e.gateway else 0
         return self.t["routes"].Leaf(e.action, e.oif, gw, e.mtu)
+
+    @staticmethod
+    def route_key_bytes(prefix) -> bytes:
+        """struct lm_route_key, packed (for batched writes)."""
+        return _U32.pack(prefix[1]) + socket.inet_aton(prefix[0])
+
+    @staticmethod
+    def route_leaf_bytes(e: RouteEntry) -> bytes:
+        gw = socket.inet_aton(e.gateway) if e.gateway else _ZERO4
+        return _U32.pack(e.action) + _U32.pack(e.oif) + gw + _U32.pack(e.mtu)
 
     def decode_route(self, k, v):
         gw = u32_to_ip(v.gateway) if v.gateway else None
@@ -154,11 +176,23 @@ class Codec:
 
 
 class Reconciler:
-    def __init__(self, tables, beat, hz: int):
+    def __init__(self, tables, beat, hz: int, grow_routes: bool = True, covers_for=overflow_covers):
         """tables: name -> BCC table for routes, neighbors, links and config;
         beat(ttl_jiffies): runs the datapath's heartbeat program; hz: the
-        kernel's jiffies per second."""
+        kernel's jiffies per second.  grow_routes: rebuild the route map
+        bigger when the routes do not fit (else they overflow); covers_for:
+        the translator's decision of which entries punt for the routes that
+        did not fit (translate.overflow_covers)."""
         self.tables = tables
+        self.grow_routes = grow_routes
+        self.covers_for = covers_for
+        # Routes the map has no room for: prefix -> the translator's entry.
+        self.unwritten = {}
+        # Entries punting ROUTE_OVERFLOW for them: prefix -> the translator's
+        # entry there (None: the translator wants none, e.g. 0.0.0.0/0).
+        self.covered = {}
+        self.route_growths = 0
+        self._leaves = {}  # id(RouteEntry) -> (it, its packed lm_route)
         self._beat = beat
         self.hz = hz
         self.codec = Codec(tables)
@@ -214,7 +248,7 @@ class Reconciler:
             want = getattr(desired, table)
             gone = {k: None for k in getattr(self.shadow, table) if k not in want}
             gone.update((k, None) for k in self.unwritten.get(table, ()) if k not in want)
-            setattr(delta, table, {**want, **gone})
+            setattr(delta, table, {**want, **gone} if gone else want)  # no copy of a full table when nothing goes
         return delta
 
     def _apply(self, delta: Desired) -> int:
@@ -225,12 +259,11 @@ class Reconciler:
         tighter = delta.punt_forward_reason or delta.nf.nf_mode != self._nf.nf_mode or delta.nf.nf_gen != self._nf.nf_gen
         if tighter:
             changes += self._set_config(delta.punt_forward_reason, delta.nf, delta.fib_flags)
-        changes += self._delete(t["routes"], cur.routes, delta.routes, c.route_key)
+        changes += self._apply_routes(delta.routes)
         changes += self._delete(t["fdb"], cur.fdb, delta.fdb, c.fdb_key)
         links = {k: v and replace(v, slot=self._slot_of(k)) for k, v in delta.links.items()}
         for name in BOUNDED_TABLES:
             changes += self._upsert_bounded(name, links if name == "links" else getattr(delta, name))
-        changes += self._upsert(t["routes"], cur.routes, delta.routes, c.route_key, c.route_leaf)
         changes += self._delete(t["neighbors"], cur.neighbors, delta.neighbors, c.neigh_key)
         changes += self._delete(t["ports"], cur.ports, delta.ports, c.port_key)
         changes += self._delete(t["links"], cur.links, links, c.link_key)
@@ -240,6 +273,173 @@ class Reconciler:
         if not tighter:
             changes += self._set_config(delta.punt_forward_reason, delta.nf, delta.fib_flags)
         return changes
+
+    # -- routes: room, overflow, growth -------------------------------------
+    def _apply_routes(self, delta) -> int:
+        """Write the route delta.  New routes the map has no room for (and
+        cannot grow for) stay unwritten; the entries covering them punt
+        ROUTE_OVERFLOW (decided by covers_for), written before anything is
+        deleted, so a lookup never falls through to a less specific route
+        than the kernel's.  Unwritten routes are tried again each time."""
+        cur = self.shadow.routes
+        for key, value in delta.items():
+            self.unwritten.pop(key, None)
+            if key in self.covered:
+                self.covered[key] = value  # the translator's entry, for when it stops punting
+        deletes = [k for k, v in delta.items() if v is None and k in cur and k not in self.covered]
+        writes = {k: v for k, v in delta.items() if v is not None and k not in self.covered and cur.get(k) != v}
+        new = [k for k in writes if k not in cur] + [k for k in self.unwritten if k not in writes]
+        writes.update(self.unwritten)
+        self.unwritten = {}
+        # Covers of last resort (not wanted by the translator) use the reserved slot.
+        reserved = sum(1 for v in self.covered.values() if v is None)
+        room = self._route_room(len(cur) - len(deletes) - reserved, len(new))
+        if len(new) > room:
+            # Punting entries (local addresses ...) first, then the least
+            # specific: a missing /24 costs the /16 that covers it, a missing
+            # /16 could cost the default route.
+            new.sort(key=lambda k: (writes[k].action == FORWARDED, k[1]))
+            for key in new[max(room, 0):]:
+                self.unwritten[key] = writes.pop(key)
+        gone = set(deletes)
+        present = lambda k: (k in cur and k not in gone) or k in writes  # noqa: E731
+        covers = self.covers_for(self.unwritten, present) if self.unwritten else {}
+        n = self._cover(covers, delta, writes)
+        n += self._delete_routes(deletes)
+        failed = self._write_routes(writes)
+        if failed:  # no room after all (kernel memory): cover those too
+            self.unwritten.update({k: writes[k] for k in failed})
+            covers = self.covers_for(self.unwritten, lambda k: k in cur)
+            n += self._cover(covers, delta, {})
+        n += len(writes) - len(failed) + self._uncover(covers)
+        self._log_overflow()
+        return n
+
+    def _route_room(self, kept: int, new: int) -> int:
+        """How many new entries fit; grows the map first if allowed and needed."""
+        table = self.tables["routes"]
+        capacity = getattr(table, "max_entries", 1 << 32) - ROUTE_SLOTS_RESERVED
+        if new > capacity - kept and self.grow_routes and hasattr(table, "rebuild"):
+            try:
+                self._grow(kept + new)
+            except OSError as e:  # no memory for a bigger trie: what does not fit overflows
+                log.warning("cannot grow the route map beyond %d entries (%s)", table.max_entries, e)
+            capacity = table.max_entries - ROUTE_SLOTS_RESERVED
+        return capacity - kept
+
+    def _grow(self, needed: int):
+        """A bigger trie with every current entry, swapped in (routemap.py)."""
+        table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
+        old, capacity = table.max_entries, routemap.headroom(needed + ROUTE_SLOTS_RESERVED)
+        keys = b"".join(map(c.route_key_bytes, cur))
+        leaves = b"".join(map(self._leaf_bytes, cur.values()))
+        table.rebuild(capacity, keys, leaves, len(cur))
+        self.route_growths += 1
+        log.info("route map grown from %d to %d entries (%d routes wanted)", old, capacity, needed)
+
+    def _cover(self, covers, delta, writes) -> int:
+        """Make the covering entries punt ROUTE_OVERFLOW (they exist, are
+        about to be written, or are the reserved slot's 0.0.0.0/0),
+        remembering the translator's entry for when they stop covering."""
+        cur, n = self.shadow.routes, 0
+        for key, entry in covers.items():
+            if key in writes:
+                self.covered[key] = writes.pop(key)
+            elif key not in self.covered:
+                self.covered[key] = delta[key] if key in delta else cur.get(key)
+            if cur.get(key) != entry:
+                self._write_route(key, entry)
+                n += 1
+        return n
+
+    def _uncover(self, covers) -> int:
+        """Entries that no longer cover an unwritten route: the translator's again."""
+        n = 0
+        for key in [k for k in self.covered if k not in covers]:
+            want = self.covered.pop(key)
+            if want is None:
+                n += self._delete_routes([key])
+            else:
+                self._write_route(key, want)
+                n += 1
+        return n
+
+    def _write_route(self, key, entry):
+        self.tables["routes"][self.codec.route_key(key)] = self.codec.route_leaf(entry)
+        self.shadow.routes[key] = entry
+
+    def _write_routes(self, writes) -> list:
+        """Write entries (batched where the table allows); returns the keys
+        that found no room."""
+        table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
+        done = 0
+        if len(writes) > 1 and hasattr(table, "update_batch"):
+            keys = b"".join(map(c.route_key_bytes, writes))
+            leaves = b"".join(map(self._leaf_bytes, writes.values()))
+            try:
+                table.update_batch(keys, leaves, len(writes))
+                cur.update(writes)
+                return []
+            except OSError as e:
+                done = getattr(e, "done", 0)  # the rest one by one, below
+        cur.update(itertools.islice(writes.items(), done))
+        failed = []
+        for key, value in itertools.islice(writes.items(), done, None):
+            try:
+                self._write_route(key, value)
+            except OSError as e:
+                if e.errno not in NO_ROOM:
+                    raise
+                failed.append(key)
+        return failed
+
+    def _leaf_bytes(self, entry) -> bytes:
+        """Packed lm_route, computed once per entry object (the translator
+        makes equal entries one object: a big table has a few)."""
+        cached = self._leaves.get(id(entry))
+        if cached is None or cached[0] is not entry:
+            if len(self._leaves) > 65536:
+                self._leaves.clear()
+            cached = self._leaves[id(entry)] = (entry, self.codec.route_leaf_bytes(entry))
+        return cached[1]
+
+    def _delete_routes(self, keys) -> int:
+        table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
+        if len(keys) > 1 and hasattr(table, "delete_batch"):
+            try:
+                table.delete_batch(b"".join(map(c.route_key_bytes, keys)), len(keys))
+                for key in keys:
+                    del cur[key]
+                return len(keys)
+            except OSError:
+                pass  # one was absent already: one by one
+        for key in keys:
+            try:
+                del table[c.route_key(key)]
+            except KeyError:
+                pass  # already absent: the goal is reached
+            cur.pop(key, None)
+        return len(keys)
+
+    def _log_overflow(self):
+        overflowing = bool(self.unwritten)
+        if overflowing and not getattr(self, "_overflow_logged", False):
+            log.warning("route map full: %d route(s) not written (capacity %d); the routes covering them "
+                        "punt ROUTE_OVERFLOW", len(self.unwritten), self.route_capacity)
+        elif not overflowing and getattr(self, "_overflow_logged", False):
+            log.info("route map overflow cleared: every route is written")
+        self._overflow_logged = overflowing
+
+    @property
+    def route_capacity(self) -> int:
+        return getattr(self.tables["routes"], "max_entries", 0)
+
+    def route_overflow(self):
+        """{"unwritten", "covers", "capacity"} while routes do not fit, else None."""
+        with self.lock:
+            if not self.unwritten:
+                return None
+            return {"unwritten": len(self.unwritten), "covers": len(self.covered), "capacity": self.route_capacity}
 
     @staticmethod
     def _upsert(table, current, delta, key_fn, leaf_fn) -> int:

@@ -46,7 +46,7 @@ CT_FLAG_TSTAMP = 1 << 1  # nf_conntrack_timestamp=1: likewise
 SUPPORTED_KINDS = ("veth", "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteEntry:
     action: int
     oif: int = 0
@@ -207,11 +207,13 @@ def attachable(link: m.Link, ok) -> bool:
 
 def translate(state: m.KernelState, selection: Selection = Selection()) -> Desired:
     """Every map entry the state calls for."""
-    changes = m.Changes(prefixes=set(state.by_prefix) | {(a.address, 32) for a in state.addresses} | state.uncertain,
+    changes = m.Changes(prefixes={(a.address, 32) for a in state.addresses} | state.uncertain, all_routes=True,
                         links=set(state.links), neighbors=set(state.neighbors), fdb=set(state.fdb))
     full = translate_changes(state, changes, selection)
     for table in MAP_TABLES:
-        setattr(full, table, {k: v for k, v in getattr(full, table).items() if v is not None})
+        entries = getattr(full, table)
+        for key in [k for k, v in entries.items() if v is None]:
+            del entries[key]
     return full
 
 
@@ -232,11 +234,21 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
     out.ports = {i: port_entry(state, i, ok) for i in changes.links | bridged}
     out.fdb = {(b, mac): fdb_entry(state, (b, mac, 0), ok) for b, mac, _ in changes.fdb}
     out.neighbors = {k: neighbor_entry(state, k, ok) for k in changes.neighbors}
-    prefixes = changes.prefixes | (set(state.by_prefix) if changes.all_routes else set())
     local_ips = {a.address for a in state.addresses}
     covering = _covering_local_prefixes(state)
-    out.routes = {p: route_entry(state, p, local_ips, covering) for p in prefixes}
+    entries = {}  # one RouteEntry object per distinct entry: a big table has a few
+    if changes.all_routes:
+        out.routes = {p: route_entry(state, p, local_ips, covering, entries) for p in state.by_prefix}
+    for p in changes.prefixes:
+        out.routes[p] = route_entry(state, p, local_ips, covering, entries)
     return out
+
+
+def _same_but_prefix(route: m.Route):
+    """Every field of a route but its prefix (next hops by identity: the
+    decoder shares equal tuples): routes with equal keys get one entry."""
+    return (route.table, route.type, route.tos, route.priority, id(route.nexthops), route.nexthops and
+            route.nexthops[0].flags, route.mtu, route.unsupported, route.nhid)
 
 
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
@@ -498,13 +510,30 @@ def fib_flags(state: m.KernelState, policy_punt: Optional[str]) -> int:
     return flags
 
 
-def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
+def route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None) -> Optional[RouteEntry]:
     """The entry for one prefix: the kernel consults the local table before
     main, so a local-table route (or an address, even before its local route
-    arrives) wins, and so does a shorter local-table prefix covering it."""
+    arrives) wins, and so does a shorter local-table prefix covering it.
+    entries: a dict that makes equal entries one object (memory)."""
+    entry = _route_entry(state, prefix, local_ips, covering, entries)
+    return entry if entries is None or entry is None else entries.setdefault(entry, entry)
+
+
+def _route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None) -> Optional[RouteEntry]:
     routes = _routes_of(state, prefix)
-    if prefix in state.uncertain:
+    if state.uncertain and prefix in state.uncertain:
         return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
+    if len(routes) == 1 and routes[0].table == m.TABLE_MAIN and not (prefix[1] == 32 and prefix[0] in local_ips):
+        # The common case, without the lists below.  _main_entry() does not
+        # look at the prefix: routes equal but for it share its answer.
+        if entries is None:
+            entry = _main_entry(routes, state.links, state.nexthops)
+        else:
+            same = _same_but_prefix(routes[0])
+            entry = entries.get(same)
+            if entry is None:
+                entry = entries[same] = _main_entry(routes, state.links, state.nexthops)
+        return _covered(prefix, covering) or entry
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
     if local:
@@ -515,27 +544,64 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[R
         entry = _main_entry(main, state.links, state.nexthops)
     else:
         return None
-    if covering:
-        ip = _ip_int(prefix[0])
-        for net, plen, cover in covering:
-            if prefix[1] > plen and ip >> (32 - plen) == net:
+    return _covered(prefix, covering) or entry
+
+
+def _covered(prefix, covering) -> Optional[RouteEntry]:
+    """The entry of a shorter local-table prefix covering this one, if any."""
+    ip = None
+    for net, plen, text, cover in covering:
+        if prefix[1] <= plen:
+            continue
+        if text is not None:  # on an octet boundary: compare the text
+            if prefix[0].startswith(text):
                 return cover
-    return entry
+            continue
+        ip = _ip_int(prefix[0]) if ip is None else ip
+        if ip >> (32 - plen) == net:
+            return cover
+    return None
+
+
+def overflow_covers(unwritten, present) -> Dict[Tuple[str, int], RouteEntry]:
+    """For routes the map has no room for: the entries that must punt so no
+    lookup falls through to a less specific route than the kernel's.  For
+    each unwritten prefix that is the longest shorter prefix in the map
+    (present(prefix)); where there is none, 0.0.0.0/0 (a lookup miss would
+    punt NO_ROUTE, but the source check would pass a missing local address)."""
+    punt = RouteEntry(R["ROUTE_OVERFLOW"])
+    out = {}
+    for dst, plen in unwritten:
+        n = _ip_int(dst)
+        for length in range(plen - 1, 0, -1):
+            cover = (_int_ip(n >> (32 - length) << (32 - length)), length)
+            if present(cover):
+                break
+        else:
+            cover = ("0.0.0.0", 0)
+        out[cover] = punt
+    return out
+
+
+def _int_ip(n: int) -> str:
+    return socket.inet_ntoa(n.to_bytes(4, "big"))
 
 
 def _routes_of(state: m.KernelState, prefix):
     """Every route for the prefix, those sharing a key in the kernel's order
     (so min() by priority picks the first of a key, as fib_table_lookup())."""
-    return [r for aliases in state.by_prefix.get(prefix, {}).values() for r in aliases]
+    return state.by_prefix.get(prefix, ())
 
 
 def _covering_local_prefixes(state: m.KernelState):
-    """Local-table routes shorter than /32 (127/8, AnyIP ...) as (net, len, entry)."""
+    """Local-table routes shorter than /32 (127/8, AnyIP ...) as (net, len,
+    its text "a.b." where len is a multiple of 8, entry)."""
     out = []
     for dst, plen in state.local_short:
         local = [r for r in _routes_of(state, (dst, plen)) if r.table == m.TABLE_LOCAL]
         entry = RouteEntry(_local_action(min(local, key=lambda r: r.priority).type))
-        out.append((_ip_int(dst) >> (32 - plen), plen, entry))
+        text = ".".join(dst.split(".")[:plen // 8]) + "." if plen % 8 == 0 and plen else None
+        out.append((_ip_int(dst) >> (32 - plen), plen, text, entry))
     return out
 
 

@@ -31,7 +31,7 @@ Nothing is normalised: the forwarded frames must be equal byte for byte
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from hypothesis import strategies as st
 

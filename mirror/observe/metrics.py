@@ -63,6 +63,10 @@ class AgentCollector:
         for table, n in sorted(st.get("table_capacity", {}).items()):
             cap.add_metric([table], n)
         yield cap
+        unwritten = GaugeMetricFamily(PREFIX + "routes_unwritten",
+                                      "Routes the route map has no room for (their covering routes punt)")
+        unwritten.add_metric([], (st.get("route_overflow") or {}).get("unwritten", 0))
+        yield unwritten
         for key, help_text in (("resyncs", "Full re-dumps of kernel state (lost events, errors)"),
                                ("map_resyncs", "Re-reads of the maps after a failed write")):
             m = CounterMetricFamily(PREFIX + key, help_text)

@@ -43,6 +43,11 @@ def tables(st: Dict) -> List[Tuple[str, int, int]]:
     return [(name, n, cap.get(name, 0)) for name, n in sorted(st.get("tables", {}).items())]
 
 
+def overflow_line(o: Dict) -> str:
+    return (f"route map full: {o['unwritten']} route(s) not written (capacity {o['capacity']}); "
+            f"{o['covers']} covering route(s) punt ROUTE_OVERFLOW")
+
+
 def share(st: Dict) -> str:
     c = st["counters"]
     total = c["fast_path_packets"] + sum(c["punt"].values())
@@ -75,6 +80,8 @@ def render_plain(st: Dict) -> str:
         lines.append(f"  skipped {name}: {why}")
     lines.append("tables: " + ", ".join(f"{n} {used}/{cap}" if cap else f"{n} {used}" for n, used, cap in tables(st)))
     lines.extend(bridge_lines(st))
+    if st.get("route_overflow"):
+        lines.append(overflow_line(st["route_overflow"]))
     if st.get("forwarding_punted_because"):
         lines.append(f"all forwarded traffic punts: {st['forwarding_punted_because']}")
     fast_rate = st.get("rates_pps", {}).get("FORWARDED", 0.0)
@@ -105,6 +112,8 @@ def render_rich(st: Dict, console) -> None:
     console.print(f"[bold]{_headline(st)}[/bold]")
     if st.get("forwarding_punted_because"):
         console.print(f"[yellow]all forwarded traffic punts:[/yellow] {st['forwarding_punted_because']}")
+    if st.get("route_overflow"):
+        console.print(f"[yellow]{overflow_line(st['route_overflow'])}[/yellow]")
     ifs = Table(title="interfaces", title_justify="left")
     ifs.add_column("name")
     ifs.add_column("fast path")

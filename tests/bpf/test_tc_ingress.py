@@ -263,6 +263,8 @@ CASES = [
     punt("route action: unsupported", udp(dst="10.9.1.1"), "ROUTE_UNSUPPORTED"),
     punt("route action out of range counts as unsupported", udp(dst="10.9.1.1"), "ROUTE_UNSUPPORTED",
          setup=lambda m, t: m.route("10.9.0.0/16", action=9999)),
+    punt("covering route of a route that did not fit in the map", udp(dst="10.2.7.7"), "ROUTE_OVERFLOW",
+         setup=lambda m, t: m.route("10.2.0.0/16", action=R["ROUTE_OVERFLOW"])),
     punt("route action: policy routing", udp(dst="10.9.1.1"), "POLICY_ROUTING",
          setup=lambda m, t: m.route("10.9.0.0/16", action=R["POLICY_ROUTING"])),
     punt("forwarding off on ingress", udp(), "FORWARDING_OFF", setup=set_link("in0", UP)),

@@ -1,5 +1,7 @@
 """Netlink message -> model parsing and event application (no root)."""
 
+import struct
+
 from mirror import model as m
 from mirror import netlink
 
@@ -130,3 +132,44 @@ def test_route_with_locked_mtu_is_unsupported():
     r = netlink.parse_route(route("10.9.0.0", 16, oif=3, extra=[("RTA_METRICS", {"attrs": [("RTAX_MTU", 1400),
                                                                                             ("RTAX_LOCK", 1 << 2)]})]))
     assert r.unsupported == ("RTAX_LOCK mtu",)
+
+
+def _with_raw_attr(msg, atype, payload):
+    """The message's wire bytes with one more attribute pyroute2 cannot encode."""
+    data = bytearray(msg.data[:msg["header"]["length"]])
+    data += struct.pack("=HH", 4 + len(payload), atype) + payload + bytes(-len(payload) % 4)
+    struct.pack_into("=I", data, 0, len(data))
+    return bytes(data)
+
+
+def test_route_with_nexthop_object_decodes_nhid():
+    r = netlink.decode_route(_with_raw_attr(route("10.7.0.0", 16), netlink.RTA_NH_ID, struct.pack("=I", 42)))
+    assert r.nhid == 42 and not r.unsupported and r.nexthops == ()
+    unknown = netlink.decode_route(_with_raw_attr(route("10.7.0.0", 16, oif=3), 27, b"\x06"))  # RTA_IP_PROTO
+    assert unknown.unsupported == ("UNKNOWN",) and unknown.nhid == 0
+
+
+def test_route_multipath_weights_and_shared_hops():
+    msg = route("10.3.0.0", 16, multipath=[(3, "10.0.0.1"), (4, "10.0.0.2")])
+    r = netlink.parse_route(msg)
+    assert [nh.weight for nh in r.nexthops] == [1, 1]
+    assert netlink.parse_route(route("10.4.0.0", 16, multipath=[(3, "10.0.0.1"), (4, "10.0.0.2")])).nexthops \
+        is r.nexthops  # one tuple for every route with the same next hops
+    assert r.key == (254, "10.3.0.0", 16, 0, 0)
+
+
+def test_route_mtu_lock_is_unsupported_last():
+    r = netlink.parse_route(route("10.9.0.0", 16, oif=3, extra=[("RTA_MARK", 1), ("RTA_METRICS", {
+        "attrs": [("RTAX_MTU", 1400), ("RTAX_LOCK", 1 << 2)]})]))
+    assert r.mtu == 1400 and r.unsupported == ("RTA_MARK", "RTAX_LOCK mtu")
+
+
+def test_route_in_the_kernels_dump_layout_decodes_like_any_other():
+    """`ip route add P via G` as a dump sends it (RTA_TABLE, RTA_DST,
+    RTA_GATEWAY, RTA_OIF): the one-struct fast path gives the same Route."""
+    attrs = struct.pack("=HHI", 8, 15, 254) + struct.pack("=HH4s", 8, 1, bytes([10, 7, 1, 0])) \
+        + struct.pack("=HH4s", 8, 5, bytes([10, 2, 0, 9])) + struct.pack("=HHI", 8, 4, 3)
+    body = struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 3, 0, 1, 0) + attrs
+    fast = netlink.decode_route(struct.pack("=IHHII", 16 + len(body), 24, 2, 1, 0) + body)
+    slow = netlink.parse_route(route("10.7.1.0", 24, oif=3, gateway="10.2.0.9"))
+    assert fast == slow and fast.nexthops is slow.nexthops
