@@ -187,7 +187,7 @@ class Reconciler:
         self.grow_routes = grow_routes
         self.covers_for = covers_for
         # Routes the map has no room for: prefix -> the translator's entry.
-        self.unwritten = {}
+        self.unwritten_routes = {}
         # Entries punting ROUTE_OVERFLOW for them: prefix -> the translator's
         # entry there (None: the translator wants none, e.g. 0.0.0.0/0).
         self.covered = {}
@@ -283,14 +283,14 @@ class Reconciler:
         than the kernel's.  Unwritten routes are tried again each time."""
         cur = self.shadow.routes
         for key, value in delta.items():
-            self.unwritten.pop(key, None)
+            self.unwritten_routes.pop(key, None)
             if key in self.covered:
                 self.covered[key] = value  # the translator's entry, for when it stops punting
         deletes = [k for k, v in delta.items() if v is None and k in cur and k not in self.covered]
         writes = {k: v for k, v in delta.items() if v is not None and k not in self.covered and cur.get(k) != v}
-        new = [k for k in writes if k not in cur] + [k for k in self.unwritten if k not in writes]
-        writes.update(self.unwritten)
-        self.unwritten = {}
+        new = [k for k in writes if k not in cur] + [k for k in self.unwritten_routes if k not in writes]
+        writes.update(self.unwritten_routes)
+        self.unwritten_routes = {}
         # Covers of last resort (not wanted by the translator) use the reserved slot.
         reserved = sum(1 for v in self.covered.values() if v is None)
         room = self._route_room(len(cur) - len(deletes) - reserved, len(new))
@@ -300,16 +300,16 @@ class Reconciler:
             # /16 could cost the default route.
             new.sort(key=lambda k: (writes[k].action == FORWARDED, k[1]))
             for key in new[max(room, 0):]:
-                self.unwritten[key] = writes.pop(key)
+                self.unwritten_routes[key] = writes.pop(key)
         gone = set(deletes)
         present = lambda k: (k in cur and k not in gone) or k in writes  # noqa: E731
-        covers = self.covers_for(self.unwritten, present) if self.unwritten else {}
+        covers = self.covers_for(self.unwritten_routes, present) if self.unwritten_routes else {}
         n = self._cover(covers, delta, writes)
         n += self._delete_routes(deletes)
         failed = self._write_routes(writes)
         if failed:  # no room after all (kernel memory): cover those too
-            self.unwritten.update({k: writes[k] for k in failed})
-            covers = self.covers_for(self.unwritten, lambda k: k in cur)
+            self.unwritten_routes.update({k: writes[k] for k in failed})
+            covers = self.covers_for(self.unwritten_routes, lambda k: k in cur)
             n += self._cover(covers, delta, {})
         n += len(writes) - len(failed) + self._uncover(covers)
         self._log_overflow()
@@ -422,10 +422,10 @@ class Reconciler:
         return len(keys)
 
     def _log_overflow(self):
-        overflowing = bool(self.unwritten)
+        overflowing = bool(self.unwritten_routes)
         if overflowing and not getattr(self, "_overflow_logged", False):
             log.warning("route map full: %d route(s) not written (capacity %d); the routes covering them "
-                        "punt ROUTE_OVERFLOW", len(self.unwritten), self.route_capacity)
+                        "punt ROUTE_OVERFLOW", len(self.unwritten_routes), self.route_capacity)
         elif not overflowing and getattr(self, "_overflow_logged", False):
             log.info("route map overflow cleared: every route is written")
         self._overflow_logged = overflowing
@@ -437,9 +437,9 @@ class Reconciler:
     def route_overflow(self):
         """{"unwritten", "covers", "capacity"} while routes do not fit, else None."""
         with self.lock:
-            if not self.unwritten:
+            if not self.unwritten_routes:
                 return None
-            return {"unwritten": len(self.unwritten), "covers": len(self.covered), "capacity": self.route_capacity}
+            return {"unwritten": len(self.unwritten_routes), "covers": len(self.covered), "capacity": self.route_capacity}
 
     @staticmethod
     def _upsert(table, current, delta, key_fn, leaf_fn) -> int:

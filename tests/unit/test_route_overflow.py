@@ -70,7 +70,7 @@ def test_overflow_never_lets_a_less_specific_route_forward():
             ("10.1.2.0", 24): fwd(4), ("10.1.3.0", 24): fwd(5), ("10.9.0.0", 16): fwd(6)}
     r.apply(Desired(routes=dict(want)))
     written = r.shadow.routes
-    assert len(r.unwritten) == 2 and r.route_overflow()["unwritten"] == 2
+    assert len(r.unwritten_routes) == 2 and r.route_overflow()["unwritten"] == 2
     for ip in ("10.1.2.1", "10.1.3.1", "10.9.1.1", "10.5.5.5", "8.8.8.8"):
         got, kernel = lookup(written, ip), lookup(want, ip)
         assert got == kernel or got == OVERFLOW, (ip, got, kernel)
@@ -78,7 +78,7 @@ def test_overflow_never_lets_a_less_specific_route_forward():
     # Room again (a route deleted): everything is written, the punts are gone.
     del want[("10.9.0.0", 16)], want[("0.0.0.0", 0)]
     r.apply(Desired(routes=dict(want)))
-    assert not r.unwritten and r.route_overflow() is None
+    assert not r.unwritten_routes and r.route_overflow() is None
     assert r.shadow.routes == want
 
 
