@@ -66,7 +66,8 @@ class DecisionWatch(threading.Thread):
     def __init__(self, pid, dst=PROBE_DST, interval=0.0002):
         super().__init__(daemon=True)
         maps = agent_maps(pid)
-        self.routes, self.config = maps.pop("routes"), maps.pop("config")
+        # The route trie the agent created behind the `routes` slot (mirror/routemap.py).
+        self.routes, self.config = maps.pop("lm_routes"), maps.pop("config")
         for fd in maps.values():
             os.close(fd)  # held, they would keep the agent's maps alive after it exits
         self.key = struct.pack("=I4s", 32, socket.inet_aton(dst))

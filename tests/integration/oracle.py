@@ -69,11 +69,18 @@ def udp_received(topo, port, frames, seconds=1.0):
     return [bytes.fromhex(h) for h in out.split()]
 
 
-def settle(topo, timeout=5.0):
+def settle(topo, timeout=5.0, marker="route"):
     """Return once the agent has mirrored every change made before the
     call: it handles kernel events in order, so a marker route showing up
-    in its map means all earlier events were handled."""
-    prefix = f"10.254.{next(_marks) % 256}.{os.getpid() % 256}/32"
-    out = topo.run("node", [PY, f"{HERE}/reaction.py", "routes", json.dumps({"prefix": prefix}), "present",
-                            str(timeout), "--", "ip", "route", "replace", prefix, "dev", topo.node_if2]).stdout
+    in its map means all earlier events were handled.  marker="neigh" uses
+    a neighbour entry instead (for a route map that is full on purpose)."""
+    ip = f"10.254.{next(_marks) % 256}.{os.getpid() % 256}"
+    if marker == "neigh":
+        table, match = "neighbors", {"interface": topo.node_if2, "ip": ip}
+        cmd = ["ip", "neigh", "replace", ip, "lladdr", "02:00:00:fe:00:01", "dev", topo.node_if2, "nud", "permanent"]
+    else:
+        table, match = "routes", {"prefix": f"{ip}/32"}
+        cmd = ["ip", "route", "replace", f"{ip}/32", "dev", topo.node_if2]
+    out = topo.run("node", [PY, f"{HERE}/reaction.py", table, json.dumps(match), "present",
+                            str(timeout), "--"] + cmd).stdout
     assert json.loads(out)["ms"] is not None, "agent did not catch up"

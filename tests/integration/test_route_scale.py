@@ -54,12 +54,12 @@ def test_overflow_punts_instead_of_using_a_less_specific_route(routed_topology, 
     assert delta(counters(a), c0).get("ROUTE_OVERFLOW", 0) >= 1
     # While running: more routes that do not fit, then room again.
     _table(topo, SPECIFIC, 50)
-    settle(topo)
+    settle(topo, marker="neigh")  # a marker route would not fit either
     assert a.status()["route_overflow"]["unwritten"] > over["unwritten"]
     assert exchange(topo, frames) == kernel, "more routes than fit, while running"
     topo.run("node", ["ip", "-batch", "-"],
               input="".join(f"route del 10.50.{i}.0/24\n" for i in range(1, SPECIFIC + 50) if i not in (37, 99)))
-    settle(topo)
+    settle(topo, marker="neigh")
     assert a.status()["route_overflow"] is None
     c0 = counters(a)
     assert exchange(topo, frames) == kernel, "after the overflow cleared"
