@@ -33,7 +33,7 @@ from .reasons import FORWARDED, REASONS
 from .sync import Reconciler
 from .translate import (LINK_BRIDGE, LINK_FORWARDING, LINK_REDIRECT_PEER, LINK_RPF_LOOSE, LINK_RPF_STRICT, LINK_UP,
                         MAP_TABLES, PORT_FORWARDING, ROUTE_KERNEL, PORT_ISOLATED, PORT_LEARNING, PORT_NF_IPV4,
-                        SELECTION_SKIP, Selection, bridge_calls_iptables, bridge_egress_punt, custom_rules,
+                        SELECTION_SKIP, Selection, bridge_calls_iptables, bridge_egress_punt,
                         netfilter_punt, policy_routing_punt, route_punt_why, skipped_devices, translate,
                         translate_changes)
 
@@ -397,9 +397,8 @@ class Agent:
             self.punt_log.change("route", routes)
         self.punt_log.update("interface", {name: why for name, why in skipped_devices(self.state, self.selection).items()
                                            if name != "lo" and why != SELECTION_SKIP})  # not unsupported
-        self.punt_log.update("policy rule", {f"pref {r.priority} table {r.table}": f"{how} rule: policy routing "
-                                            "is not mirrored, all forwarded traffic punts"
-                                            for how, r in custom_rules(self.state)})
+        why = policy_routing_punt(self.state)  # custom rules the kernel lookup reproduces do not punt
+        self.punt_log.update("policy routing", {"rules": f"{why}: all forwarded traffic punts"} if why else {})
         self.punt_log.update("veth peer", {
             link.name: "an XDP program on the peer: bpf_redirect instead of redirect_peer"
             for link in self.state.links.values()
