@@ -177,13 +177,18 @@ def route_storm(topo, pid, changes=20000, tmp="/tmp"):
         for path in (adds, dels):
             os.unlink(path)
     applied = watch.stopped_for_good()
-    arrived = sorted(t for _, _, t in got)
+    arrived = sorted(t for _, _, t, _ in got)
     return {
         "changes": changes + 1, "probes_arrived": len(arrived),
         "storm_s": round((t_storm_end - t_kernel) / 1e9, 2),
         "window_ms": None if applied is None else round((applied - t_kernel_done) / 1e6, 1),
         "stale_forwards": sum(1 for t in arrived if t > t_kernel_done and (applied is None or t <= applied)),
-        "after_applied": None if applied is None else sum(1 for t in arrived if t > applied),
+        # Sent after the watcher saw the maps stop deciding: the kernel alone
+        # drops them (no route), so any arrival is a wrong forward.  A probe
+        # sent before but received after was decided in flight (counted apart).
+        "after_applied": None if applied is None else sum(1 for _, _, _, sent in got if sent > applied),
+        "in_flight_at_apply": None if applied is None else sum(1 for _, _, t, sent in got
+                                                               if t > applied >= sent),
         "arrived_before_delete": sum(1 for t in arrived if t < t_kernel),
         "decides_ms": [(round((t - t_kernel_done) / 1e6, 1), d) for t, d in watch.changes],
     }
@@ -217,11 +222,12 @@ def nf_storm(topo, pid, rules=5000, tmp="/tmp"):
         os.unlink(path)
         topo.run("node", ["iptables", "-F", "FORWARD"])
     hold = watch.first(False, t0)
-    arrived = [t for _, _, t in got]
+    arrived = [t for _, _, t, _ in got]
     return {
         "rules": rules, "restore_ms": round((t1 - t0) / 1e6, 1),
         "punting_from_ms": None if hold is None else round((hold - t0) / 1e6, 1),
         "arrived_during_restore": sum(1 for t in arrived if t0 <= t <= t1),
-        "after_commit": sum(1 for t in arrived if t > t1),
+        # Sent after the restore returned (its commit): the DROP applies to them.
+        "after_commit": sum(1 for _, _, _, sent in got if sent > t1),
         "probes_arrived": len(arrived),
     }

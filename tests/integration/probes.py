@@ -4,10 +4,11 @@
     probes.py arrivals SECONDS      (any interface of this namespace; SIGTERM ends it early)
 
 `send` sends UDP probes to DST_IP:9 whose payload is b"lmprobe" + an 8-byte
-sequence number, every INTERVAL s (default 0.001), and prints how many
-(SIGTERM ends it early).
+sequence number + the 8-byte CLOCK_REALTIME ns just before it was sent, every
+INTERVAL s (default 0.001), and prints how many (SIGTERM ends it early).
 `arrivals` prints {"ready"} at once, then a JSON list of [interface name,
-sequence, kernel receive time in CLOCK_REALTIME ns] for every probe received.
+sequence, kernel receive time in CLOCK_REALTIME ns, send time] for every probe
+received.
 """
 
 import json
@@ -28,8 +29,8 @@ def _checksum(data):
     return ~(s + (s >> 16)) & 0xFFFF
 
 
-def frame(src_mac, dst_mac, src_ip, dst_ip, seq):
-    payload = MAGIC + struct.pack("!Q", seq)
+def frame(src_mac, dst_mac, src_ip, dst_ip, seq, sent_ns=0):
+    payload = MAGIC + struct.pack("!QQ", seq, sent_ns)
     udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), seq & 0xFFFF, 0, 64, 17, 0,
                      socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
@@ -45,7 +46,7 @@ def send(iface, src_mac, dst_mac, src_ip, dst_ip, seconds, interval=0.001):
     signal.signal(signal.SIGTERM, lambda *_: done.append(True))
     seq, end = 0, time.monotonic() + seconds
     while time.monotonic() < end and not done:
-        s.send(frame(src_mac, dst_mac, src_ip, dst_ip, seq))
+        s.send(frame(src_mac, dst_mac, src_ip, dst_ip, seq, time.time_ns()))
         seq += 1
         time.sleep(interval)
     print(seq, flush=True)
@@ -69,7 +70,8 @@ def arrivals(seconds):
         if addr[2] == 4 or at < 0:  # outgoing, or not a probe
             continue
         sec, nsec = struct.unpack("qq", anc[0][2][:16]) if anc else (0, 0)
-        out.append([addr[0], struct.unpack("!Q", data[at + 7:at + 15])[0], sec * 10**9 + nsec])
+        seq, sent = struct.unpack("!QQ", data[at + 7:at + 23])
+        out.append([addr[0], seq, sec * 10**9 + nsec, sent])
     print(json.dumps(out), flush=True)
 
 

@@ -166,7 +166,7 @@ def test_interface_churn_under_traffic(routed_topology, agent, tmp_path):
         sent = int(sender.communicate(timeout=30)[0])
         got = json.loads(arrivals.communicate(timeout=30)[0].splitlines()[-1])
         gone = churn["gone"]
-        late = [(name, seq, t - gone[name]) for name, seq, t in got if name in gone and t > gone[name]]
+        late = [(name, seq, t - gone[name]) for name, seq, t, _ in got if name in gone and t > gone[name]]
         print(f"{churn['cycles']} interfaces churned in 5 s; {sent} probes sent, {len(got)} arrived on churned "
               f"interfaces, {len(late)} after their interface was gone")
         assert late == [], late[:10]
