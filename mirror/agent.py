@@ -397,8 +397,8 @@ class Agent:
             self.punt_log.change("route", routes)
         self.punt_log.update("interface", {name: why for name, why in skipped_devices(self.state, self.selection).items()
                                            if name != "lo" and why != SELECTION_SKIP})  # not unsupported
-        why = policy_routing_punt(self.state)  # custom rules the kernel lookup reproduces do not punt
-        self.punt_log.update("policy routing", {"rules": f"{why}: all forwarded traffic punts"} if why else {})
+        # Policy rules the kernel lookup cannot reproduce punt all forwarding:
+        # the "setting forwarding" line below names them (policy_routing_punt).
         self.punt_log.update("veth peer", {
             link.name: "an XDP program on the peer: bpf_redirect instead of redirect_peer"
             for link in self.state.links.values()

@@ -104,7 +104,7 @@ CASES = [
      "unsupported route 10.78.0.0/16: attributes not mirrored: RTA_FLOW"),
     ("policy rule", None, [["ip", "rule", "add", "from", "10.9.0.0/16", "realms", "1", "table", "100", "pref", "100"]],
      [["ip", "rule", "del", "pref", "100"]], forwarding_punts("policy routing: rule pref 100: FRA_FLOW"),
-     "unsupported policy routing rules: rule pref 100: FRA_FLOW"),
+     "unsupported setting forwarding: all forwarded traffic punts: policy routing: rule pref 100: FRA_FLOW"),
     ("iptables match", None, [["iptables", "-A", "FORWARD", "-p", "udp", "-m", "limit", "--limit", "1/s", "-j", "ACCEPT"]],
      [["iptables", "-F", "FORWARD"]], rule_punts("-m limit", "limit"),
      "unsupported iptables rule iptables-nft filter FORWARD '-p udp -m limit --limit 1/sec -j ACCEPT'"),
