@@ -388,13 +388,14 @@ class Agent:
 
     def _log_punts(self, desired, full):
         """The one-time log line for each object that newly makes traffic punt."""
-        routes = {f"{dst}/{plen}": (route_punt_why(self.state, (dst, plen)) or REASONS[R_ROUTE_UNSUPPORTED].description)
-                  if e is not None and e.action == R_ROUTE_UNSUPPORTED else None
-                  for (dst, plen), e in desired.routes.items()}
-        if full:
-            self.punt_log.update("route", {p: why for p, why in routes.items() if why})
+        def why(prefix):
+            return route_punt_why(self.state, prefix) or REASONS[R_ROUTE_UNSUPPORTED].description
+        if full:  # a million prefixes: only the unsupported ones are named
+            self.punt_log.update("route", {f"{p[0]}/{p[1]}": why(p) for p, e in desired.routes.items()
+                                           if e is not None and e.action == R_ROUTE_UNSUPPORTED})
         else:
-            self.punt_log.change("route", routes)
+            self.punt_log.change("route", {f"{p[0]}/{p[1]}": why(p) if e is not None and e.action == R_ROUTE_UNSUPPORTED
+                                           else None for p, e in desired.routes.items()})
         self.punt_log.update("interface", {name: why for name, why in skipped_devices(self.state, self.selection).items()
                                            if name != "lo" and why != SELECTION_SKIP})  # not unsupported
         # Policy rules the kernel lookup cannot reproduce punt all forwarding:

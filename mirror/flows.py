@@ -170,6 +170,6 @@ def flow_entry(verdict: Verdict, gen: int, oif: int, entry: ct.Entry, direction:
 
 def host_view(state: m.KernelState) -> HostView:
     """This namespace's own addresses, for addrtype matches."""
-    broadcast = frozenset(r.dst for aliases in state.routes.values() for r in aliases
-                          if r.table == m.TABLE_LOCAL and r.type == m.RTN_BROADCAST and r.dst_len == 32)
+    broadcast = frozenset(dst for dst, plen in state.by_prefix.where(
+        lambda r: r.table == m.TABLE_LOCAL and r.type == m.RTN_BROADCAST) if plen == 32)
     return HostView(local_addrs=frozenset(a.address for a in state.addresses), broadcast_addrs=broadcast)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
+from .routestore import RouteStore
+
 # rtnetlink constants used across the agent (linux/rtnetlink.h, neighbour.h).
 AF_INET = 2
 ARPHRD_ETHER = 1
@@ -202,6 +204,11 @@ class Route:
         kept in one ordered list (fib aliases)."""
         return (self.table, self.dst, self.dst_len, self.tos, self.priority)
 
+    def at(self, dst: str, dst_len: int) -> "Route":
+        """The same route for another prefix (mirror/routestore.py)."""
+        return Route(self.table, dst, dst_len, self.type, self.tos, self.priority, self.nexthops, self.mtu,
+                     self.nhid, self.unsupported)
+
     def same_route(self, other: "Route") -> bool:
         """Equal but for next-hop flags (DEAD/LINKDOWN change silently)."""
         def strip(r):
@@ -355,8 +362,9 @@ class KernelState:
     # The routes: (dst, len) -> every route for that prefix (any table,
     # TOS, metric); those sharing a key (`ip route append/prepend` make
     # several; the kernel uses the first that works) in the kernel's order.
-    # One list per prefix: a full Internet table has a million of them.
-    by_prefix: Dict[Tuple[str, int], List[Route]] = field(default_factory=dict)
+    # A full Internet table has a million of them (mirror/routestore.py).
+    # Local-table routes stay listed: the model tells them apart by identity.
+    by_prefix: RouteStore = field(default_factory=lambda: RouteStore(keep_listed=lambda r: r.table == TABLE_LOCAL))
     # ifindex -> how many route next hops use it (the routes themselves are
     # found by a scan, when such a link goes down or changes its MTU);
     # ifindex -> its neighbours' keys.
@@ -447,8 +455,7 @@ class KernelState:
         self.changes.links.add(index)
         self.changes.neighbors |= self.neighbors_by_link.get(index, set())
         if routes and self.by_oif.get(index):
-            self.changes.prefixes |= {p for p, rs in self.by_prefix.items()
-                                      if any(nh.oif == index for r in rs for nh in r.nexthops)}
+            self.changes.prefixes.update(self.by_prefix.where(lambda r: any(nh.oif == index for nh in r.nexthops)))
 
     def set_sysctls(self, sysctls: Dict[str, LinkSysctls]):
         changed = {n for n in set(sysctls) | set(self.sysctls) if sysctls.get(n) != self.sysctls.get(n)}
@@ -496,7 +503,7 @@ class KernelState:
         prefix = (route.dst, route.dst_len)
         routes = self.by_prefix.get(prefix)
         if routes is None:
-            self.by_prefix[prefix] = [route]
+            self.by_prefix.add_new(prefix, route)
         else:
             key = route.key
             same = [i for i, r in enumerate(routes) if r.key == key]
@@ -509,22 +516,19 @@ class KernelState:
                 routes.insert(same[-1] + 1, route)
             else:
                 routes.append(route)
+            self.by_prefix[prefix] = routes
         self._index(route)
         self._route_changed(route)
 
-    def load_routes(self, routes):
-        """set_route(APPEND) for every route of a dump, in the kernel's order,
-        without recording changes one by one (a dumped state is translated
-        in full).  The common case of a new prefix is one dict store."""
-        by_prefix, by_oif = self.by_prefix, self.by_oif
-        for route in routes:
-            prefix = (route.dst, route.dst_len)
-            if prefix in by_prefix or route.table == TABLE_LOCAL:
-                self.set_route(route)
-                continue
-            by_prefix[prefix] = [route]
+    def load_routes(self, pairs):
+        """set_route(APPEND) for every (prefix, route) of a dump, in the
+        kernel's order (the route's own prefix is not looked at: see
+        RouteStore.load), without recording changes one by one (a dumped
+        state is translated in full)."""
+        stored = self.by_prefix.load(pairs, other=lambda prefix, route: self.set_route(route.at(*prefix)))
+        for route, count in stored:
             for nh in route.nexthops:
-                by_oif[nh.oif] = by_oif.get(nh.oif, 0) + 1
+                self.by_oif[nh.oif] = self.by_oif.get(nh.oif, 0) + count
         self.changes.all_routes = True
 
     def del_route(self, route: Route):
@@ -549,7 +553,9 @@ class KernelState:
                 self._unindex(routes.pop(i))
             routes.insert(same[0], unknown)
             self._index(unknown)
-        if not routes:
+        if routes:
+            self.by_prefix[prefix] = routes
+        else:
             del self.by_prefix[prefix]
         self._route_changed(route)
 
@@ -589,7 +595,9 @@ class KernelState:
         multipath routes keep the others and mark these dead."""
         if not self.by_oif.get(index):
             return
-        using = [r for rs in self.by_prefix.values() for r in rs if any(nh.oif == index for nh in r.nexthops)]
+        def uses(r):
+            return any(nh.oif == index for nh in r.nexthops)
+        using = [r for p in self.by_prefix.where(uses) for r in self.by_prefix[p] if uses(r)]
         for route in using:
             if all(nh.oif == index for nh in route.nexthops):
                 self.del_route(route)
@@ -599,8 +607,10 @@ class KernelState:
                 self._replace_alias(route, replace(route, nexthops=dead))
 
     def _replace_alias(self, old: Route, new: Route):
-        routes = self.by_prefix[(old.dst, old.dst_len)]
-        routes[next(i for i, r in enumerate(routes) if r is old)] = new
+        prefix = (old.dst, old.dst_len)
+        routes = self.by_prefix[prefix]
+        routes[routes.index(old)] = new  # equal, if not the same object (a stored shape)
+        self.by_prefix[prefix] = routes
         self._unindex(old)
         self._index(new)
         self._route_changed(new)
@@ -616,7 +626,8 @@ class KernelState:
         without a message per route (fib_flush); so does the model."""
         if self.nexthops.pop(nh_id, None) is None:
             return
-        for route in [r for rs in self.by_prefix.values() for r in rs if r.nhid == nh_id]:
+        for route in [r for p in self.by_prefix.where(lambda r: r.nhid == nh_id) for r in self.by_prefix[p]
+                      if r.nhid == nh_id]:
             self.del_route(route)
         self.changes.all_routes = True
 

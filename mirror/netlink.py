@@ -16,7 +16,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Optional
+from typing import Dict, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
@@ -266,6 +266,32 @@ def decode_route(buf, offset: int = 0) -> m.Route:
         names = sorted({u for u in unsupported if u != "RTAX_LOCK mtu"})
         unsupported = tuple(names + ["RTAX_LOCK mtu"] * ("RTAX_LOCK mtu" in unsupported))
     return m.Route(table, dst, dst_len, rtype, tos, priority, hops, mtu=mtu, unsupported=tuple(unsupported), nhid=nhid)
+
+
+# In every IPv4 route the kernel sends (fib_dump_info) RTA_TABLE comes
+# first and RTA_DST, if dst_len is not 0, right after it.
+_DST_AT = 28 + 8
+_DST_HEADER = _RTA.pack(8, RTA_DST)
+_BLANKS: Dict[bytes, m.Route] = {}
+
+
+def decode_route_shared(buf: bytes, offset: int = 0):
+    """((dst, dst_len), the route with its prefix blanked) of the message at
+    `offset`.  Messages equal but for RTA_DST and dst_len share one route
+    object, decoded once: a full table's million messages are a handful of
+    distinct ones, each then costs a slice and a dict lookup."""
+    dst_len = buf[offset + 17]
+    if dst_len and buf[offset + _DST_AT:offset + _DST_AT + 4] == _DST_HEADER:
+        end = offset + _NLMSG.unpack_from(buf, offset)[0]
+        key = buf[offset + 18:offset + _DST_AT + 4] + buf[offset + _DST_AT + 8:end]
+        blank = _BLANKS.get(key)
+        if blank is None:
+            if len(_BLANKS) > 65536:
+                _BLANKS.clear()
+            blank = _BLANKS[key] = decode_route(buf, offset).at("", 0)
+        return (_inet_ntoa(buf[offset + _DST_AT + 4:offset + _DST_AT + 8]), dst_len), blank
+    route = decode_route(buf, offset)
+    return (route.dst, route.dst_len), route
 
 
 def _metrics(buf, pos, end):
@@ -650,9 +676,10 @@ NLMSG_DONE, NLMSG_ERROR = 3, 2
 
 
 def dump_routes(abort=None):
-    """The IPv4 routes (model Routes) of every table, read datagram by
-    datagram from a socket of its own and decoded by decode_route (it can
-    stop as soon as abort() says the result would be stale anyway)."""
+    """The IPv4 routes of every table as (prefix, route) pairs (see
+    decode_route_shared), read datagram by datagram from a socket of its
+    own (it can stop as soon as abort() says the result would be stale
+    anyway)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -670,7 +697,7 @@ def dump_routes(abort=None):
                 if kind == NLMSG_ERROR:
                     raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "route dump failed")
                 if kind == RTM_NEWROUTE and data[offset + 16] == socket.AF_INET:
-                    yield decode_route(data, offset)
+                    yield decode_route_shared(data, offset)
     finally:
         sock.close()
 

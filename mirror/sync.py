@@ -83,9 +83,10 @@ class Codec:
         return self.t["routes"].Leaf(e.action, e.oif, gw, e.mtu)
 
     @staticmethod
-    def route_key_bytes(prefix) -> bytes:
-        """struct lm_route_key, packed (for batched writes)."""
-        return _U32.pack(prefix[1]) + socket.inet_aton(prefix[0])
+    def route_keys_bytes(prefixes) -> bytes:
+        """struct lm_route_key of each prefix, packed (for batched writes)."""
+        pack, aton = _U32.pack, socket.inet_aton
+        return b"".join([pack(plen) + aton(dst) for dst, plen in prefixes])
 
     @staticmethod
     def route_leaf_bytes(e: RouteEntry) -> bytes:
@@ -286,9 +287,13 @@ class Reconciler:
             self.unwritten_routes.pop(key, None)
             if key in self.covered:
                 self.covered[key] = value  # the translator's entry, for when it stops punting
-        deletes = [k for k, v in delta.items() if v is None and k in cur and k not in self.covered]
-        writes = {k: v for k, v in delta.items() if v is not None and k not in self.covered and cur.get(k) != v}
-        new = [k for k in writes if k not in cur] + [k for k in self.unwritten_routes if k not in writes]
+        covered = self.covered
+        deletes = [k for k, v in delta.items() if v is None and k in cur and k not in covered]
+        # A million entries at start: the cheap tests first.
+        writes = {k: v for k, v in delta.items()
+                  if v is not None and (old := cur.get(k)) is not v and (old is None or old != v) and k not in covered}
+        new = [k for k in writes if k not in cur] if cur else list(writes)
+        new += [k for k in self.unwritten_routes if k not in writes]
         writes.update(self.unwritten_routes)
         self.unwritten_routes = {}
         # Covers of last resort (not wanted by the translator) use the reserved slot.
@@ -331,7 +336,7 @@ class Reconciler:
         """A bigger trie with every current entry, swapped in (routemap.py)."""
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
         old, capacity = table.max_entries, routemap.headroom(needed + ROUTE_SLOTS_RESERVED)
-        keys = b"".join(map(c.route_key_bytes, cur))
+        keys = c.route_keys_bytes(cur)
         leaves = b"".join(map(self._leaf_bytes, cur.values()))
         table.rebuild(capacity, keys, leaves, len(cur))
         self.route_growths += 1
@@ -374,7 +379,7 @@ class Reconciler:
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
         done = 0
         if len(writes) > 1 and hasattr(table, "update_batch"):
-            keys = b"".join(map(c.route_key_bytes, writes))
+            keys = c.route_keys_bytes(writes)
             leaves = b"".join(map(self._leaf_bytes, writes.values()))
             try:
                 table.update_batch(keys, leaves, len(writes))
@@ -407,7 +412,7 @@ class Reconciler:
         table, cur, c = self.tables["routes"], self.shadow.routes, self.codec
         if len(keys) > 1 and hasattr(table, "delete_batch"):
             try:
-                table.delete_batch(b"".join(map(c.route_key_bytes, keys)), len(keys))
+                table.delete_batch(c.route_keys_bytes(keys), len(keys))
                 for key in keys:
                     del cur[key]
                 return len(keys)

@@ -244,13 +244,6 @@ def translate_changes(state: m.KernelState, changes: m.Changes, selection: Selec
     return out
 
 
-def _same_but_prefix(route: m.Route):
-    """Every field of a route but its prefix (next hops by identity: the
-    decoder shares equal tuples): routes with equal keys get one entry."""
-    return (route.table, route.type, route.tos, route.priority, id(route.nexthops), route.nexthops and
-            route.nexthops[0].flags, route.mtu, route.unsupported, route.nhid)
-
-
 def attachments(state: m.KernelState, selection: Selection) -> Dict[int, str]:
     ok = managed_in(state, selection)
     return {i: l.name for i, l in state.links.items() if attachable(l, ok)}
@@ -472,15 +465,11 @@ def policy_routing_punt(state: m.KernelState) -> Optional[str]:
                 continue
             if name not in _RULE_SELECTORS_EXACT:
                 return f"rule pref {rule.priority}: {name} {value} not reproducible by the kernel lookup"
-    for route in _all_routes(state):
-        if route.type == m.RTN_UNICAST and (route.unsupported or route.mtu):
-            what = ", ".join(route.unsupported) or f"mtu {route.mtu}"
-            return f"route {route.dst}/{route.dst_len} table {route.table}: {what}"
-    return None
-
-
-def _all_routes(state: m.KernelState):
-    return (r for aliases in state.routes.values() for r in aliases)
+    route = state.by_prefix.first(lambda r: r.type == m.RTN_UNICAST and (r.unsupported or r.mtu))
+    if route is None:
+        return None
+    what = ", ".join(route.unsupported) or f"mtu {route.mtu}"
+    return f"route {route.dst}/{route.dst_len} table {route.table}: {what}"
 
 
 def _rule_selects_ports(rule: m.Rule) -> bool:
@@ -505,7 +494,7 @@ def fib_flags(state: m.KernelState, policy_punt: Optional[str]) -> int:
     flags |= FIB_RULES
     if any(_rule_selects_ports(r) for r in state.rules):
         flags |= FIB_RULE_PORTS
-    if any(_is_multipath(state, r) for r in _all_routes(state)):
+    if state.by_prefix.first(lambda r: _is_multipath(state, r)) is not None:
         flags |= FIB_MP_ANY
     return flags
 
@@ -515,25 +504,27 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None)
     main, so a local-table route (or an address, even before its local route
     arrives) wins, and so does a shorter local-table prefix covering it.
     entries: a dict that makes equal entries one object (memory)."""
-    entry = _route_entry(state, prefix, local_ips, covering, entries)
+    if state.uncertain and prefix in state.uncertain:
+        return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
+    shape = state.by_prefix.shape(prefix)
+    if shape is not None and shape.table == m.TABLE_MAIN and not (prefix[1] == 32 and prefix[0] in local_ips):
+        # The common case: one main-table route, stored as a shape shared by
+        # the prefixes whose route is equal but for the prefix.  _main_entry()
+        # does not look at the prefix, so they share its answer too.
+        if entries is None:
+            entry = _main_entry([shape], state.links, state.nexthops)
+        else:
+            entry = entries.get(id(shape))
+            if entry is None:
+                entry = _main_entry([shape], state.links, state.nexthops)
+                entry = entries[id(shape)] = entries.setdefault(entry, entry)
+        return _covered(prefix, covering) or entry
+    entry = _listed_entry(state, prefix, local_ips, covering)
     return entry if entries is None or entry is None else entries.setdefault(entry, entry)
 
 
-def _route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None) -> Optional[RouteEntry]:
+def _listed_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
     routes = _routes_of(state, prefix)
-    if state.uncertain and prefix in state.uncertain:
-        return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
-    if len(routes) == 1 and routes[0].table == m.TABLE_MAIN and not (prefix[1] == 32 and prefix[0] in local_ips):
-        # The common case, without the lists below.  _main_entry() does not
-        # look at the prefix: routes equal but for it share its answer.
-        if entries is None:
-            entry = _main_entry(routes, state.links, state.nexthops)
-        else:
-            same = _same_but_prefix(routes[0])
-            entry = entries.get(same)
-            if entry is None:
-                entry = entries[same] = _main_entry(routes, state.links, state.nexthops)
-        return _covered(prefix, covering) or entry
     local = [r for r in routes if r.table == m.TABLE_LOCAL]
     main = [r for r in routes if r.table == m.TABLE_MAIN]
     if local:

@@ -173,3 +173,29 @@ def test_route_in_the_kernels_dump_layout_decodes_like_any_other():
     fast = netlink.decode_route(struct.pack("=IHHII", 16 + len(body), 24, 2, 1, 0) + body)
     slow = netlink.parse_route(route("10.7.1.0", 24, oif=3, gateway="10.2.0.9"))
     assert fast == slow and fast.nexthops is slow.nexthops
+
+
+def _dump_message(dst, dst_len, gateway=(10, 2, 0, 9), oif=3, metric=None):
+    """An IPv4 route as the kernel's dump sends it (RTA_TABLE first, RTA_DST next)."""
+    attrs = struct.pack("=HHI", 8, 15, 254) + (struct.pack("=HH4s", 8, 1, bytes(dst)) if dst_len else b"")
+    if metric is not None:
+        attrs += struct.pack("=HHI", 8, 6, metric)  # RTA_PRIORITY
+    attrs += struct.pack("=HH4s", 8, 5, bytes(gateway)) + struct.pack("=HHI", 8, 4, oif)
+    body = struct.pack("=BBBBBBBBI", 2, dst_len, 0, 0, 254, 3, 0, 1, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), 24, 2, 1, 0) + body
+
+
+def test_dump_messages_equal_but_for_the_prefix_share_one_route():
+    """decode_route_shared: one route object (prefix blanked) for messages
+    that differ only in RTA_DST and dst_len; any other byte makes another."""
+    a = netlink.decode_route_shared(_dump_message((10, 7, 1, 0), 24))
+    b = netlink.decode_route_shared(_dump_message((10, 8, 0, 0), 16))
+    other_hop = netlink.decode_route_shared(_dump_message((10, 7, 2, 0), 24, gateway=(10, 2, 0, 10)))
+    metric = netlink.decode_route_shared(_dump_message((10, 7, 3, 0), 24, metric=20))
+    assert a[0] == ("10.7.1.0", 24) and b[0] == ("10.8.0.0", 16)
+    assert a[1] is b[1] and (a[1].dst, a[1].dst_len) == ("", 0)
+    assert a[1].at(*a[0]) == netlink.decode_route(_dump_message((10, 7, 1, 0), 24))
+    assert other_hop[1] is not a[1] and other_hop[1].nexthops[0].gateway == "10.2.0.10"
+    assert metric[1].priority == 20 and metric[1] is not a[1]
+    default = netlink.decode_route_shared(_dump_message(None, 0))  # no RTA_DST: decoded in full
+    assert default[0] == ("0.0.0.0", 0) and default[1].dst == "0.0.0.0"

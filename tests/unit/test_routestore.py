@@ -1,0 +1,83 @@
+"""The model's route store (mirror/routestore.py): single-route prefixes
+share a shape, everything reads back as full routes, and shapes are
+counted so none outlives its last prefix."""
+
+from mirror import model as m
+from mirror.routestore import RouteStore
+
+HOP = (m.Nexthop(3, "10.2.0.9"),)
+OTHER_HOP = (m.Nexthop(4, "10.3.0.9"),)
+
+
+def route(dst, plen, hops=HOP, table=m.TABLE_MAIN, **kw):
+    return m.Route(table, dst, plen, nexthops=hops, **kw)
+
+
+def store():
+    return RouteStore(keep_listed=lambda r: r.table == m.TABLE_LOCAL)
+
+
+def test_single_routes_share_a_shape_and_read_back_whole():
+    s = store()
+    s["10.1.0.0", 16] = [route("10.1.0.0", 16)]
+    s["10.2.0.0", 24] = [route("10.2.0.0", 24)]
+    assert s.shape(("10.1.0.0", 16)) is s.shape(("10.2.0.0", 24))
+    assert s[("10.2.0.0", 24)] == [route("10.2.0.0", 24)]
+    assert s.get(("10.9.0.0", 16)) is None and ("10.1.0.0", 16) in s and len(s) == 2
+    assert dict(s.items()) == {("10.1.0.0", 16): [route("10.1.0.0", 16)], ("10.2.0.0", 24): [route("10.2.0.0", 24)]}
+
+
+def test_several_routes_and_local_ones_stay_listed():
+    s = store()
+    two = [route("10.1.0.0", 16, priority=10), route("10.1.0.0", 16, priority=20)]
+    s["10.1.0.0", 16] = two
+    local = route("10.0.0.1", 32, table=m.TABLE_LOCAL, type=m.RTN_LOCAL)
+    s.add_new(("10.0.0.1", 32), local)
+    assert s.shape(("10.1.0.0", 16)) is None and s[("10.1.0.0", 16)] == two
+    assert s.shape(("10.0.0.1", 32)) is None and s[("10.0.0.1", 32)][0] is local  # identity kept
+    s["10.1.0.0", 16] = two[:1]  # down to one: a shape again
+    assert s.shape(("10.1.0.0", 16)) is not None and s[("10.1.0.0", 16)] == two[:1]
+
+
+def test_shapes_are_counted_and_dropped_with_their_last_prefix():
+    s = store()
+    s["10.1.0.0", 16] = [route("10.1.0.0", 16)]
+    s["10.2.0.0", 16] = [route("10.2.0.0", 16)]
+    s["10.3.0.0", 16] = [route("10.3.0.0", 16, hops=OTHER_HOP)]
+    assert len(s._shapes) == 2
+    del s["10.1.0.0", 16]
+    s["10.3.0.0", 16] = [route("10.3.0.0", 16)]  # replaced: the other shape's last use
+    assert len(s._shapes) == 1
+    del s["10.2.0.0", 16], s["10.3.0.0", 16]
+    assert not s and not s._shapes
+
+
+def test_where_and_first_test_each_shape_once():
+    s = store()
+    for i in range(100):
+        s[f"10.{i}.0.0", 16] = [route(f"10.{i}.0.0", 16)]
+    s["10.200.0.0", 16] = [route("10.200.0.0", 16, hops=OTHER_HOP)]
+    s["10.201.0.0", 16] = [route("10.201.0.0", 16, priority=1), route("10.201.0.0", 16, priority=2, hops=OTHER_HOP)]
+    tested = []
+
+    def via_4(r):
+        tested.append(r)
+        return any(nh.oif == 4 for nh in r.nexthops)
+    assert sorted(s.where(via_4)) == [("10.200.0.0", 16), ("10.201.0.0", 16)]
+    assert len(tested) == 2 + 2  # two shapes, the listed prefix's two routes
+    assert s.first(via_4).dst in ("10.200.0.0", "10.201.0.0")
+    assert s.first(lambda r: r.priority == 7) is None
+
+
+def test_load_stores_a_dump_and_hands_on_the_rest():
+    s = store()
+    shared = route("", 0)
+    s.add_new(("10.5.0.0", 16), route("10.5.0.0", 16))
+    other = []
+    pairs = [(("10.1.0.0", 16), shared), (("10.2.0.0", 24), shared), (("10.5.0.0", 16), shared),
+             (("127.0.0.1", 32), route("127.0.0.1", 32, table=m.TABLE_LOCAL))]
+    stored = s.load(pairs, other=lambda prefix, r: other.append(prefix))
+    assert stored == [(shared, 2)]
+    assert other == [("10.5.0.0", 16), ("127.0.0.1", 32)]  # already stored; kept listed
+    assert s[("10.2.0.0", 24)] == [route("10.2.0.0", 24)]
+    assert s.shape(("10.1.0.0", 16)) is s.shape(("10.5.0.0", 16))
