@@ -26,8 +26,8 @@ def _shape_key(route) -> tuple:
 
 
 class RouteStore:
-    """prefix -> [routes for it, in the kernel's order] (a dict-like view:
-    lists read from it are the caller's to change and store back)."""
+    """prefix -> [routes for it, in the kernel's order], dict-like.  A list
+    read from it may be the stored one: change it only to store it back."""
 
     def __init__(self, keep_listed: Callable = lambda route: False):
         self._keep_listed = keep_listed  # routes never stored as a shape
@@ -50,8 +50,8 @@ class RouteStore:
 
     def shape(self, prefix: Prefix):
         """The prefix's one route with its prefix blanked, shared by every
-        prefix whose only route is equal but for it; None if the prefix has
-        none or several (get() then)."""
+        prefix whose only route is equal but for it; None if the prefix is
+        stored as a list (several routes, or kept listed) or absent."""
         value = self._by_prefix.get(prefix)
         return None if value is None or type(value) is list else value
 
