@@ -27,8 +27,6 @@ from .translate import Desired, FdbTarget, LinkEntry, NfConfig, PortEntry, Route
 log = logging.getLogger(__name__)
 
 FDB_LOCAL = 1 << 0  # LM_FDB_LOCAL
-# BCC reports a failed update only as text: a full hash map says E2BIG, a full LPM trie ENOSPC.
-MAP_FULL_ERRORS = tuple(os.strerror(e) for e in (errno.E2BIG, errno.ENOSPC))
 # Tables whose entries may simply stay unwritten when the map is full: a
 # missing entry already punts (neighbour: NO_NEIGHBOR, link: IFACE_UNMANAGED /
 # EGRESS_UNMANAGED, FDB: BR_UNKNOWN_UNICAST / BR_LEARN).  A port entry is the
@@ -36,15 +34,22 @@ MAP_FULL_ERRORS = tuple(os.strerror(e) for e in (errno.E2BIG, errno.ENOSPC))
 BOUNDED_TABLES = ("links", "ports", "neighbors", "fdb")
 
 
-def is_map_full(exc: Exception) -> bool:
-    return any(text in str(exc) for text in MAP_FULL_ERRORS)
+# Errors of a write that found no room for a new entry (a full hash map
+# says E2BIG, a full LPM trie ENOSPC, a trie the kernel cannot grow ENOMEM).
+NO_ROOM = (errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
+_NO_ROOM_TEXT = tuple(os.strerror(e) for e in NO_ROOM)
+
+
+def no_room(exc: Exception) -> bool:
+    """Whether a failed map write means the map is full: by errno for the
+    direct bpf() writes (mirror/bpfsys.py), by text for BCC's tables (it
+    reports a failed update only as a message)."""
+    return getattr(exc, "errno", None) in NO_ROOM or any(text in str(exc) for text in _NO_ROOM_TEXT)
 
 
 _U32 = struct.Struct("=I")
 _ZERO4 = bytes(4)
 FORWARDED = BY_NAME["FORWARDED"]
-# Errors of a write that found no room for a new entry.
-NO_ROOM = (errno.ENOSPC, errno.E2BIG, errno.ENOMEM)
 # Route map slots kept free for the cover of last resort (0.0.0.0/0 punting
 # ROUTE_OVERFLOW) when a route that did not fit has no covering route.
 ROUTE_SLOTS_RESERVED = 1
@@ -393,7 +398,7 @@ class Reconciler:
             try:
                 self._write_route(key, value)
             except OSError as e:
-                if e.errno not in NO_ROOM:
+                if not no_room(e):
                     raise
                 failed.append(key)
         return failed
@@ -472,7 +477,7 @@ class Reconciler:
             try:
                 table[key_fn(key)] = leaf_fn(value)
             except Exception as e:
-                if not is_map_full(e) or key in current:
+                if not no_room(e) or key in current:
                     raise
                 unwritten[key] = value
                 self.on_full(name, key)
