@@ -65,6 +65,9 @@ class Twin(Netns):
                 self.socks[(c, i)] = s
 
     def down(self):
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
         for s in self.socks.values():
             s.close()
         self.socks.clear()

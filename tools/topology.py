@@ -527,7 +527,8 @@ class Agent:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout=10.0, use_cli=True):
-        """Stop the agent; returns its exit code (None if it had to be killed)."""
+        """Stop the agent; returns its exit code (None if it had to be killed).
+        A log file of its own is removed after a clean exit."""
         if self.proc is None:
             return None
         if self.proc.poll() is None and use_cli:
@@ -550,6 +551,8 @@ class Agent:
                 return None
         rc = self.proc.returncode
         self.topo.kill(self.proc)   # forget it
+        if rc == 0:
+            self.cleanup_log()  # a log of our own is kept only when the agent failed
         return rc
 
     def log_tail(self, n=60):
