@@ -5,8 +5,7 @@ differ only in their prefix: a few next hops, one table, one type.  So a
 prefix with a single route stores only a shared *shape*, the route with its
 prefix blanked (counted, and dropped with the last prefix using it).  The
 rest (several routes for a prefix: append/prepend, other tables, metrics or
-TOS; and those the owner asks to keep listed) keep
-their list.  Reading a prefix gives full Route objects back.
+TOS; and those the owner asks to keep listed) keep their list.  Reading a prefix gives full Route objects back.
 
 Per prefix that leaves the key and one dict slot: about 200 bytes instead
 of 360 (a Route object and a list each).
@@ -86,7 +85,8 @@ class RouteStore:
         return out
 
     def first(self, test: Callable):
-        """A route passing test(route), with its prefix; None if none does."""
+        """A route passing test(route) (a whole one, prefix filled in); None
+        if none does."""
         for prefix in self._listed:
             for route in self._by_prefix[prefix]:
                 if test(route):
@@ -122,22 +122,25 @@ class RouteStore:
         the prefixes whose messages differ only in it, so a route object
         seen before costs one lookup.  Returns each route stored here with
         the number of prefixes it was stored for."""
-        by_prefix, seen = self._by_prefix, {}  # id(route) -> [route, its shape's use, prefixes]
+        by_prefix = self._by_prefix
+        counts = {}  # id(route) -> [route, prefixes]: holds the routes, so their ids stay theirs
+        uses = {}  # id(route) -> its shape's [shape, prefixes using it]; forgotten after other(),
+        #            which may have dropped a shape
         for prefix, route in pairs:
-            if prefix in by_prefix:
+            used = uses.get(id(route))
+            if prefix in by_prefix or (used is None and self._keep_listed(route)):
                 other(prefix, route)
+                uses.clear()
                 continue
-            hit = seen.get(id(route))
-            if hit is None:
-                hit = seen[id(route)] = [route, None if self._keep_listed(route) else self._use(route), 0]
-            used = hit[1]
             if used is None:
-                other(prefix, route)
-                continue
+                used = uses[id(route)] = self._use(route)
             by_prefix[prefix] = used[0]
             used[1] += 1
-            hit[2] += 1
-        return [(route, n) for route, _, n in seen.values() if n]
+            counted = counts.get(id(route))
+            if counted is None:
+                counted = counts[id(route)] = [route, 0]
+            counted[1] += 1
+        return [(route, n) for route, n in counts.values()]
 
     def __delitem__(self, prefix: Prefix):
         self._release(prefix, self._by_prefix.pop(prefix))

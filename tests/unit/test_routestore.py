@@ -81,3 +81,20 @@ def test_load_stores_a_dump_and_hands_on_the_rest():
     assert other == [("10.5.0.0", 16), ("127.0.0.1", 32)]  # already stored; kept listed
     assert s[("10.2.0.0", 24)] == [route("10.2.0.0", 24)]
     assert s.shape(("10.1.0.0", 16)) is s.shape(("10.5.0.0", 16))
+
+
+def test_load_survives_a_shape_dropped_by_the_rest():
+    """A dump's later route for a stored prefix makes it a list, dropping
+    the shape it held; a following prefix with the same route object gets
+    a live shape again (counted, released without error)."""
+    s = store()
+    shared = route("", 0)
+    pairs = [(("10.1.0.0", 16), shared), (("10.1.0.0", 16), route("10.1.0.0", 16, priority=5)),
+             (("10.2.0.0", 16), shared)]
+
+    def other(prefix, r):
+        s[prefix] = s[prefix] + [r.at(*prefix)]
+    s.load(pairs, other=other)
+    assert len(s[("10.1.0.0", 16)]) == 2 and s[("10.2.0.0", 16)] == [route("10.2.0.0", 16)]
+    del s["10.2.0.0", 16], s["10.1.0.0", 16]
+    assert not s._shapes
