@@ -2,6 +2,10 @@
 share a shape, everything reads back as full routes, and shapes are
 counted so none outlives its last prefix."""
 
+import random
+
+import pytest
+
 from mirror import model as m
 from mirror.routestore import RouteStore
 
@@ -98,3 +102,28 @@ def test_load_survives_a_shape_dropped_by_the_rest():
     assert len(s[("10.1.0.0", 16)]) == 2 and s[("10.2.0.0", 16)] == [route("10.2.0.0", 16)]
     del s["10.2.0.0", 16], s["10.1.0.0", 16]
     assert not s._shapes
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_loaded_dump_equals_the_same_routes_set_one_by_one(seed):
+    """KernelState.load_routes (the dump path: shared blank routes, several
+    routes per prefix across tables and metrics, local ones) builds the
+    same model as set_route for each route in the same order."""
+    rng = random.Random(seed)
+    blanks = [m.Route(table, "", 0, type=rtype, priority=prio, nexthops=hops)
+              for table, rtype in ((m.TABLE_MAIN, m.RTN_UNICAST), (100, m.RTN_UNICAST), (m.TABLE_LOCAL, m.RTN_LOCAL))
+              for prio in (0, 20) for hops in (HOP, OTHER_HOP)]
+    pairs = []
+    for _ in range(300):
+        prefix = (f"10.{rng.randrange(8)}.{rng.randrange(4)}.0", rng.choice([16, 24, 32]))
+        pairs.append((prefix, rng.choice(blanks)))
+    loaded, one_by_one = m.KernelState(), m.KernelState()
+    loaded.load_routes(pairs)
+    for prefix, blank in pairs:
+        one_by_one.set_route(blank.at(*prefix))
+    assert dict(loaded.by_prefix.items()) == dict(one_by_one.by_prefix.items())
+    assert loaded.by_oif == one_by_one.by_oif and loaded.local_short == one_by_one.local_short
+    for prefix in list(one_by_one.by_prefix):  # and both empty out completely
+        for route in list(loaded.by_prefix[prefix]):
+            loaded.del_route(route)
+    assert not loaded.by_prefix and not loaded.by_prefix._shapes and not loaded.by_oif
