@@ -2,13 +2,15 @@
 
 A full table is a million prefixes with one route each, and those routes
 differ only in their prefix: a few next hops, one table, one type.  So a
-prefix with a single route stores only a shared *shape*, the route with its
-prefix blanked (counted, and dropped with the last prefix using it).  The
-rest (several routes for a prefix: append/prepend, other tables, metrics or
-TOS; and those the owner asks to keep listed) keep their list.  Reading a prefix gives full Route objects back.
+prefix stores only shared *shapes*, routes with their prefix blanked
+(counted, and dropped with the last prefix using them): one shape, or a
+tuple of them for several routes (append/prepend, other tables, metrics,
+TOS).  Routes the owner asks to keep listed (and prefixes with one) keep
+a list of whole routes.  Reading a prefix gives whole Route objects back.
 
 Per prefix that leaves the key and one dict slot: about 200 bytes instead
-of 360 (a Route object and a list each).
+of 360 (a Route object and a list each).  Scans test each shape once, so
+their cost follows the kinds of routes, not their number.
 """
 
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -30,8 +32,8 @@ class RouteStore:
 
     def __init__(self, keep_listed: Callable = lambda route: False):
         self._keep_listed = keep_listed  # routes never stored as a shape
-        self._by_prefix: Dict[Prefix, object] = {}  # a shape (a Route), or a list of Routes
-        self._shapes: Dict[tuple, list] = {}  # shape key -> [shape, prefixes using it]
+        self._by_prefix: Dict[Prefix, object] = {}  # a shape, a tuple of shapes, or a list of Routes
+        self._shapes: Dict[tuple, list] = {}  # shape key -> [shape, uses]
         self._listed = set()  # the prefixes stored as a list: scans visit them and the shapes
 
     # -- reading -------------------------------------------------------------
@@ -39,7 +41,7 @@ class RouteStore:
         value = self._by_prefix.get(prefix)
         if value is None:
             return default
-        return value if type(value) is list else [value.at(*prefix)]
+        return _routes(prefix, value)
 
     def __getitem__(self, prefix: Prefix) -> List:
         routes = self.get(prefix)
@@ -49,10 +51,10 @@ class RouteStore:
 
     def shape(self, prefix: Prefix):
         """The prefix's one route with its prefix blanked, shared by every
-        prefix whose only route is equal but for it; None if the prefix is
-        stored as a list (several routes, or kept listed) or absent."""
+        prefix whose only route is equal but for it; None if the prefix has
+        several routes, one kept listed, or none."""
         value = self._by_prefix.get(prefix)
-        return None if value is None or type(value) is list else value
+        return None if value is None or type(value) in (list, tuple) else value
 
     def __contains__(self, prefix) -> bool:
         return prefix in self._by_prefix
@@ -68,7 +70,7 @@ class RouteStore:
 
     def items(self):
         for prefix, value in self._by_prefix.items():
-            yield prefix, value if type(value) is list else [value.at(*prefix)]
+            yield prefix, _routes(prefix, value)
 
     def values(self):
         for _, routes in self.items():
@@ -81,7 +83,7 @@ class RouteStore:
         out = [p for p in self._listed if any(test(r) for r in self._by_prefix[p])]
         passing = {id(shape) for shape, _ in self._shapes.values() if test(shape)}
         if passing:
-            out += [p for p, value in self._by_prefix.items() if id(value) in passing]
+            out += [p for p, value in self._by_prefix.items() if _uses_any(value, passing)]
         return out
 
     def first(self, test: Callable):
@@ -91,9 +93,10 @@ class RouteStore:
             for route in self._by_prefix[prefix]:
                 if test(route):
                     return route
-        shapes = {id(shape) for shape, _ in self._shapes.values() if test(shape)}
-        if shapes:
-            return next(v.at(*p) for p, v in self._by_prefix.items() if id(v) in shapes)
+        passing = {id(shape) for shape, _ in self._shapes.values() if test(shape)}
+        if passing:
+            prefix, value = next((p, v) for p, v in self._by_prefix.items() if _uses_any(v, passing))
+            return next(shape.at(*prefix) for shape in _shapes_of(value) if id(shape) in passing)
         return None
 
     # -- writing ---------------------------------------------------------------
@@ -101,11 +104,13 @@ class RouteStore:
         if not routes:
             raise ValueError("an empty route list: delete the prefix")
         self._release(prefix, self._by_prefix.get(prefix))
-        if len(routes) == 1 and not self._keep_listed(routes[0]):
-            self._by_prefix[prefix] = self._acquire(routes[0])
-        else:
+        if any(self._keep_listed(r) for r in routes):
             self._by_prefix[prefix] = list(routes)
             self._listed.add(prefix)
+        elif len(routes) == 1:
+            self._by_prefix[prefix] = self._acquire(routes[0])
+        else:
+            self._by_prefix[prefix] = tuple(self._acquire(r) for r in routes)
 
     def add_new(self, prefix: Prefix, route) -> None:
         """Store the first route of a prefix not stored yet (dumps)."""
@@ -116,8 +121,10 @@ class RouteStore:
             self._by_prefix[prefix] = self._acquire(route)
 
     def load(self, pairs, other: Callable) -> List[Tuple[object, int]]:
-        """Store the (prefix, route) pairs of a dump, the first route of each
-        prefix here and the rest by other(prefix, route).  The route's own
+        """Store the (prefix, route) pairs of a dump: here a prefix's first
+        route, and routes of another key than those before (another table,
+        metric or TOS: appended, as set_route would); the rest by
+        other(prefix, route).  The route's own
         prefix is not looked at: the decoder shares one route object among
         the prefixes whose messages differ only in it, so a route object
         seen before costs one lookup.  Returns each route stored here with
@@ -128,13 +135,18 @@ class RouteStore:
         #            which may have dropped a shape
         for prefix, route in pairs:
             used = uses.get(id(route))
-            if prefix in by_prefix or (used is None and self._keep_listed(route)):
+            if used is None and self._keep_listed(route):
+                other(prefix, route)
+                uses.clear()
+                continue
+            stored = by_prefix.get(prefix)
+            if stored is not None and not _appends(stored, route):
                 other(prefix, route)
                 uses.clear()
                 continue
             if used is None:
                 used = uses[id(route)] = self._use(route)
-            by_prefix[prefix] = used[0]
+            by_prefix[prefix] = used[0] if stored is None else _shapes_of(stored) + (used[0],)
             used[1] += 1
             counted = counts.get(id(route))
             if counted is None:
@@ -164,8 +176,38 @@ class RouteStore:
         if type(value) is list:
             self._listed.discard(prefix)
             return
-        key = _shape_key(value)
-        used = self._shapes[key]
-        used[1] -= 1
-        if not used[1]:
-            del self._shapes[key]
+        for shape in _shapes_of(value):
+            key = _shape_key(shape)
+            used = self._shapes[key]
+            used[1] -= 1
+            if not used[1]:
+                del self._shapes[key]
+
+
+def _routes(prefix: Prefix, value) -> List:
+    """A stored value as the prefix's routes."""
+    if type(value) is list:
+        return value
+    if type(value) is tuple:
+        return [shape.at(*prefix) for shape in value]
+    return [value.at(*prefix)]
+
+
+def _shapes_of(value) -> tuple:
+    """The shapes in a stored value that is not a list."""
+    return value if type(value) is tuple else (value,)
+
+
+def _appends(value, route) -> bool:
+    """Whether set_route would append the route to a stored value of shapes:
+    no route of the same key (the prefix aside) is there."""
+    if type(value) is list:
+        return False
+    key = (route.table, route.tos, route.priority)
+    return all((shape.table, shape.tos, shape.priority) != key for shape in _shapes_of(value))
+
+
+def _uses_any(value, shape_ids) -> bool:
+    if type(value) is tuple:
+        return any(id(shape) in shape_ids for shape in value)
+    return id(value) in shape_ids

@@ -31,7 +31,7 @@ def test_single_routes_share_a_shape_and_read_back_whole():
     assert dict(s.items()) == {("10.1.0.0", 16): [route("10.1.0.0", 16)], ("10.2.0.0", 24): [route("10.2.0.0", 24)]}
 
 
-def test_several_routes_and_local_ones_stay_listed():
+def test_several_routes_read_back_in_order_and_local_ones_keep_their_identity():
     s = store()
     two = [route("10.1.0.0", 16, priority=10), route("10.1.0.0", 16, priority=20)]
     s["10.1.0.0", 16] = two
@@ -68,7 +68,7 @@ def test_where_and_first_test_each_shape_once():
         tested.append(r)
         return any(nh.oif == 4 for nh in r.nexthops)
     assert sorted(s.where(via_4)) == [("10.200.0.0", 16), ("10.201.0.0", 16)]
-    assert len(tested) == 2 + 2  # two shapes, the listed prefix's two routes
+    assert len(tested) == 4  # one test per shape: two single ones, the two of the prefix with two routes
     assert s.first(via_4).dst in ("10.200.0.0", "10.201.0.0")
     assert s.first(lambda r: r.priority == 7) is None
 
@@ -127,3 +127,21 @@ def test_a_loaded_dump_equals_the_same_routes_set_one_by_one(seed):
         for route in list(loaded.by_prefix[prefix]):
             loaded.del_route(route)
     assert not loaded.by_prefix and not loaded.by_prefix._shapes and not loaded.by_oif
+
+
+def test_prefixes_with_several_routes_are_scanned_by_shape_too():
+    """Two full tables (main and 100) make every prefix hold two routes; a
+    policy check over them still tests each kind of route once."""
+    s = store()
+    for i in range(1000):
+        prefix = (f"10.{i // 256}.{i % 256}.0", 24)
+        s[prefix] = [route(*prefix), route(*prefix, table=100)]
+    tested = []
+
+    def multipath(r):
+        tested.append(r)
+        return len(r.nexthops) > 1
+    assert s.first(multipath) is None and s.where(multipath) == []
+    assert len(tested) == 2 * 2
+    assert s[("10.3.231.0", 24)] == [route("10.3.231.0", 24), route("10.3.231.0", 24, table=100)]
+    assert s.first(lambda r: r.table == 100).table == 100
