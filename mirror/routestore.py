@@ -124,11 +124,11 @@ class RouteStore:
         """Store the (prefix, route) pairs of a dump: here a prefix's first
         route, and routes of another key than those before (another table,
         metric or TOS: appended, as set_route would); the rest by
-        other(prefix, route).  The route's own
-        prefix is not looked at: the decoder shares one route object among
-        the prefixes whose messages differ only in it, so a route object
-        seen before costs one lookup.  Returns each route stored here with
-        the number of prefixes it was stored for."""
+        other(prefix, route).  The route's own prefix is not looked at: the
+        decoder shares one route object among the prefixes whose messages
+        differ only in it, so a route object seen before costs one lookup.
+        Returns each route stored here with the number of prefixes it was
+        stored for."""
         by_prefix = self._by_prefix
         counts = {}  # id(route) -> [route, prefixes]: holds the routes, so their ids stay theirs
         uses = {}  # id(route) -> its shape's [shape, prefixes using it]; forgotten after other(),
