@@ -56,6 +56,12 @@ class RouteStore:
         value = self._by_prefix.get(prefix)
         return None if value is None or type(value) in (list, tuple) else value
 
+    def shapes(self, prefix: Prefix) -> Optional[tuple]:
+        """The prefix's routes with their prefix blanked (shared objects, in
+        order); None if the prefix has a route kept listed, or none."""
+        value = self._by_prefix.get(prefix)
+        return None if value is None or type(value) is list else _shapes_of(value)
+
     def __contains__(self, prefix) -> bool:
         return prefix in self._by_prefix
 

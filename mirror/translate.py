@@ -511,16 +511,29 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None)
         # The common case: one main-table route, stored as a shape shared by
         # the prefixes whose route is equal but for the prefix.  _main_entry()
         # does not look at the prefix, so they share its answer too.
-        if entries is None:
-            entry = _main_entry([shape], state.links, state.nexthops)
-        else:
-            entry = entries.get(id(shape))
-            if entry is None:
-                entry = _main_entry([shape], state.links, state.nexthops)
-                entry = entries[id(shape)] = entries.setdefault(entry, entry)
-        return _covered(prefix, covering) or entry
+        return _covered(prefix, covering) or _shared_entry(state, (shape,), id(shape), entries)
+    shapes = None if shape is not None else state.by_prefix.shapes(prefix)
+    if shapes is not None and not (prefix[1] == 32 and prefix[0] in local_ips):
+        # Several routes, none local (local ones are kept listed): likewise
+        # for prefixes whose main-table routes are the same shapes (two full
+        # tables under policy rules make every prefix one of these).
+        main = tuple(s for s in shapes if s.table == m.TABLE_MAIN)
+        if not main:
+            return None
+        return _covered(prefix, covering) or _shared_entry(state, main, tuple(map(id, main)), entries)
     entry = _listed_entry(state, prefix, local_ips, covering)
     return entry if entries is None or entry is None else entries.setdefault(entry, entry)
+
+
+def _shared_entry(state: m.KernelState, shapes, key, entries) -> RouteEntry:
+    """_main_entry() of main-table shapes, once per key in `entries`."""
+    if entries is None:
+        return _main_entry(shapes, state.links, state.nexthops)
+    entry = entries.get(key)
+    if entry is None:
+        entry = _main_entry(shapes, state.links, state.nexthops)
+        entry = entries[key] = entries.setdefault(entry, entry)
+    return entry
 
 
 def _listed_entry(state: m.KernelState, prefix, local_ips, covering) -> Optional[RouteEntry]:
