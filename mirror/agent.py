@@ -42,6 +42,10 @@ log = logging.getLogger("loxi-mirror")
 HEARTBEAT_INTERVAL = 0.25  # s between heartbeats
 HEARTBEAT_GRACE = 1.0  # s: the datapath punts this long after the last beat
 SYSCTL_POLL = 2.0  # s; backstop for netconf events
+# Namespace-wide sysctls with no notification at all that change what is
+# forwarded (bridge-nf-call-*, conntrack timeouts, multipath hashing): read
+# this often, so the fast path acts on an old value for this long at most.
+GLOBAL_SYSCTL_POLL = 0.25  # s
 NEIGH_REFRESH = 1.0  # s between scans for STALE neighbours in use
 FDB_REFRESH = 0.25  # s: the shortest period between FDB refresh scans of a bridge
 # The maps the reconciler writes: the translated tables, the config slot, flow
@@ -203,7 +207,7 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------
     def _loop(self):
-        next_beat = next_sysctl = next_neigh = next_fdb = 0.0
+        next_beat = next_sysctl = next_global = next_neigh = next_fdb = 0.0
         healthy = True
         while not self.stopping.is_set():
             # Uncertain prefixes: look again soon, to re-dump once routes are quiet.
@@ -217,6 +221,11 @@ class Agent:
                     break
             if not healthy:
                 batch.append(("resync", None))  # None: whatever the generation
+            elif not poll and now >= next_global:
+                next_global = now + GLOBAL_SYSCTL_POLL
+                values = _read_global_sysctls()
+                if values != self._global_sysctls():
+                    batch.append(("sysctls", values))
             if batch or poll or self.state.uncertain:
                 try:
                     started = time.monotonic()
@@ -277,6 +286,8 @@ class Agent:
                 self.nf_answered = max(self.nf_answered, payload.hint_seq or 0)
             elif kind == "xfrm":
                 self.state.xfrm_impact = payload
+            elif kind == "sysctls":
+                self._set_global_sysctls(payload)
             elif kind == "flow":
                 flow_events.append(payload)
             elif kind == "resync":
@@ -462,11 +473,18 @@ class Agent:
     def _refresh_sysctls(self):
         names = [l.name for l in self.state.links.values()]
         self.state.set_sysctls(netlink.read_sysctls(names))
-        self.state.fwd_use_pmtu = netlink.read_fwd_use_pmtu()
-        self.state.bridge_sysctls = netlink.read_bridge_sysctls()
-        self.state.ct_sysctls = conntrack.read_sysctls()
-        self.state.fwd_update_priority = netlink.read_fwd_update_priority()
-        self.state.multipath_hash_policy = netlink.read_multipath_hash_policy()
+        self._set_global_sysctls(_read_global_sysctls())
+
+    _GLOBAL_SYSCTLS = ("fwd_use_pmtu", "fwd_update_priority", "multipath_hash_policy", "bridge_sysctls", "ct_sysctls")
+
+    def _global_sysctls(self) -> tuple:
+        return tuple(getattr(self.state, name) for name in self._GLOBAL_SYSCTLS)
+
+    def _set_global_sysctls(self, values):
+        """Put these namespace-wide sysctls in the model (the translator
+        recomputes what they decide on every reconcile)."""
+        for name, value in zip(self._GLOBAL_SYSCTLS, values):
+            setattr(self.state, name, value)
 
     # -- neighbour confirmation -------------------------------------------
     def _track_stale(self, msg):
@@ -740,6 +758,12 @@ class Agent:
         if table == "fdb" and "mac" in match and "bridge" in match:
             return [(i, match["mac"]) for i, name in names.items() if name == match["bridge"]]
         return None
+
+
+def _read_global_sysctls() -> tuple:
+    """In the order of Agent._GLOBAL_SYSCTLS."""
+    return (netlink.read_fwd_use_pmtu(), netlink.read_fwd_update_priority(), netlink.read_multipath_hash_policy(),
+            netlink.read_bridge_sysctls(), conntrack.read_sysctls())
 
 
 def settle_memory():
