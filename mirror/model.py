@@ -8,7 +8,7 @@ complete upserts), so replaying events over a dump converges.
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Optional, Set, Tuple
 
 from .routestore import RouteStore
 
