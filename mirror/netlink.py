@@ -189,8 +189,8 @@ def parse_address(msg) -> m.Address:
 
 def parse_route(msg) -> m.Route:
     """A route from a pyroute2-decoded RTM_NEWROUTE/DELROUTE (its wire bytes
-    are decoded again by decode_route: one decoder for events and dumps)."""
-    return decode_route(msg.data, msg.offset)
+    are decoded again: one decoder for events and dumps)."""
+    return route_of_message(bytes(msg.data), msg.offset)
 
 
 # Route attribute types (linux/rtnetlink.h) and their names as pyroute2 gives
@@ -205,10 +205,6 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _RTA = struct.Struct("=HH")
 _RTNH = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _U32 = struct.Struct("=I")
-# RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF and nothing else, as a dump gives
-# `ip route add P via G` (rtattr length and type before each value).
-_PLAIN = struct.Struct("=HHIHH4sHH4sHHI")
-_PLAIN_LEN = 28 + _PLAIN.size
 _inet_ntoa = socket.inet_ntoa
 # Next-hop tuples are shared: a big table has a handful of distinct ones.
 _HOPS: dict = {}
@@ -222,11 +218,6 @@ def decode_route(buf, offset: int = 0) -> m.Route:
     length = _NLMSG.unpack_from(buf, offset)[0]
     end = offset + length
     _, dst_len, _, tos, table, _, _, rtype, rtm_flags = _RTMSG.unpack_from(buf, offset + 16)
-    if length == _PLAIN_LEN:  # what a full table is made of: one struct call
-        f = _PLAIN.unpack_from(buf, offset + 28)
-        if f[:2] == (8, RTA_TABLE) and f[3:5] == (8, RTA_DST) and f[6:8] == (8, RTA_GATEWAY) and f[9:11] == (8, RTA_OIF):
-            return m.Route(f[2], _inet_ntoa(f[5]), dst_len, rtype, tos, 0,
-                           _shared_hops(((f[11], _inet_ntoa(f[8]), rtm_flags & 0xFF, 1),)))
     dst, oif, gateway, priority, mtu, nhid, hops, unsupported = "0.0.0.0", 0, None, 0, 0, 0, None, []
     pos, has_hop = offset + 28, False
     while pos + 4 <= end:
@@ -292,6 +283,13 @@ def decode_route_shared(buf: bytes, offset: int = 0):
         return (_inet_ntoa(buf[offset + _DST_AT + 4:offset + _DST_AT + 8]), dst_len), blank
     route = decode_route(buf, offset)
     return (route.dst, route.dst_len), route
+
+
+def route_of_message(buf: bytes, offset: int = 0) -> m.Route:
+    """The whole route of a message (events): decode_route_shared's, with
+    its prefix put back."""
+    prefix, route = decode_route_shared(buf, offset)
+    return route.at(*prefix)
 
 
 def _metrics(buf, pos, end):
@@ -854,14 +852,14 @@ class NetlinkWatcher:
 
     def _decode(self, data, nsid):
         """The messages of one datagram: IPv4 routes of this namespace
-        decoded by decode_route (a route event is {"event", "family",
+        decoded by route_of_message (a route event is {"event", "family",
         "header": {"flags"}, "route"}), everything else by pyroute2."""
         out = []
         for kind, flags, offset in messages(data):
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and nsid is None:
                 if data[offset + 16] == socket.AF_INET:
                     out.append({"event": EVENT_NAMES[kind], "family": socket.AF_INET, "header": {"flags": flags},
-                                "route": decode_route(data, offset)})
+                                "route": route_of_message(data, offset)})
                 continue
             length = _NLMSG.unpack_from(data, offset)[0]
             for msg in self.marshal.parse(data[offset:offset + length]):

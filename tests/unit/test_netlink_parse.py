@@ -166,7 +166,8 @@ def test_route_mtu_lock_is_unsupported_last():
 
 def test_route_in_the_kernels_dump_layout_decodes_like_any_other():
     """`ip route add P via G` as a dump sends it (RTA_TABLE, RTA_DST,
-    RTA_GATEWAY, RTA_OIF): the one-struct fast path gives the same Route."""
+    RTA_GATEWAY, RTA_OIF): decoded alone and through the shared decoding
+    (parse_route) it is the same Route, with the shared next-hop tuple."""
     attrs = struct.pack("=HHI", 8, 15, 254) + struct.pack("=HH4s", 8, 1, bytes([10, 7, 1, 0])) \
         + struct.pack("=HH4s", 8, 5, bytes([10, 2, 0, 9])) + struct.pack("=HHI", 8, 4, 3)
     body = struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 3, 0, 1, 0) + attrs
