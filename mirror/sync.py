@@ -198,6 +198,7 @@ class Reconciler:
         # entry there (None: the translator wants none, e.g. 0.0.0.0/0).
         self.covered = {}
         self.route_growths = 0
+        self._overflow_logged = False  # the "route map full" line is out, not yet cleared
         self._leaves = {}  # id(RouteEntry) -> (it, its packed lm_route)
         self._beat = beat
         self.hz = hz
@@ -433,10 +434,10 @@ class Reconciler:
 
     def _log_overflow(self):
         overflowing = bool(self.unwritten_routes)
-        if overflowing and not getattr(self, "_overflow_logged", False):
+        if overflowing and not self._overflow_logged:
             log.warning("route map full: %d route(s) not written (capacity %d); the routes covering them "
                         "punt ROUTE_OVERFLOW", len(self.unwritten_routes), self.route_capacity)
-        elif not overflowing and getattr(self, "_overflow_logged", False):
+        elif not overflowing and self._overflow_logged:
             log.info("route map overflow cleared: every route is written")
         self._overflow_logged = overflowing
 
@@ -451,19 +452,10 @@ class Reconciler:
                 return None
             return {"unwritten": len(self.unwritten_routes), "covers": len(self.covered), "capacity": self.route_capacity}
 
-    @staticmethod
-    def _upsert(table, current, delta, key_fn, leaf_fn) -> int:
-        n = 0
-        for key, value in delta.items():
-            if value is not None and current.get(key) != value:
-                table[key_fn(key)] = leaf_fn(value)
-                current[key] = value
-                n += 1
-        return n
-
     def _upsert_bounded(self, name, delta) -> int:
-        """_upsert for a table whose entries may be refused when the map is
-        full: a refused entry stays absent (it punts) and is remembered."""
+        """Write the delta's entries of a table whose entries may be refused
+        when the map is full: a refused entry stays absent (it punts) and is
+        remembered."""
         table, current, unwritten = self.tables[name], getattr(self.shadow, name), self.unwritten[name]
         key_fn, leaf_fn = self._key_fn(name), self._leaf_fn(name)
         n = 0
