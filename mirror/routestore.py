@@ -49,13 +49,6 @@ class RouteStore:
             raise KeyError(prefix)
         return routes
 
-    def shape(self, prefix: Prefix):
-        """The prefix's one route with its prefix blanked, shared by every
-        prefix whose only route is equal but for it; None if the prefix has
-        several routes, one kept listed, or none."""
-        value = self._by_prefix.get(prefix)
-        return None if value is None or type(value) in (list, tuple) else value
-
     def shapes(self, prefix: Prefix) -> Optional[tuple]:
         """The prefix's routes with their prefix blanked (shared objects, in
         order); None if the prefix has a route kept listed, or none."""

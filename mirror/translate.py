@@ -506,21 +506,21 @@ def route_entry(state: m.KernelState, prefix, local_ips, covering, entries=None)
     entries: a dict that makes equal entries one object (memory)."""
     if state.uncertain and prefix in state.uncertain:
         return RouteEntry(R["RESYNC"])  # changed during the last dump: not known exactly
-    shape = state.by_prefix.shape(prefix)
-    if shape is not None and shape.table == m.TABLE_MAIN and not (prefix[1] == 32 and prefix[0] in local_ips):
-        # The common case: one main-table route, stored as a shape shared by
-        # the prefixes whose route is equal but for the prefix.  _main_entry()
-        # does not look at the prefix, so they share its answer too.
-        return _covered(prefix, covering) or _shared_entry(state, (shape,), id(shape), entries)
-    shapes = None if shape is not None else state.by_prefix.shapes(prefix)
+    shapes = state.by_prefix.shapes(prefix)
     if shapes is not None and not (prefix[1] == 32 and prefix[0] in local_ips):
-        # Several routes, none local (local ones are kept listed): likewise
-        # for prefixes whose main-table routes are the same shapes (two full
-        # tables under policy rules make every prefix one of these).
-        main = tuple(s for s in shapes if s.table == m.TABLE_MAIN)
+        # No local-table route (those are kept listed): the main-table ones
+        # decide.  They are stored as shapes shared by the prefixes whose
+        # routes are equal but for the prefix (nearly all of a big table),
+        # and _main_entry() does not look at the prefix: such prefixes share
+        # its answer too.
+        if len(shapes) == 1:  # the common case, without building a tuple
+            main, key = (shapes if shapes[0].table == m.TABLE_MAIN else ()), id(shapes[0])
+        else:
+            main = tuple(s for s in shapes if s.table == m.TABLE_MAIN)
+            key = tuple(map(id, main))
         if not main:
             return None
-        return _covered(prefix, covering) or _shared_entry(state, main, tuple(map(id, main)), entries)
+        return _covered(prefix, covering) or _shared_entry(state, main, key, entries)
     entry = _listed_entry(state, prefix, local_ips, covering)
     return entry if entries is None or entry is None else entries.setdefault(entry, entry)
 
