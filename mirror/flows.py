@@ -134,11 +134,9 @@ def translation(entry: ct.Entry, direction: int) -> ct.Tuple:
     return ct.Tuple(other.dst, other.src, other.dport, other.sport)
 
 
-def flow_view(entry: ct.Entry, direction: int, wire: ct.Tuple, in_iface: str, out_iface: str,
-              devices: Optional[Devices] = None) -> FlowView:
-    """The flow as the verdict evaluator needs it (NF_API.md); `devices`,
-    when given, replaces in_iface/out_iface (bridge ports)."""
-    devices = devices or Devices(in_iface, out_iface)
+def flow_view(entry: ct.Entry, direction: int, wire: ct.Tuple, devices: Devices) -> FlowView:
+    """The flow as the verdict evaluator needs it (NF_API.md), meeting the
+    hooks through `devices` (flow_devices)."""
     x = translation(entry, direction)
     established = entry.has("SEEN_REPLY") or direction == ct.REPLY
     return FlowView(

@@ -125,7 +125,7 @@ class Offloader:
         devices = flows.flow_devices(state, key, event.oif)
         if devices is None:
             return  # a link event is on its way; the next packet asks again
-        view = flows.flow_view(entry, direction, key.wire, devices.in_iface, devices.out_iface, devices)
+        view = flows.flow_view(entry, direction, key.wire, devices)
         verdict = nfverdict.flow_verdict(state.nf_rulesets, view, host)
         flow = flows.flow_entry(verdict, state.nf_gen, event.oif, entry, direction)
         if verdict.action == "PUNT":

@@ -33,26 +33,26 @@ def test_translation_is_the_other_tuple_reversed_in_both_directions():
 
 
 def test_flow_view_describes_the_packet_before_and_after_nat():
-    v = flow_view(entry(mark=5), ct.ORIGINAL, ORIG, "veth1", "veth2")
+    v = flow_view(entry(mark=5), ct.ORIGINAL, ORIG, Devices("veth1", "veth2"))
     assert (v.src, v.dst, v.sport, v.dport) == ORIG
     assert (v.xsrc, v.xdst, v.xsport, v.xdport) == ("10.2.0.1", "10.2.0.2", 40000, 80)
     assert (v.in_iface, v.out_iface, v.ctstate, v.ctdir, v.ctmark) == ("veth1", "veth2", "ESTABLISHED", "ORIGINAL", 5)
     assert v.ctstatus == {"SEEN_REPLY", "ASSURED", "CONFIRMED"} and v.nat == {"SNAT", "DNAT"}
     assert v.orig == tuple(ORIG) and v.reply == tuple(REPLY)
-    r = flow_view(entry(), ct.REPLY, REPLY, "veth2", "veth1")
+    r = flow_view(entry(), ct.REPLY, REPLY, Devices("veth2", "veth1"))
     assert (r.ctdir, r.xsrc, r.xdst, r.xsport, r.xdport) == ("REPLY", "10.1.0.1", "10.1.0.2", 8080, 40000)
 
 
 def test_one_way_udp_is_ctstate_new_in_the_original_direction():
     e = entry(proto=17, status=S["CONFIRMED"])
     assert kernel_keeps(e, ct.ORIGINAL) is None
-    assert flow_view(e, ct.ORIGINAL, ORIG, "a", "b").ctstate == "NEW"
+    assert flow_view(e, ct.ORIGINAL, ORIG, Devices("a", "b")).ctstate == "NEW"
     assert kernel_keeps(e, ct.REPLY) is not None  # its first reply changes the entry
     # Replied, not yet assured (younger than 2 s): the datapath takes each
     # packet that leaves the entry unchanged and punts the one that assures it.
     seen = entry(proto=17, status=S["CONFIRMED"] | S["SEEN_REPLY"])
     assert kernel_keeps(seen, ct.ORIGINAL) is None and kernel_keeps(seen, ct.REPLY) is None
-    assert flow_view(seen, ct.REPLY, REPLY, "a", "b").ctstate == "ESTABLISHED"
+    assert flow_view(seen, ct.REPLY, REPLY, Devices("a", "b")).ctstate == "ESTABLISHED"
     assert kernel_keeps(entry(proto=17), ct.REPLY) is None  # assured
 
 
@@ -143,7 +143,7 @@ def test_routed_from_a_port_keeps_its_physdev_in_only_under_br_netfilter():
 def test_bridged_flow_view_and_nat():
     d = Devices("br0", "br0", True, "vethA", "vethB")
     plain = entry(status=EST)
-    v = flow_view(plain, ct.ORIGINAL, ORIG, "x", "y", d)
+    v = flow_view(plain, ct.ORIGINAL, ORIG, d)
     assert (v.in_iface, v.out_iface, v.bridged, v.physdev_in, v.physdev_out) == ("br0", "br0", True, "vethA", "vethB")
     assert kernel_keeps(plain, ct.ORIGINAL, bridged=True) is None
     assert "NAT" in kernel_keeps(entry(), ct.ORIGINAL, bridged=True)
