@@ -9,7 +9,6 @@ full resync.
 """
 
 import errno
-import itertools
 import logging
 import os
 import select
@@ -24,7 +23,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from . import bpfsys, nexthop, tc
+from . import bpfsys, nexthop, nlmsg, tc
 from . import model as m
 
 log = logging.getLogger(__name__)
@@ -34,8 +33,6 @@ log = logging.getLogger(__name__)
 RCVBUF = int(os.environ.get("LOXI_MIRROR_NETLINK_RCVBUF", 32 << 20))
 SO_RCVBUFFORCE = 33
 SOL_NETLINK, NETLINK_LISTEN_ALL_NSID = 270, 8
-NETLINK_ROUTE = 0
-RECV_BYTES = 1 << 18  # > any one rtnetlink datagram (iproute2 uses 32 KiB)
 EVENT_NAMES = {v: k for k, v in vars(rtnl).items() if k.startswith("RTM_") and isinstance(v, int)}
 EVENT_NAMES.update({nexthop.RTM_NEWNEXTHOP: "RTM_NEWNEXTHOP", nexthop.RTM_DELNEXTHOP: "RTM_DELNEXTHOP"})
 
@@ -200,7 +197,6 @@ RTA_NH_ID = 30
 RTAX_LOCK = 1
 _RTA_NAMES = tuple(name for name, _ in rtmsg.nla_map)
 _RTA_SUPPORTED = frozenset(i for i, name in enumerate(_RTA_NAMES) if name in _ROUTE_ATTRS) | {RTA_NH_ID}
-_NLMSG = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTA = struct.Struct("=HH")
 _RTNH = struct.Struct("=HBBi")  # len, flags, hops, ifindex
@@ -215,7 +211,7 @@ def decode_route(buf, offset: int = 0) -> m.Route:
     included), decoded with struct rather than a pyroute2 object per message.
     Attributes beyond those the translator handles are listed by name in
     `unsupported`, as is `mtu lock`."""
-    length = _NLMSG.unpack_from(buf, offset)[0]
+    length = nlmsg.NLMSG.unpack_from(buf, offset)[0]
     end = offset + length
     _, dst_len, _, tos, table, _, _, rtype, rtm_flags = _RTMSG.unpack_from(buf, offset + 16)
     dst, oif, gateway, priority, mtu, nhid, hops, unsupported = "0.0.0.0", 0, None, 0, 0, 0, None, []
@@ -273,7 +269,7 @@ def decode_route_shared(buf: bytes, offset: int = 0):
     distinct ones, each then costs a slice and a dict lookup."""
     dst_len = buf[offset + 17]
     if dst_len and buf[offset + _DST_AT:offset + _DST_AT + 4] == _DST_HEADER:
-        end = offset + _NLMSG.unpack_from(buf, offset)[0]
+        end = offset + nlmsg.NLMSG.unpack_from(buf, offset)[0]
         key = buf[offset + 18:offset + _DST_AT + 4] + buf[offset + _DST_AT + 8:end]
         blank = _BLANKS.get(key)
         if blank is None:
@@ -559,11 +555,11 @@ def read_peer(key) -> m.Peer:
     req["attrs"] = [("IFLA_IF_NETNSID", nsid)]
     req["header"]["type"], req["header"]["flags"], req["header"]["sequence_number"] = RTM_GETLINK, 1, 1
     req.encode()
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nlmsg.NETLINK_ROUTE)
     try:
         sock.bind((0, 0))
         sock.send(req.data)
-        for msg in MarshalRtnl().parse(sock.recv(RECV_BYTES)):
+        for msg in MarshalRtnl().parse(sock.recv(nlmsg.RECV_BYTES)):
             if msg["header"]["type"] == rtnl.RTM_NEWLINK:
                 return parse_peer(msg)
         return UNKNOWN_PEER  # NLMSG_ERROR: no such link (any more), or not ours to see
@@ -669,8 +665,6 @@ def dump(ipr, abort=None) -> m.KernelState:
 
 
 RTM_GETLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 18, 24, 25, 26
-NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-NLMSG_DONE, NLMSG_ERROR = 3, 2
 
 
 def dump_routes(abort=None):
@@ -678,37 +672,13 @@ def dump_routes(abort=None):
     decode_route_shared), read datagram by datagram from a socket of its
     own (it can stop as soon as abort() says the result would be stale
     anyway)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
-        req = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        sock.send(_NLMSG.pack(16 + len(req), RTM_GETROUTE, NLM_F_REQUEST_DUMP, 1, 0) + req)
-        for count in itertools.count():
-            # Asked every 64 datagrams: each question reads the event socket.
-            if abort is not None and count % 64 == 0 and abort():
-                raise DumpInterrupted()
-            data = sock.recv(RECV_BYTES)
-            for kind, _, offset in messages(data):
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "route dump failed")
-                if kind == RTM_NEWROUTE and data[offset + 16] == socket.AF_INET:
-                    yield decode_route_shared(data, offset)
-    finally:
-        sock.close()
-
-
-def messages(data):
-    """(type, flags, offset) of each netlink message in a datagram."""
-    pos, end = 0, len(data)
-    while pos + 16 <= end:
-        length, kind, flags, _, _ = _NLMSG.unpack_from(data, pos)
-        if length < 16:
-            return
-        yield kind, flags, pos
-        pos += (length + 3) & ~3
+    def check():  # every 64 datagrams: each question reads the event socket
+        if abort is not None and abort():
+            raise DumpInterrupted()
+    req = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+    for data, kind, offset in nlmsg.dump(RTM_GETROUTE, req, "route", check=check, rcvbuf=1 << 20):
+        if kind == RTM_NEWROUTE and data[offset + 16] == socket.AF_INET:
+            yield decode_route_shared(data, offset)
 
 
 ROUTE_EVENTS = ("RTM_NEWROUTE", "RTM_DELROUTE")
@@ -740,7 +710,7 @@ class NetlinkWatcher:
     def __init__(self, post, on_lost=lambda: None):
         self.post = post
         self.on_lost = on_lost
-        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nlmsg.NETLINK_ROUTE)
         try:
             self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         except OSError:
@@ -820,7 +790,7 @@ class NetlinkWatcher:
         datagrams, lost = [], None
         while len(datagrams) < most:
             try:
-                data, ancillary, _, _ = self.events.recvmsg(RECV_BYTES, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT)
+                data, ancillary, _, _ = self.events.recvmsg(nlmsg.RECV_BYTES, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT)
                 datagrams.append((data, _netnsid(ancillary)))
             except BlockingIOError:
                 break
@@ -855,13 +825,13 @@ class NetlinkWatcher:
         decoded by route_of_message (a route event is {"event", "family",
         "header": {"flags"}, "route"}), everything else by pyroute2."""
         out = []
-        for kind, flags, offset in messages(data):
+        for kind, flags, offset in nlmsg.messages(data):
             if kind in (RTM_NEWROUTE, RTM_DELROUTE) and nsid is None:
                 if data[offset + 16] == socket.AF_INET:
                     out.append({"event": EVENT_NAMES[kind], "family": socket.AF_INET, "header": {"flags": flags},
                                 "route": route_of_message(data, offset)})
                 continue
-            length = _NLMSG.unpack_from(data, offset)[0]
+            length = nlmsg.NLMSG.unpack_from(data, offset)[0]
             for msg in self.marshal.parse(data[offset:offset + length]):
                 msg["event"] = EVENT_NAMES.get(msg["header"]["type"], "")
                 if nsid is None:
@@ -876,7 +846,7 @@ class NetlinkWatcher:
         clear a pending overrun error."""
         for _ in range(most):
             try:
-                self.events.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+                self.events.recv(nlmsg.RECV_BYTES, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:

@@ -2,7 +2,7 @@
 
 pyroute2 does not decode these messages, so this module does, from the
 bytes: struct nhmsg (linux/nexthop.h) and its NHA_* attributes.  Pure
-parsing plus the dump request; netlink.py subscribes to RTNLGRP_NEXTHOP and
+parsing plus the dump request (mirror/nlmsg.py); netlink.py subscribes to RTNLGRP_NEXTHOP and
 hands the messages here.  Routes refer to an object by id (RTA_NH_ID); the
 translator resolves the id.
 """
@@ -12,13 +12,13 @@ import struct
 from typing import Iterator, Optional, Tuple
 
 from . import model as m
+from . import nlmsg
 
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 NEXTHOP_EVENTS = (RTM_NEWNEXTHOP, RTM_DELNEXTHOP)
 RTNLGRP_NEXTHOP = 32
 GROUP_MASK = 1 << (RTNLGRP_NEXTHOP - 1)  # as a bind() group bit (groups 1..32)
 
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NHMSG = struct.Struct("=BBBBI")  # family, scope, protocol, resvd, flags
 NLA = struct.Struct("=HH")  # len, type
 NEXTHOP_GRP = struct.Struct("=IBBH")  # id, weight, weight_high (6.12+), resvd
@@ -54,13 +54,13 @@ def _group(payload: bytes) -> Tuple[Tuple[int, int], ...]:
 def parse(message: bytes) -> Tuple[int, m.NexthopObject]:
     """One RTM_NEWNEXTHOP/RTM_DELNEXTHOP message (with its nlmsghdr):
     (message type, the object).  Raises ValueError if malformed."""
-    if len(message) < NLMSG_HDR.size + NHMSG.size:
+    if len(message) < nlmsg.NLMSG.size + NHMSG.size:
         raise ValueError("short nexthop message")
-    length, kind = NLMSG_HDR.unpack_from(message)[:2]
-    family, _scope, _proto, _resvd, flags = NHMSG.unpack_from(message, NLMSG_HDR.size)
+    length, kind = nlmsg.NLMSG.unpack_from(message)[:2]
+    family, _scope, _proto, _resvd, flags = NHMSG.unpack_from(message, nlmsg.NLMSG.size)
     fields = dict(family=family, flags=flags)
     unsupported = []
-    for attr, payload in attributes(message[:length], NLMSG_HDR.size + NHMSG.size):
+    for attr, payload in attributes(message[:length], nlmsg.NLMSG.size + NHMSG.size):
         if attr == NHA_ID:
             fields["id"] = struct.unpack_from("=I", payload)[0]
         elif attr == NHA_OIF:
@@ -85,17 +85,6 @@ def parse(message: bytes) -> Tuple[int, m.NexthopObject]:
     return kind, m.NexthopObject(unsupported=tuple(unsupported), **fields)
 
 
-def split(datagram: bytes) -> Iterator[bytes]:
-    """The netlink messages of one datagram, each with its header."""
-    offset = 0
-    while offset + NLMSG_HDR.size <= len(datagram):
-        length = NLMSG_HDR.unpack_from(datagram, offset)[0]
-        if length < NLMSG_HDR.size:
-            return
-        yield datagram[offset:offset + length]
-        offset += (length + 3) & ~3
-
-
 def apply(state: m.KernelState, message: bytes) -> None:
     kind, nh = parse(message)
     if kind == RTM_NEWNEXTHOP:
@@ -104,30 +93,12 @@ def apply(state: m.KernelState, message: bytes) -> None:
         state.del_nexthop(nh.id)
 
 
-NLMSG_DONE, NLMSG_ERROR = 3, 2
-NLM_F_REQUEST_DUMP = 0x301
-RECV_BYTES = 1 << 18
-
-
 def dump() -> Iterator[m.NexthopObject]:
     """Every nexthop object of this namespace (RTM_GETNEXTHOP dump)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
-    try:
-        sock.bind((0, 0))
-        body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(body), RTM_GETNEXTHOP, NLM_F_REQUEST_DUMP, 1, 0) + body)
-        while True:
-            for message in split(sock.recv(RECV_BYTES)):
-                kind = NLMSG_HDR.unpack_from(message)[1]
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    error = struct.unpack_from("=i", message, NLMSG_HDR.size)[0]
-                    raise OSError(-error, "nexthop dump failed")
-                if kind == RTM_NEWNEXTHOP:
-                    yield parse(message)[1]
-    finally:
-        sock.close()
+    body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    for data, kind, offset in nlmsg.dump(RTM_GETNEXTHOP, body, "nexthop"):
+        if kind == RTM_NEWNEXTHOP:
+            yield parse(nlmsg.message(data, offset))[1]
 
 
 def raw_message(msg) -> Optional[bytes]:

@@ -11,7 +11,7 @@ import pytest
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mirror import model as m
-from mirror import netlink, nexthop
+from mirror import netlink, nexthop, nlmsg
 from mirror.reasons import BY_NAME as R
 from mirror.translate import (FIB_MP_ANY, FIB_MP_L4, FIB_MP_PUNT, FIB_RULE_PORTS, FIB_RULES, ROUTE_KERNEL,
                               RouteEntry, translate)
@@ -23,7 +23,7 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "nexthop
 def captured(name):
     with open(os.path.join(DATA, "messages.json")) as f:
         case = json.load(f)[name]
-    return [msg for dg in case["datagrams"] for msg in nexthop.split(bytes.fromhex(dg))]
+    return [msg for dg in case["datagrams"] for msg in nlmsg.split(bytes.fromhex(dg))]
 
 
 @pytest.mark.parametrize("name, kind, expected", [
