@@ -10,7 +10,7 @@ its memory follows the entries (fdinfo memlock), so headroom costs nothing.
 
 RouteTable offers the subset of BCC's table interface the agent and the
 tests use (Key, Leaf, [], del, keys(), items(), max_entries), plus batched
-writes of packed keys and values (pack_key, pack_leaf).
+writes of keys and values packed as KEY and LEAF (update_batch, delete_batch).
 """
 
 import ctypes
@@ -20,8 +20,8 @@ import struct
 
 from . import bpfsys
 
-KEY = struct.Struct("=II")  # struct lm_route_key: prefixlen, addr (memory in network order)
-LEAF = struct.Struct("=IIII")  # struct lm_route: action, oif, gateway, mtu
+KEY = struct.Struct("=I4s")  # struct lm_route_key: prefixlen, addr (network order)
+LEAF = struct.Struct("=II4sI")  # struct lm_route: action, oif, gateway (network order), mtu
 DEFAULT_CAPACITY = 65536
 BATCH = 65536  # entries per BPF_MAP_*_BATCH call
 

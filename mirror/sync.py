@@ -47,7 +47,6 @@ def no_room(exc: Exception) -> bool:
     return getattr(exc, "errno", None) in NO_ROOM or any(text in str(exc) for text in _NO_ROOM_TEXT)
 
 
-_U32 = struct.Struct("=I")
 _ZERO4 = bytes(4)
 FORWARDED = BY_NAME["FORWARDED"]
 # Route map slots kept free for the cover of last resort (0.0.0.0/0 punting
@@ -90,13 +89,12 @@ class Codec:
     @staticmethod
     def route_keys_bytes(prefixes) -> bytes:
         """struct lm_route_key of each prefix, packed (for batched writes)."""
-        pack, aton = _U32.pack, socket.inet_aton
-        return b"".join([pack(plen) + aton(dst) for dst, plen in prefixes])
+        pack, aton = routemap.KEY.pack, socket.inet_aton
+        return b"".join([pack(plen, aton(dst)) for dst, plen in prefixes])
 
     @staticmethod
     def route_leaf_bytes(e: RouteEntry) -> bytes:
-        gw = socket.inet_aton(e.gateway) if e.gateway else _ZERO4
-        return _U32.pack(e.action) + _U32.pack(e.oif) + gw + _U32.pack(e.mtu)
+        return routemap.LEAF.pack(e.action, e.oif, socket.inet_aton(e.gateway) if e.gateway else _ZERO4, e.mtu)
 
     def decode_route(self, k, v):
         gw = u32_to_ip(v.gateway) if v.gateway else None
